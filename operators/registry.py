@@ -1,0 +1,11 @@
+"""Every stage config the pipeline builder knows, keyed by its ``op`` name.
+
+A new operator registers here by adding its config class to ``STAGE_CONFIGS``.
+"""
+
+from __future__ import annotations
+
+from operators.base import StageConfig
+from operators.token_premium import TokenCountsConfig
+
+STAGE_CONFIGS: tuple[type[StageConfig], ...] = (TokenCountsConfig,)

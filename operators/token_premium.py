@@ -53,7 +53,7 @@ class TokenCountsConfig(StageConfig):
         return TokenCounter(self.tokenizers)
 
     def finalize(self, ctx) -> dict[str, pa.Table]:
-        docs = ctx.scan_documents().filter(pl.col("quarantine_reason").is_null())
+        docs = ctx.scan_documents()
         if self.lang_column not in docs.collect_schema().names():
             return {"token_premium": PREMIUM_SCHEMA.empty_table()}
         table = premium_table(docs, [t.name for t in self.tokenizers], self.ref_lang,

@@ -24,8 +24,8 @@ class FinalizeContext:
     report_dir: Path
 
     def scan_documents(self) -> pl.LazyFrame:
-        """Lazy frame over the staged ``documents`` and ``quarantine`` rows of this run."""
-        return scan_staged(self.layout, ["documents", "quarantine"])
+        """Lazy frame over the staged ``documents`` of this run (quarantined rows excluded)."""
+        return scan_staged(self.layout, ["documents"])
 
 
 def scan_staged(layout: RunLayout, tables: list[str]) -> pl.LazyFrame:
@@ -36,8 +36,7 @@ def scan_staged(layout: RunLayout, tables: list[str]) -> pl.LazyFrame:
         if layout.fs.exists(staged):
             files += sorted(p for p in layout.fs.find(staged) if p.endswith(".parquet"))
     if not files:
-        return pl.LazyFrame({"id": [], "quarantine_reason": []},
-                            schema={"id": pl.String, "quarantine_reason": pl.String})
+        return pl.LazyFrame({"id": []}, schema={"id": pl.String})
     filesystem = PyFileSystem(FSSpecHandler(layout.fs))
     frames = [pl.scan_pyarrow_dataset(pads.dataset(f, filesystem=filesystem, format="parquet"))
               for f in files]

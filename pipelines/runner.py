@@ -201,7 +201,7 @@ def _finalize(cfg: PipelineConfig, layout: RunLayout, report_dir: Path) -> None:
 
 
 RUNS_SCHEMA = pa.schema([
-    ("run_id", pa.string()), ("run_date", pa.string()), ("pipeline", pa.string()),
+    ("run_id", pa.string()), ("pipeline", pa.string()),
     ("config_hash", pa.string()), ("code_version", pa.string()), ("status", pa.string()),
     ("started_at", pa.string()), ("seconds", pa.float64()), ("rows_in", pa.int64()),
     ("rows_out", pa.int64()), ("rows_quarantined", pa.int64()), ("stages", pa.string()),
@@ -210,9 +210,12 @@ RUNS_SCHEMA = pa.schema([
 
 
 def write_run_row(cfg: PipelineConfig, layout: RunLayout, result: RunResult) -> None:
-    """Append this run's row to the ``runs`` table (one file per run; runs are never replaced)."""
+    """Append this run's row to the ``runs`` table (one file per run; runs are never replaced).
+
+    ``run_date`` is the hive partition key of the file's directory, not a column in the file.
+    """
     row = {
-        "run_id": result.run_id, "run_date": result.run_date, "pipeline": cfg.name,
+        "run_id": result.run_id, "pipeline": cfg.name,
         "config_hash": cfg.config_hash(), "code_version": code_version(), "status": result.status,
         "started_at": result.run_id.split("-")[0], "seconds": result.seconds,
         "rows_in": result.rows_in, "rows_out": result.rows_out,

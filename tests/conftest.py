@@ -1,0 +1,56 @@
+"""Shared fixtures: one real local Ray per test session, small corpora written to tmp dirs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """A real embedded Ray (2 CPUs), started once and shared by every test that needs it."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def write_shard(path: Path, **columns: list) -> Path:
+    """Write one Parquet shard from column lists."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+@pytest.fixture
+def small_corpus(tmp_path: Path) -> Path:
+    """Two shards, 6 documents, two languages; one empty text to be quarantined."""
+    root = tmp_path / "corpus"
+    write_shard(root / "a.parquet", id=["p1", "p2", "x1"],
+                text=["Hello world", "The cat sat on the mat.", "   "],
+                lang=["eng_Latn", "eng_Latn", "eng_Latn"])
+    write_shard(root / "b.parquet", id=["p1", "p2", "y1"],
+                text=["Bonjour le monde", "Le chat était assis sur le tapis.", "Sans pareil"],
+                lang=["fra_Latn", "fra_Latn", "fra_Latn"])
+    return root
+
+
+def tiny_pipeline(input_url: str, output_url: str, name: str = "tiny") -> dict:
+    """A pipeline mapping with one token-premium stage on the offline cl100k_base encoding."""
+    return {
+        "name": name,
+        "input": {"url": input_url},
+        "output": {"url": output_url},
+        "stages": [{"op": "token_premium",
+                    "tokenizers": [{"name": "cl100k", "kind": "tiktoken", "encoding": "cl100k_base"}],
+                    "resources": {"batch_size": 64}}],
+    }

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -164,7 +165,7 @@ def stage_stats(rows: list[dict], stage_names: list[str]) -> list[StageStats]:
     return out
 
 
-def run_pipeline(cfg: PipelineConfig, run_date: str, report_root: Path | None = None) -> RunResult:
+def run_pipeline(cfg: PipelineConfig, run_date: str) -> RunResult:
     """Run ``cfg`` for ``run_date`` and commit its tables atomically. Raises on failure."""
     started = time.perf_counter()
     run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
@@ -178,8 +179,7 @@ def run_pipeline(cfg: PipelineConfig, run_date: str, report_root: Path | None = 
         init_ray(cfg)
         stats_rows = execute(build_dataset(cfg, shards, layout), layout, cfg.output.write_batch_rows)
         result.stages = stage_stats(stats_rows, [s.stage_name for s in cfg.stages])
-        report_dir = report_root or Path(layout.url(layout.staging_dir("reports")))
-        _finalize(cfg, layout, report_dir)
+        _finalize(cfg, layout)
         manifests = commit_run(layout, {"pipeline": cfg.name, "config_hash": cfg.config_hash(),
                                         "code_version": code_version()})
         result.tables = {t: m["rows"] for t, m in manifests.items()}
@@ -193,11 +193,17 @@ def run_pipeline(cfg: PipelineConfig, run_date: str, report_root: Path | None = 
     return result
 
 
-def _finalize(cfg: PipelineConfig, layout: RunLayout, report_dir: Path) -> None:
-    ctx = FinalizeContext(layout, report_dir)
-    for stage in cfg.stages:
-        for table, rows in stage.finalize(ctx).items():
-            write_parquet(layout.fs, f"{layout.staging_dir(table)}/part-{stage.stage_name}.parquet", rows)
+def _finalize(cfg: PipelineConfig, layout: RunLayout) -> None:
+    """Run every stage's whole-run step; stage its tables and report files with the run."""
+    with tempfile.TemporaryDirectory(prefix="curate-report-") as tmp:
+        ctx = FinalizeContext(layout, Path(tmp))
+        for stage in cfg.stages:
+            for table, rows in stage.finalize(ctx).items():
+                path = f"{layout.staging_dir(table)}/part-{stage.stage_name}.parquet"
+                write_parquet(layout.fs, path, rows)
+        for file in sorted(Path(tmp).iterdir()):
+            layout.fs.makedirs(layout.staging_dir("reports"), exist_ok=True)
+            layout.fs.put_file(str(file), f"{layout.staging_dir('reports')}/{file.name}")
 
 
 RUNS_SCHEMA = pa.schema([

@@ -1,0 +1,124 @@
+"""Bad input, one test each: a clear message naming file/row/field, quarantine, reconciled counts."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import tiny_pipeline, write_shard
+
+from pipelines.config import ConfigError, parse_config
+from pipelines.io import InputError
+from pipelines.runner import run_pipeline
+
+
+def run(tmp_path, corpus, date="2026-02-01"):
+    """Run the tiny pipeline; return (result, quarantine rows, documents rows)."""
+    out = tmp_path / "out"
+    result = run_pipeline(parse_config(tiny_pipeline(str(corpus), str(out))), date)
+    stages = result.stages
+    assert all(s.rows_in == s.rows_out + s.quarantined for s in stages)
+    assert result.rows_in == result.rows_out + result.rows_quarantined
+    runs = pq.read_table(out / "runs").to_pylist()[-1]
+    assert sum(s["quarantined"] for s in json.loads(runs["stages"])) == runs["rows_quarantined"]
+
+    def rows(table):
+        part = out / table / f"run_date={date}"
+        return pq.read_table(part).to_pylist() if part.exists() else []
+    return result, rows("quarantine"), rows("documents")
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    root = tmp_path / "in"
+    write_shard(root / "good.parquet", text=["A perfectly fine document."])
+    return root
+
+
+def test_corrupt_parquet_file(tmp_path, corpus, local_ray):
+    (corpus / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
+    result, quarantine, docs = run(tmp_path, corpus)
+    assert len(docs) == 1
+    (q,) = quarantine
+    assert q["quarantine_reason"].startswith(f"unreadable Parquet file {corpus / 'broken.parquet'}")
+    assert result.rows_quarantined == 1
+
+
+def test_shard_without_text_column(tmp_path, corpus, local_ray):
+    write_shard(corpus / "notext.parquet", body=["a", "b"])
+    result, quarantine, docs = run(tmp_path, corpus)
+    assert len(quarantine) == 2 and len(docs) == 1
+    assert quarantine[0]["quarantine_reason"].startswith(
+        f"shard {corpus / 'notext.parquet'} has no 'text' column (columns: body)")
+
+
+def test_null_empty_and_whitespace_text(tmp_path, corpus, local_ray):
+    write_shard(corpus / "blank.parquet", text=[None, "", " \t\n"])
+    _, quarantine, _ = run(tmp_path, corpus)
+    reasons = sorted(q["quarantine_reason"] for q in quarantine)
+    assert reasons == [f"empty or whitespace-only text ({corpus / 'blank.parquet'} row 1)",
+                       f"empty or whitespace-only text ({corpus / 'blank.parquet'} row 2)",
+                       f"null text ({corpus / 'blank.parquet'} row 0)"]
+
+
+def test_invalid_utf8_and_control_characters(tmp_path, corpus, local_ray):
+    pq.write_table(pa.table({"text": pa.array([b"ok bytes", b"bad \xff\xfe", b"bell \x07"], pa.binary())}),
+                   corpus / "bytes.parquet")
+    _, quarantine, docs = run(tmp_path, corpus)
+    assert sorted(d["text"] for d in docs) == ["A perfectly fine document.", "ok bytes"]
+    reasons = sorted(q["quarantine_reason"] for q in quarantine)
+    assert reasons[0] == f"control character U+0007 at offset 5 ({corpus / 'bytes.parquet'} row 2)"
+    assert reasons[1] == f"invalid UTF-8 at byte 4 ({corpus / 'bytes.parquet'} row 1)"
+
+
+def test_five_megabyte_document_is_processed(tmp_path, corpus, local_ray):
+    big = ("All work and no play makes a dull corpus. " * 125_000)[:5_000_000]
+    write_shard(corpus / "big.parquet", text=[big])
+    result, quarantine, docs = run(tmp_path, corpus)
+    assert not quarantine
+    (row,) = [d for d in docs if d["n_chars"] == 5_000_000]
+    assert row["tokens__cl100k"] > 1_000_000
+
+
+def test_document_over_the_size_limit_is_quarantined(tmp_path, corpus, local_ray):
+    raw = tiny_pipeline(str(corpus), str(tmp_path / "out"))
+    raw["input"]["max_text_bytes"] = 100
+    write_shard(corpus / "long.parquet", text=["x" * 101])
+    result = run_pipeline(parse_config(raw), "2026-02-01")
+    q = pq.read_table(tmp_path / "out" / "quarantine").to_pylist()
+    assert q[0]["quarantine_reason"].startswith("text is 101 bytes, over input.max_text_bytes=100")
+    assert result.rows_out == 1
+
+
+def test_wrong_column_type(tmp_path, corpus, local_ray):
+    write_shard(corpus / "ints.parquet", text=[1, 2, 3])
+    _, quarantine, _ = run(tmp_path, corpus)
+    assert len(quarantine) == 3
+    assert quarantine[0]["quarantine_reason"] == (
+        f"column 'text' in {corpus / 'ints.parquet'} has type int64, expected string")
+
+
+def test_empty_input_directory(tmp_path):
+    (tmp_path / "empty").mkdir()
+    cfg = parse_config(tiny_pipeline(str(tmp_path / "empty"), str(tmp_path / "out")))
+    with pytest.raises(InputError, match=f"input {tmp_path / 'empty'} holds no .parquet files"):
+        run_pipeline(cfg, "2026-02-01")
+    runs = pq.read_table(tmp_path / "out" / "runs").to_pylist()
+    assert runs[0]["status"] == "failed" and "holds no .parquet files" in runs[0]["error"]
+
+
+def test_bad_config_names_field(tmp_path):
+    raw = tiny_pipeline("/x", "/y")
+    raw["stages"][0]["tokenizers"][0]["kind"] = "wordpiece"
+    with pytest.raises(ConfigError, match=r"stages\.0\.token_premium\.tokenizers\.0\.kind: Input should be"):
+        parse_config(raw)
+
+
+def test_missing_tokenizer_file_fails_the_run_naming_the_path(tmp_path, local_ray):
+    raw = tiny_pipeline(str(tmp_path), str(tmp_path / "out"))
+    raw["stages"][0]["tokenizers"] = [{"name": "bad", "kind": "hf", "path": str(tmp_path / "missing.json")}]
+    write_shard(tmp_path / "in.parquet", text=["x"])
+    with pytest.raises(Exception, match="tokenizer file not found"):
+        run_pipeline(parse_config(raw), "2026-02-01")

@@ -1,0 +1,87 @@
+"""Zero-shot detection of machine-written text from per-token LM statistics.
+
+Inputs are the arrays the LM engine yields for one document over the scored positions i
+(token x_i predicted from x_<i): ``entropy`` H_i = -Σ_v p_v ln p_v, ``rank`` = fraction of the
+vocabulary whose logprob is ≥ the observed token's (1/V = top-1), ``logprob`` lp_i.
+
+* ``mean_entropy``      (1/n) Σ_i H_i — Gehrmann et al. 2019 (GLTR); lower ⇒ machine-written.
+* ``mean_log_rank``     (1/n) Σ_i ln r_i, r_i = max(1, round(rank_i · V)) — Mitchell et al. 2023
+                        (DetectGPT baselines), GLTR; lower ⇒ machine-written.
+* ``binoculars_score``  Hans et al. 2024, "Spotting LLMs With Binoculars: Zero-Shot Detection
+                        of Machine-Generated Text"; lower ⇒ machine-written.
+
+Empty documents score NaN (callers turn NaN into null).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from numpy.typing import ArrayLike
+
+
+def _f64(x: ArrayLike) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64).reshape(-1)
+
+
+def mean_entropy(entropy: ArrayLike) -> float:
+    """(1/n) Σ_i H_i; NaN when empty."""
+    h = _f64(entropy)
+    return float(h.mean()) if h.size else math.nan
+
+
+def integer_rank(rank: ArrayLike, vocab_size: int) -> np.ndarray:
+    """1-based integer rank r_i = max(1, round(rank_i · V)) from the engine's rank fraction."""
+    return np.maximum(1, np.rint(_f64(rank) * vocab_size)).astype(np.int64)
+
+
+def mean_log_rank(rank: ArrayLike, vocab_size: int) -> float:
+    """(1/n) Σ_i ln r_i with r_i = max(1, round(rank_i · V)); NaN when empty."""
+    r = integer_rank(rank, vocab_size)
+    return float(np.log(r).mean()) if r.size else math.nan
+
+
+def binoculars_score(performer_logprob: ArrayLike, cross_entropy: ArrayLike) -> float:
+    """Binoculars B = [-(1/n) Σ_i lp_i^perf] / [(1/n) Σ_i x_i].
+
+    Numerator: mean NLL of the observed tokens under the performer. Denominator: mean
+    cross-perplexity term x_i = -Σ_v softmax(observer)_v · log softmax(performer)_v
+    (``cross_entropy_per_position``). This is the assignment of the two models in the authors'
+    released code (``binoculars/detector.py``). Lower ⇒ machine-written. NaN when empty or when
+    the mean cross-entropy is 0.
+    """
+    lp, x = _f64(performer_logprob), _f64(cross_entropy)
+    if lp.size != x.size:
+        raise ValueError(f"performer_logprob ({lp.size}) and cross_entropy ({x.size}) are not aligned")
+    if lp.size == 0 or x.mean() == 0.0:
+        return math.nan
+    return float(-lp.mean() / x.mean())
+
+
+@torch.no_grad()
+def cross_entropy_per_position(observer_logits: torch.Tensor, performer_logits: torch.Tensor,
+                               chunk_size: int = 256) -> torch.Tensor:
+    """x_t = -Σ_v softmax(observer_t)_v · log softmax(performer_t)_v, for logits [..., T, V].
+
+    Returns float32 [...,T] on the inputs' device. Rows are processed ``chunk_size`` at a time,
+    in float32: besides the inputs, at most one [chunk, V] float32 pair (the observer softmax
+    and the performer log-softmax) is alive at once. Pass the logits aligned with the scored
+    positions (logits at position i-1 predict x_i).
+    """
+    if observer_logits.shape != performer_logits.shape:
+        raise ValueError(f"shape mismatch: {tuple(observer_logits.shape)} vs {tuple(performer_logits.shape)}")
+    if chunk_size < 1:
+        raise ValueError("chunk_size must be >= 1")
+    lead, vocab = observer_logits.shape[:-1], observer_logits.shape[-1]
+    obs, perf = observer_logits.reshape(-1, vocab), performer_logits.reshape(-1, vocab)
+    out = torch.empty(obs.shape[0], dtype=torch.float32, device=obs.device)
+    for start in range(0, obs.shape[0], chunk_size):
+        stop = start + chunk_size
+        p = torch.softmax(obs[start:stop], dim=-1, dtype=torch.float32)             # [c, V]
+        log_q = torch.log_softmax(perf[start:stop], dim=-1, dtype=torch.float32)    # [c, V]
+        log_q.clamp_(min=torch.finfo(torch.float32).min)  # -inf logits: 0 · (-inf) would be NaN
+        out[start:stop] = -p.mul_(log_q).sum(dim=-1)      # in place: no third [c, V]
+        del p, log_q
+    return out.reshape(lead)

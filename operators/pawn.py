@@ -1,0 +1,296 @@
+"""PAWN: Perplexity Attention Weighted Network for detecting machine-written text.
+
+Miralles-González et al. 2025, "Not all tokens are created equal: Perplexity Attention Weighted
+Networks for AI generated text detection". A small head on top of a frozen causal LM: per-token
+next-token metrics are embedded by ``metrics_nn``, weighted per feature by a softmax over the
+sequence of gates computed from the LM's hidden states (``gate_nn``), summed, and classified by
+``aggregate_nn``:
+
+    m_t = [entropy_t, max_logprob_t, logprob_t, rank_t, top_p_t]            (5 features, this order)
+    g_t = gate_nn([h_t ‖ h_{t+1} ‖ t/512])                                  ∈ R^256
+    w_t = softmax_t(g_t)        (over time, per feature; padding and dropped tokens get g = -∞)
+    s   = Σ_t w_t ⊙ metrics_nn(m_t)                                          ∈ R^256
+    P(machine-written) = sigmoid(aggregate_nn(s))
+
+Alignment. A document x_0 … x_n is scored at positions i = 1 … n (the engine's arrays); row
+t = i - 1 of every per-token array below. e_j is the LM's last-layer hidden state after reading
+x_0 … x_j, so e_{i-1} produced the distribution that scores x_i:
+
+    metrics[t] = m(x_{t+1})      the metrics of token x_{t+1}, predicted from e_t
+    hidden[t]  = e_t = h_t       the state that made that prediction
+    h_{t+1}    = hidden[t+1]     = e_{t+1}, the state after reading the scored token x_{t+1}
+
+``hidden`` has the same T rows as ``metrics`` (the engine's e_0 … e_{n-1}; e_n is not kept), so
+the last row has no h_{t+1}: it is zeros. So is the h_{t+1} of the last row of a document
+truncated at ``max_tokens`` and of any row followed by padding (batches are right-padded).
+
+Feature cache (Parquet file/URL or a pyarrow Table, one row per document; other columns ignored):
+
+    metrics  list<list<float32>>  [T][5]  m_t as above, in the order of ``METRIC_NAMES``
+    hidden   list<list<float32>>  [T][H]  h_t = e_t as above (same T as metrics)
+    label    integer or bool              1 = machine-written, 0 = human-written
+
+(``fixed_size_list`` inner lists are accepted too.) Documents are truncated to their first
+``max_tokens`` (512) rows; documents with T = 0 are skipped in training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+METRIC_NAMES = ("entropy", "max_logprob", "logprob", "rank", "top_p")
+
+
+@dataclass(frozen=True)
+class PawnConfig:
+    """Hyper-parameters of ``PawnHead``; only ``hidden_size`` (H of the LM) changes the shapes."""
+
+    hidden_size: int
+    width: int = 256
+    n_metrics: int = len(METRIC_NAMES)
+    position_scale: float = 512.0  # the gate sees t / position_scale
+    drop_rate: float = 0.15  # fraction of real tokens dropped from the softmax in training
+
+
+class ResidualBlock(nn.Module):
+    """x ← LayerNorm(Linear(GELU(x)) + x), LayerNorm without bias."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+        self.ln = nn.LayerNorm(width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., W] -> [..., W]
+        return self.ln(self.fc(F.gelu(x)) + x)
+
+
+class MLP(nn.Module):
+    """Linear(d_in→W), 2 × ResidualBlock(W), GELU, Linear(W→d_out).
+
+    Parameters: (W·d_in + W) + 2·(W² + W + W) + (W·d_out + d_out).
+    """
+
+    def __init__(self, d_in: int, d_out: int, width: int = 256, n_blocks: int = 2) -> None:
+        super().__init__()
+        self.fc_in = nn.Linear(d_in, width)
+        self.blocks = nn.Sequential(*(ResidualBlock(width) for _ in range(n_blocks)))
+        self.fc_out = nn.Linear(width, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., d_in] -> [..., d_out]
+        return self.fc_out(F.gelu(self.blocks(self.fc_in(x))))
+
+
+class PawnHead(nn.Module):
+    """The PAWN head. Trainable parameters (W = 256), with MLP(d_in, d_out) = 256·d_in + 132,352 + 257·d_out:
+
+        metrics_nn   = MLP(5, 256)      =   1,280 + 132,352 + 65,792 = 199,424
+        gate_nn      = MLP(2H+1, 256)   = 512H + 256 + 132,352 + 65,792 = 512H + 198,400
+        aggregate_nn = MLP(256, 1)      =  65,536 + 132,352 +    257 = 198,145
+        total        = 512H + 595,969   → 989,185 for H = 768, 1,644,545 for H = 2048
+
+    (each residual block: Linear 256·256 + 256 = 65,792 plus LayerNorm weight 256; the out
+    layers of metrics_nn and gate_nn map 256 → 256.)
+    """
+
+    def __init__(self, config: PawnConfig) -> None:
+        super().__init__()
+        self.config = config
+        w, h = config.width, config.hidden_size
+        self.metrics_nn = MLP(config.n_metrics, w, w)
+        self.gate_nn = MLP(2 * h + 1, w, w)
+        self.aggregate_nn = MLP(w, 1, w)
+
+    def forward(self, metrics: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """metrics [B,T,5], hidden [B,T,H], mask [B,T] bool (True = real token, right-padded) -> logits [B]."""
+        B, T, _ = metrics.shape
+        dtype = self.metrics_nn.fc_in.weight.dtype
+        mask = mask.bool()
+        pad = ~mask.unsqueeze(-1)                                         # [B,T,1]
+        m = metrics.to(dtype).masked_fill(pad, 0.0)                       # [B,T,5]
+        h = hidden.to(dtype).masked_fill(pad, 0.0)                        # [B,T,H]
+        h_next = F.pad(h[:, 1:], (0, 0, 0, 1))                            # [B,T,H], zeros after the last row
+        pos = torch.arange(T, device=m.device, dtype=dtype) / self.config.position_scale
+        pos = pos.view(1, T, 1).expand(B, T, 1)                           # [B,T,1]
+        gate = self.gate_nn(torch.cat([h, h_next, pos], dim=-1))          # [B,T,W]
+        has_tokens = mask.any(dim=1)                                      # [B]
+        # a doc without tokens keeps finite gates (no all -inf softmax) and gets s = 0
+        keep = self._keep(mask) | ~has_tokens.unsqueeze(1)                # [B,T]
+        gate = gate.masked_fill(~keep.unsqueeze(-1), -math.inf)
+        weights = torch.softmax(gate, dim=1)                              # [B,T,W], sums to 1 over T
+        s = (weights * self.metrics_nn(m)).sum(dim=1)                     # [B,W]
+        s = s * has_tokens.unsqueeze(-1).to(dtype)
+        return self.aggregate_nn(s).squeeze(-1)                           # [B]
+
+    def _keep(self, mask: torch.Tensor) -> torch.Tensor:
+        """Real tokens that enter the softmax: in training, drop ``drop_rate`` of them at random,
+        except in a document where that would drop them all."""
+        if not self.training or self.config.drop_rate <= 0:
+            return mask
+        keep = mask & (torch.rand(mask.shape, device=mask.device) >= self.config.drop_rate)
+        return torch.where(keep.any(dim=1, keepdim=True), keep, mask)
+
+    @torch.no_grad()
+    def predict_proba(self, metrics: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """P(machine-written) = sigmoid(logit) [B], computed in eval mode (no token dropping)."""
+        was_training = self.training
+        self.eval()
+        try:
+            return torch.sigmoid(self(metrics, hidden, mask))
+        finally:
+            self.train(was_training)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+# ---------------------------------------------------------------------------- feature cache
+
+
+def pad_batch(metrics: list[np.ndarray], hidden: list[np.ndarray],
+              max_tokens: int = 512) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad per-document arrays [T_i,5] / [T_i,H] to metrics [B,T,5], hidden [B,T,H], mask [B,T].
+
+    Each document is truncated to its first ``max_tokens`` rows; T = the longest after that.
+    """
+    if len(metrics) != len(hidden):
+        raise ValueError("metrics and hidden have different numbers of documents")
+    lengths = [min(len(m), max_tokens) for m in metrics]
+    B, T = len(metrics), max(lengths, default=0)
+    H = hidden[0].shape[-1] if hidden else 0
+    m_out = torch.zeros(B, T, len(METRIC_NAMES))
+    h_out = torch.zeros(B, T, H)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for b, (m, h, n) in enumerate(zip(metrics, hidden, lengths, strict=True)):
+        if len(h) != len(m):
+            raise ValueError(f"document {b}: {len(m)} metric rows but {len(h)} hidden rows")
+        m_out[b, :n] = torch.tensor(np.asarray(m, dtype=np.float32)[:n])
+        h_out[b, :n] = torch.tensor(np.asarray(h, dtype=np.float32)[:n])
+        mask[b, :n] = True
+    return m_out, h_out, mask
+
+
+def _ragged(column: pa.ChunkedArray | pa.Array, name: str) -> list[np.ndarray]:
+    """list<list<float>> column -> one float32 [T_i, width] array per row (null rows: T = 0)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    lengths = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    rows = pc.list_flatten(arr)                                      # list<float> [ΣT]
+    widths = pc.list_value_length(rows).fill_null(0).to_numpy(zero_copy_only=False)
+    if len(widths) and (widths != widths[0]).any():
+        raise ValueError(f"column {name!r}: inner lists have different lengths")
+    width = int(widths[0]) if len(widths) else 0
+    flat = pc.list_flatten(rows).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    values = flat.reshape(len(rows), width)
+    return np.split(values, np.cumsum(lengths)[:-1])
+
+
+def read_features(features: str | pa.Table) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """The feature cache (see the module docstring) as (metrics [T_i,5], hidden [T_i,H], labels [N])."""
+    if not isinstance(features, pa.Table):
+        with fsspec.open(features, "rb") as f:
+            features = pq.read_table(f, columns=["metrics", "hidden", "label"])
+    metrics, hidden = _ragged(features["metrics"], "metrics"), _ragged(features["hidden"], "hidden")
+    labels = features["label"].to_numpy(zero_copy_only=False).astype(np.float32)
+    if any(m.shape[1] != len(METRIC_NAMES) for m in metrics if len(m)):
+        raise ValueError(f"metrics rows must have {len(METRIC_NAMES)} values {METRIC_NAMES}")
+    if not np.isin(labels, (0.0, 1.0)).all():
+        raise ValueError("label must be 0 (human) or 1 (machine-written)")
+    return metrics, hidden, labels
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def _bce_smoothed(logits: torch.Tensor, labels: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """BCE with logits against y' = y·(1 - ε) + ε/2 (ε = 0.2: y' = 0.8·y + 0.1)."""
+    return F.binary_cross_entropy_with_logits(logits, labels * (1.0 - smoothing) + smoothing / 2)
+
+
+def _train_step(head: PawnHead, opt: torch.optim.Optimizer, batch: list[torch.Tensor], y: torch.Tensor,
+                label_smoothing: float, max_grad_norm: float) -> tuple[float, int]:
+    """One AdamW step on (metrics, hidden, mask); returns (loss, number of correct predictions)."""
+    head.train()
+    logits = head(*batch)
+    loss = _bce_smoothed(logits, y, label_smoothing)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(head.parameters(), max_grad_norm)
+    opt.step()
+    return loss.item(), int(((logits > 0).float() == y).sum())
+
+
+def train_pawn(features: str | pa.Table, epochs: int = 5, lr: float = 1e-3, weight_decay: float = 0.01,
+               batch_size: int = 16, max_tokens: int = 512, seed: int = 0, device: str | torch.device = "cpu",
+               label_smoothing: float = 0.2, max_grad_norm: float = 1.0) -> tuple[PawnHead, list[dict]]:
+    """Train a ``PawnHead`` on cached features; returns the head (in eval mode) and per-epoch history.
+
+    BCE with logits, label smoothing 0.2, AdamW(lr, weight_decay), grad-norm clipping 1.0,
+    documents truncated to ``max_tokens``. History rows: {"epoch", "loss", "accuracy"} measured on
+    the training batches as they were trained (train mode). Seeded; global RNG state is restored.
+    """
+    metrics, hidden, labels = read_features(features)
+    docs = [i for i, m in enumerate(metrics) if len(m)]
+    if not docs:
+        raise ValueError("no document with scored tokens in the feature cache")
+    device = torch.device(device)
+    config = PawnConfig(hidden_size=hidden[docs[0]].shape[1])
+    history: list[dict] = []
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        head = PawnHead(config).to(device)
+        opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+        order_gen = torch.Generator().manual_seed(seed)
+        for epoch in range(1, epochs + 1):
+            order = [docs[i] for i in torch.randperm(len(docs), generator=order_gen).tolist()]
+            batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+            loss_sum, correct = 0.0, 0
+            for batch in batches:
+                tensors = pad_batch([metrics[i] for i in batch], [hidden[i] for i in batch], max_tokens)
+                y = torch.as_tensor(labels[batch], device=device)
+                loss, n_correct = _train_step(head, opt, [t.to(device) for t in tensors], y,
+                                              label_smoothing, max_grad_norm)
+                loss_sum += loss * len(batch)
+                correct += n_correct
+            history.append({"epoch": epoch, "loss": loss_sum / len(docs), "accuracy": correct / len(docs)})
+    head.eval()
+    return head, history
+
+
+# ---------------------------------------------------------------------------- persistence
+
+
+def save_pawn(head: PawnHead, path: str) -> None:
+    """Write ``{path}/model.safetensors`` and ``{path}/config.json`` (``PawnConfig``, incl. H)."""
+    fs, root = fsspec.core.url_to_fs(path)
+    fs.makedirs(root, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    with fs.open(f"{root}/model.safetensors", "wb") as f:
+        f.write(safetensors.torch.save(state))
+    with fs.open(f"{root}/config.json", "w") as f:
+        json.dump(asdict(head.config), f, indent=2)
+
+
+def load_pawn(path: str, device: str | torch.device = "cpu") -> PawnHead:
+    """Read a head written by ``save_pawn``; returned in eval mode."""
+    fs, root = fsspec.core.url_to_fs(path)
+    with fs.open(f"{root}/config.json", "r") as f:
+        config = PawnConfig(**json.load(f))
+    with fs.open(f"{root}/model.safetensors", "rb") as f:
+        state = safetensors.torch.load(f.read())
+    head = PawnHead(config)
+    head.load_state_dict(state, strict=True)
+    return head.to(device).eval()

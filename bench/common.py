@@ -24,7 +24,7 @@ def save(name: str, result: dict) -> Path:
     """Write ``bench/results/<name>.json`` with the command and machine facts."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {"name": name, "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-               "command": " ".join(["python", "-m", *sys.argv]) if sys.argv else "", "machine": machine(),
+               "command": " ".join(["python", *sys.orig_argv[1:]]), "machine": machine(),
                **result}
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")

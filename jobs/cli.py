@@ -8,7 +8,7 @@ import logging
 import sys
 
 # Modules that add subcommands; each defines ``register(subparsers)``.
-COMMAND_MODULES = ["jobs.run_cmd"]
+COMMAND_MODULES = ["jobs.run_cmd", "jobs.ops_cmds"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,6 +6,7 @@ A new operator registers here by adding its config class to ``STAGE_CONFIGS``.
 from __future__ import annotations
 
 from operators.base import StageConfig
+from operators.preselect_stage import PreSelectConfig
 from operators.token_premium import TokenCountsConfig
 
-STAGE_CONFIGS: tuple[type[StageConfig], ...] = (TokenCountsConfig,)
+STAGE_CONFIGS: tuple[type[StageConfig], ...] = (TokenCountsConfig, PreSelectConfig)

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: install run test lint bench demo clean
+.PHONY: install run test lint bench demo clean chromium
 
 $(BIN)/python:
 	@echo "==> creating $(VENV) with $(PY)"
@@ -30,7 +30,14 @@ run: demo
 	@echo "==> running pipelines/nightly.yaml on an embedded local Ray"
 	$(BIN)/curate run pipelines/nightly.yaml --output ./output
 
-test: demo
+chromium:
+	@if [ -x /usr/bin/chromium ]; then echo "==> chromium present (report screenshot test)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "==> installing Debian chromium for the report screenshot test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "==> chromium missing and not root: the report screenshot test will skip"; fi
+
+test: demo chromium
 	@echo "==> running the test suite"
 	$(BIN)/python -m pytest -q tests
 

@@ -41,6 +41,9 @@ def run_command(args: argparse.Namespace) -> int:
     except (ConfigError, InputError) as err:
         raise UserError(str(err)) from None
     print(format_summary(result))
+    from jobs.report import write_report  # lazy: matplotlib is slow to import
+
+    print(f"report: {write_report(result.output_url, result.run_date)}")
     return 0
 
 

@@ -6,7 +6,11 @@ A new operator registers here by adding its config class to ``STAGE_CONFIGS``.
 from __future__ import annotations
 
 from operators.base import StageConfig
+from operators.lm.stage import LMStageConfig
 from operators.preselect_stage import PreSelectConfig
+from operators.sae_select import SAESelectConfig
+from operators.scores import LowercaseTextConfig, ScoresConfig
 from operators.token_premium import TokenCountsConfig
 
-STAGE_CONFIGS: tuple[type[StageConfig], ...] = (TokenCountsConfig, PreSelectConfig)
+STAGE_CONFIGS: tuple[type[StageConfig], ...] = (TokenCountsConfig, PreSelectConfig, LMStageConfig,
+                                                 ScoresConfig, LowercaseTextConfig, SAESelectConfig)

@@ -1,0 +1,247 @@
+"""LM engine throughput: our torch engine (all six metrics) vs a plain HF loop, and vs vLLM.
+
+    python -m bench.lm_engine            # CPU, demo model, 100 demo docs -> bench/results/lm_engine_cpu.json
+    python -m bench.lm_engine --gpu      # GPU, random Llama-3.2-1B shapes, bf16 -> lm_engine_gpu.json
+    python -m bench.lm_engine --gpu --smoke --docs 8 --max-tokens 64   # the GPU path on CPU, tiny
+
+Both torch paths get the same documents, token ids and length-sorted token-budget batches:
+
+* engine: ``TorchEngine.score`` — decoder, chunked lm_head, logprob, entropy, max_logprob, rank,
+  top_p and logp2 on device, per-document arrays back on the host (plus a layer tap on GPU);
+* plain:  ``model(input_ids, attention_mask).logits`` -> ``log_softmax`` -> ``gather`` (logprob only),
+  on a stock copy of the model; on CPU also on the engine's own model (``plain_hf_same_linears``:
+  the engine routes fp32 linears through oneDNN, so this isolates the metrics' cost).
+
+Throughput is real (unpadded) tokens per second, the median of ``--repeats`` timed rounds after a
+warm-up; within a round each batch runs through every path back to back, so load drift on a
+shared machine hits all paths alike. vLLM
+(``--vllm``, CPU only) runs in a child process, since it binds the process's OpenMP threads:
+``VLLMEngine.score`` on the same ids with ``prompt_logprobs=20``.
+
+GPU MFU = (2·P·tokens + Σ_docs 2·L·T_d²·d) / seconds / 989e12: P = parameters in matmuls (the tied
+embedding counts once, as the lm_head), the second term the causal attention score and value
+products (QKᵀ and AV, 2·T²·d each per layer, halved by the causal mask); 989e12 = H100 dense bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import machine, save
+from operators.lm.models import Encoded, ModelSpec
+from operators.lm.torch_engine import TorchEngine, plan_batches
+
+H100_BF16_DENSE = 989e12
+LLAMA_32_1B = {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+               "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
+               "rope_theta": 500000.0, "tie_word_embeddings": True}
+
+
+def demo_texts(n: int) -> list[str]:
+    """The demo corpus's human-written docs (Python docs, 400-2000 chars), first ``n``."""
+    from jobs.demo_assets import python_doc_pool
+
+    return python_doc_pool()[:n]
+
+
+def long_texts(n: int, min_chars: int) -> list[str]:
+    """``n`` texts of at least ``min_chars``, each a different rotation of the demo docs."""
+    pool = demo_texts(400)
+    out = []
+    for i in range(n):
+        parts, size, j = [], 0, i
+        while size < min_chars:
+            parts.append(pool[j % len(pool)])
+            size += len(parts[-1])
+            j += 7
+        out.append("\n\n".join(parts))
+    return out
+
+
+def train_tokenizer(out: str, vocab_size: int = 8192) -> None:
+    """A byte-level BPE tokenizer trained on the demo docs (offline: the GPU box has no network)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(demo_texts(400), vocab_size=vocab_size, special_tokens=["<|endoftext|>"])
+    PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>").save_pretrained(out)
+
+
+@torch.inference_mode()
+def plain_loop(model: torch.nn.Module, docs: list[Encoded], batches: list[list[int]], device: str) -> None:
+    """What one writes without the engine: padded batch, full logits, log_softmax, gather."""
+    for group in batches:
+        rows = [docs[i].ids for i in group]
+        width = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for b, r in enumerate(rows):
+            ids[b, : len(r)], mask[b, : len(r)] = torch.tensor(r), 1
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits                  # [B,T,V]
+        lp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+        _per_doc = [lp[b, : len(r) - 1].cpu().numpy() for b, r in enumerate(rows)]
+
+
+def timed(fn, device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def compare(engine: TorchEngine, docs: list[Encoded], repeats: int, stock: torch.nn.Module | None = None) -> dict:
+    """Median tokens/s of the engine and the plain loop on the same batches.
+
+    ``stock``: an unmodified copy of the model for the plain loop. On CPU the engine routes its
+    linears through oneDNN, so the plain loop also runs on the engine's model
+    (``plain_hf_same_linears``) to show the metrics' own cost.
+    """
+    batches = plan_batches([len(d.ids) for d in docs], engine.max_batch_tokens)
+    tokens = sum(len(d.ids) for d in docs)
+    runs = {"engine": lambda group: engine.score([docs[i] for i in group]),
+            "plain_hf": lambda group: plain_loop(stock or engine.model, docs, [group], engine.device)}
+    if stock is not None:
+        runs["plain_hf_same_linears"] = lambda group: plain_loop(engine.model, docs, [group], engine.device)
+    for fn in runs.values():  # warm-up
+        fn(batches[-1])
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):  # batch by batch, the paths back to back: load drift hits all alike
+        spent = dict.fromkeys(runs, 0.0)
+        for group in batches:
+            for name, fn in runs.items():
+                spent[name] += timed(lambda fn=fn, group=group: fn(group), engine.device)
+        for name in runs:
+            seconds[name].append(round(spent[name], 3))
+    out = {"docs": len(docs), "tokens": tokens, "batches": len(batches),
+           "max_batch_tokens": engine.max_batch_tokens, "seconds": seconds}
+    for name in runs:
+        out[f"{name}_tokens_per_s"] = round(tokens / statistics.median(seconds[name]), 1)
+    for name in runs:
+        if name != "engine":
+            out[f"engine_vs_{name}"] = round(out["engine_tokens_per_s"] / out[f"{name}_tokens_per_s"], 3)
+    return out
+
+
+def vllm_child(model_dir: str, ids_file: str, repeats: int) -> dict:
+    """(child process) vLLM prompt-logprobs throughput on the parent's token ids."""
+    from operators.lm.stage import VLLMOptions
+    from operators.lm.vllm_engine import VLLMEngine
+
+    start = time.perf_counter()
+    engine = VLLMEngine(ModelSpec(name="m", path=model_dir, backend="vllm"), max_tokens=1024,
+                        options=VLLMOptions(top_k=20))
+    load = time.perf_counter() - start
+    docs = [Encoded(ids, False) for ids in json.loads(Path(ids_file).read_text())]
+    tokens = sum(len(d.ids) for d in docs)
+    engine.score(docs)
+    seconds = [round(timed(lambda: engine.score(docs), "cpu"), 3) for _ in range(repeats)]
+    return {"vllm_tokens_per_s": round(tokens / statistics.median(seconds), 1), "vllm_seconds": seconds,
+            "vllm_load_seconds": round(load, 1), "vllm_tokens": tokens}
+
+
+def run_vllm(model_dir: Path, docs: list[Encoded], repeats: int) -> dict:
+    """vLLM in a child process (it binds the process's OpenMP threads), same ids, same threads."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as ids_file:
+        json.dump([d.ids for d in docs], ids_file)
+        ids_file.flush()
+        cmd = [sys.executable, "-m", "bench.lm_engine", "--vllm-child", str(model_dir), "--ids", ids_file.name,
+               "--repeats", str(repeats)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).parent.parent)
+    if proc.returncode != 0:
+        raise RuntimeError(f"vLLM child failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def cpu_bench(args: argparse.Namespace) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from jobs.demo_assets import prepare_demo_model
+
+    model_dir = prepare_demo_model(log=lambda _m: None)
+    engine = TorchEngine(ModelSpec(name="m", path=str(model_dir)), max_tokens=1024,
+                         max_batch_tokens=args.max_batch_tokens, device="cpu")
+    stock = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa").eval()
+    docs = engine.encode(demo_texts(args.docs))
+    result = {"model": "SmolLM2-135M-Instruct (fp32)", "torch_threads": torch.get_num_threads(),
+              **compare(engine, docs, args.repeats, stock)}
+    if args.vllm:
+        result.update(run_vllm(model_dir, docs, args.repeats))
+        result["engine_vs_vllm"] = round(result["engine_tokens_per_s"] / result["vllm_tokens_per_s"], 3)
+    result["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    save("lm_engine_cpu", result)
+
+
+def gpu_bench(args: argparse.Namespace) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    device = "cpu" if args.smoke else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--gpu needs a CUDA device (--smoke runs this path on CPU with tiny shapes)")
+    shapes = {**LLAMA_32_1B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 9,
+              "num_attention_heads": 4, "num_key_value_heads": 2} if args.smoke else LLAMA_32_1B
+    config = LlamaConfig(**shapes)
+    with tempfile.TemporaryDirectory(prefix="lm-bench-") as tmp:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).to(torch.float32 if args.smoke else torch.bfloat16)
+        model.save_pretrained(tmp)
+        train_tokenizer(tmp)  # ids < 8192: valid for any vocabulary above
+        del model
+        engine = TorchEngine(ModelSpec(name="m", path=tmp), max_tokens=args.max_tokens, layers={"last", 8},
+                             max_batch_tokens=args.max_batch_tokens, device=device)
+        docs = engine.encode(long_texts(args.docs, 8 * args.max_tokens))
+        label = "random tiny Llama (fp32, smoke)" if args.smoke else "random Llama-3.2-1B shapes (bf16)"
+        result = {"model": label, "taps": [8, "last"], **compare(engine, docs, args.repeats)}
+    params = sum(p.numel() for p in engine.model.parameters())  # tied: embedding counted once (as lm_head)
+    n_layers, width = config.num_hidden_layers, config.hidden_size
+    attention = sum(2 * n_layers * len(d.ids) ** 2 * width for d in docs)
+    flops = 2 * params * result["tokens"] + attention
+    for name in ("engine", "plain_hf"):
+        seconds = statistics.median(result["seconds"][name])
+        result[f"{name}_mfu"] = round(flops / seconds / H100_BF16_DENSE, 4)
+    result.update(params=params, flops_per_round=flops)
+    if args.smoke:
+        print(json.dumps(result, indent=2))
+        return
+    result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    save("lm_engine_gpu", result)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpu", action="store_true", help="GPU variant (random Llama-3.2-1B shapes, bf16)")
+    parser.add_argument("--smoke", action="store_true", help="with --gpu: tiny shapes on CPU, nothing saved")
+    parser.add_argument("--docs", type=int, default=None, help="documents (CPU 100, GPU 512)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-batch-tokens", type=int, default=None, help="CPU 8192, GPU 16384")
+    parser.add_argument("--max-tokens", type=int, default=1024)
+    parser.add_argument("--no-vllm", dest="vllm", action="store_false", help="skip the vLLM comparison")
+    parser.add_argument("--vllm-child", help=argparse.SUPPRESS)
+    parser.add_argument("--ids", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.vllm_child:
+        print(json.dumps(vllm_child(args.vllm_child, args.ids, args.repeats)))
+        return
+    args.docs = args.docs or (512 if args.gpu else 100)
+    args.max_batch_tokens = args.max_batch_tokens or (16384 if args.gpu else 8192)
+    print(f"machine: {machine()}", file=sys.stderr)
+    (gpu_bench if args.gpu else cpu_bench)(args)
+
+
+if __name__ == "__main__":
+    main()

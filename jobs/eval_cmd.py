@@ -1,0 +1,76 @@
+"""``curate eval``: how well do score columns separate labelled documents?
+
+    curate eval --input output/documents/run_date=2025-01-01 --scores smollm2__dcpdd,smollm2__mink
+    curate eval --input labeled.parquet --output eval/      # every float column, eval.json + roc.png
+
+The input (a Parquet file or directory, any fsspec URL) needs ``label`` (1 = member of the training
+data or machine-written, 0 = not) and the score columns. See ``jobs/evaluate.py`` for the metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+from jobs.cli import UserError
+from pipelines.io import url_to_fs
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="AUROC / TPR@5%%FPR / balanced accuracy of score columns vs label")
+    p.add_argument("--input", required=True, help="labelled Parquet file or directory (fsspec URL)")
+    p.add_argument("--scores", help="comma-separated score columns (default: every float column)")
+    p.add_argument("--label", default="label", help="label column (default: label)")
+    p.add_argument("--fpr", type=float, default=0.05, help="report the TPR at this FPR (default 0.05)")
+    p.add_argument("--output", help="directory for eval.json and roc.png (default: print only)")
+    p.set_defaults(func=eval_command)
+
+
+def read_table(url: str, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file or directory (hive partitions allowed) as one table."""
+    fs, path = url_to_fs(url)
+    if not fs.exists(path):
+        raise UserError(f"input not found: {url}")
+    dataset = pads.dataset(path, filesystem=PyFileSystem(FSSpecHandler(fs)), format="parquet",
+                           partitioning="hive")
+    if columns:
+        missing = [c for c in columns if c not in dataset.schema.names]
+        if missing:
+            raise UserError(f"{url}: columns not found: {missing}; have {dataset.schema.names}")
+    return dataset.to_table(columns=columns)
+
+
+def run_eval(input_url: str, scores: list[str] | None = None, output: str | None = None,
+             label: str = "label", max_fpr: float = 0.05) -> list:
+    """Evaluate, print the table, and write ``eval.json`` + ``roc.png`` under ``output``."""
+    from jobs.evaluate import evaluate_table, format_results, plot_roc
+
+    table = read_table(input_url, [label, *scores] if scores else None)
+    try:
+        results, curves = evaluate_table(table, scores, label, max_fpr)
+    except ValueError as err:
+        raise UserError(f"{input_url}: {err}") from None
+    print(format_results(results))
+    if output:
+        fs, root = url_to_fs(output)
+        fs.makedirs(root, exist_ok=True)
+        with fs.open(f"{root}/eval.json", "w") as f:
+            json.dump({"input": input_url, "label": label, "n_rows": table.num_rows,
+                       "scores": [r.as_dict() for r in results]}, f, indent=2)
+        with tempfile.TemporaryDirectory() as tmp:
+            png = plot_roc(curves, results, Path(tmp) / "roc.png", title=f"ROC: {label}")
+            fs.put_file(str(png), f"{root}/roc.png")
+        print(f"wrote {output}/eval.json and {output}/roc.png")
+    return results
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    scores = [c.strip() for c in args.scores.split(",") if c.strip()] if args.scores else None
+    run_eval(args.input, scores, args.output, args.label, args.fpr)
+    return 0

@@ -1,0 +1,219 @@
+"""The offline PreSelect demo: a model family cut from the demo model, labels, a fastText scorer.
+
+``python -m jobs.preselect_family`` prepares, under ``<cache>/demo/``:
+
+* ``family/<name>/``: the demo model's first k transformer blocks (+ final norm and the tied
+  LM head) for each k in ``DEMO_LAYERS``; k = 30 is the demo model itself (its dir is reused);
+* ``family/family.yaml``: those models with a benchmark score measured here: top-1 next-token
+  accuracy on the held-out human docs (``is_heldout``), micro-averaged over scored tokens,
+
+      acc_i = Σ_d Σ_j 1[log p_i(x_{j+1} | x_≤j) = max_v log p_i(v | x_≤j)] / Σ_d n_scored(d)
+
+  (the ``lm`` stage's ``logprob == max_logprob``: u_t = 0 exactly at the arg-max);
+* ``preselect/``: ``labels.parquet`` (the other human docs, labelled by ``curate preselect
+  label``), ``model.bin`` (``curate preselect train``) and ``train.json`` (its report).
+
+Every step is cached: a finished directory holds a marker written last and is moved into place
+atomically (the helpers of ``jobs.demo_assets``), so a rerun does no work.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from jobs.demo_assets import (
+    Log,
+    _atomic_dir,
+    _demo_dir,
+    _locked,
+    is_complete,
+    prepare_demo_corpus,
+    prepare_demo_model,
+)
+from jobs.preselect_cmd import Family, label_documents, score_with_family, train_from_labels
+
+#: Blocks kept per family member (the demo model has 30); the last is the demo model itself.
+DEMO_LAYERS = (6, 15, 30)
+DEMO_MAX_TOKENS = 256
+#: Human docs not held out that get labelled (of ~190); keeps labelling to a few minutes.
+DEMO_LABEL_DOCS = 160
+FAMILY_FILE = "family.yaml"
+_NOT_WEIGHTS = {"config.json", "model.safetensors", ".complete.json"}
+
+
+def member_name(layers: int) -> str:
+    return f"smollm2_l{layers:02d}"
+
+
+def is_heldout(doc_id: str) -> bool:
+    """The benchmark's held-out split of the demo corpus: sha1-hex ids with int(id[:8]) % 5 == 0."""
+    return int(doc_id[:8], 16) % 5 == 0
+
+
+# ---------------------------------------------------------------------------- family members
+
+
+def save_truncated(model_dir: Path, layers: int, out: Path) -> None:
+    """Keep the first ``layers`` decoder blocks (plus final norm and LM head); save to ``out``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    total = model.config.num_hidden_layers
+    if not 1 <= layers <= total:
+        raise ValueError(f"layers must be in [1, {total}], got {layers}")
+    model.model.layers = model.model.layers[:layers]
+    model.config.num_hidden_layers = layers
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:layers]
+    model.save_pretrained(out)
+    for extra in model_dir.iterdir():  # tokenizer files, chat template
+        if extra.is_file() and extra.name not in _NOT_WEIGHTS and not (out / extra.name).exists():
+            shutil.copy2(extra, out / extra.name)
+
+
+def prepare_member(demo: Path, model_dir: Path, layers: int, log: Log) -> Path:
+    """The cached variant with ``layers`` blocks (the demo model's own dir for all of them)."""
+    import json as _json
+
+    total = _json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+    if layers == total:
+        return model_dir
+    out = demo / "family" / member_name(layers)
+    if is_complete(out):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(out.parent, out.name):
+        if not is_complete(out):
+            log(f"preselect family: saving the first {layers} of {total} blocks -> {out}")
+            with _atomic_dir(out, {"source": str(model_dir), "layers": layers}) as tmp:
+                save_truncated(model_dir, layers, tmp)
+    return out
+
+
+# ------------------------------------------------------------------------- the benchmark
+
+
+def human_docs(corpus: Path) -> pa.Table:
+    """Human-written demo docs (label 0, source python-docs), sorted by id: id, text."""
+    frame = pl.read_parquet(sorted(corpus.glob("human-*.parquet")))
+    return frame.filter(pl.col("label") == 0).select("id", "text").sort("id").to_arrow()
+
+
+def next_token_accuracy(scored: pl.DataFrame, names: list[str]) -> dict[str, dict[str, float]]:
+    """acc = #(logprob == max_logprob) / #scored positions, per model, over all documents."""
+    out = {}
+    for n in names:
+        hits = tokens = 0
+        for lp, mx in zip(scored[f"{n}__logprob"].to_list(), scored[f"{n}__max_logprob"].to_list(), strict=True):
+            if lp is None:
+                continue
+            lp, mx = np.asarray(lp, np.float32), np.asarray(mx, np.float32)
+            hits, tokens = hits + int((lp == mx).sum()), tokens + lp.size
+        out[n] = {"accuracy": hits / tokens if tokens else float("nan"), "tokens": tokens}
+    return out
+
+
+def measure_family(members: dict[str, tuple[Path, int]], heldout: pa.Table, log: Log) -> dict:
+    """Score every member on ``heldout`` in one pipeline; their next-token accuracies."""
+    unscored = Family(models=[{"name": n, "path": str(p), "bench_score": 0.0, "layers": k}
+                              for n, (p, k) in members.items()])
+    scored = score_with_family(unscored, heldout, DEMO_MAX_TOKENS, metrics=("logprob", "max_logprob"),
+                               keep_positions=True, batch_size=8, log=log)
+    return next_token_accuracy(scored, list(members))
+
+
+def check_increasing(scores: dict[str, float], layers: dict[str, int]) -> None:
+    """Raise unless the benchmark score strictly increases with the number of blocks."""
+    ordered = sorted(scores, key=lambda n: layers[n])
+    values = [scores[n] for n in ordered]
+    if any(b <= a for a, b in zip(values, values[1:], strict=False)):
+        shown = ", ".join(f"{n} ({layers[n]} blocks): {scores[n]:.4f}" for n in ordered)
+        raise RuntimeError(f"benchmark scores do not increase with depth: {shown}")
+
+
+def prepare_demo_family(cache: Path | None = None, log: Log = print) -> Path:
+    """Build (or reuse) the demo family and its measured ``family.yaml``; return its path."""
+    demo = _demo_dir(cache)
+    path = demo / "family" / FAMILY_FILE
+    if path.is_file():
+        log(f"preselect family: cached at {path}")
+        return path
+    model_dir, corpus = prepare_demo_model(cache, log), prepare_demo_corpus(cache, log)
+    (demo / "family").mkdir(exist_ok=True)
+    with _locked(demo / "family", FAMILY_FILE):
+        if path.is_file():
+            return path
+        members = {member_name(k): (prepare_member(demo, model_dir, k, log), k) for k in DEMO_LAYERS}
+        docs = human_docs(corpus)
+        heldout = docs.filter(pa.array([is_heldout(i) for i in docs.column("id").to_pylist()]))
+        start = time.perf_counter()
+        measured = measure_family(members, heldout, log)
+        scores = {n: m["accuracy"] for n, m in measured.items()}
+        log("preselect family: next-token accuracy " + ", ".join(f"{n} {s:.4f}" for n, s in scores.items())
+            + f" ({time.perf_counter() - start:.0f} s)")
+        check_increasing(scores, {n: k for n, (_, k) in members.items()})
+        family = {
+            "benchmark": {"metric": "next_token_accuracy", "split": "demo human docs, int(id[:8], 16) % 5 == 0",
+                          "docs": heldout.num_rows, "max_tokens": DEMO_MAX_TOKENS,
+                          "tokens": {n: m["tokens"] for n, m in measured.items()}},
+            "models": [{"name": n, "path": str(p), "backend": "torch", "bench_score": round(scores[n], 6),
+                        "layers": k} for n, (p, k) in members.items()],
+        }
+        Family.model_validate(family)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(yaml.safe_dump(family, sort_keys=False))
+        tmp.replace(path)
+    log(f"preselect family: wrote {path}")
+    return path
+
+
+# ------------------------------------------------------------------- labels and the scorer
+
+
+def prepare_demo_preselect(cache: Path | None = None, log: Log = print) -> Path:
+    """Build (or reuse) the demo PreSelect scorer ``<cache>/demo/preselect/model.bin``."""
+    demo = _demo_dir(cache)
+    out = demo / "preselect"
+    if is_complete(out):
+        log(f"preselect demo: cached at {out / 'model.bin'}")
+        return out / "model.bin"
+    family_path = prepare_demo_family(cache, log)
+    corpus = prepare_demo_corpus(cache, log)
+    with _locked(demo, "preselect"):
+        if is_complete(out):
+            return out / "model.bin"
+        family = Family.model_validate(yaml.safe_load(family_path.read_text()))
+        docs = human_docs(corpus)
+        pool = docs.filter(pa.array([not is_heldout(i) for i in docs.column("id").to_pylist()]))
+        pool = pool.slice(0, DEMO_LABEL_DOCS)
+        with tempfile.TemporaryDirectory(prefix="curate-preselect-demo-") as sample, \
+                _atomic_dir(out, {"family": str(family_path), "docs": pool.num_rows}) as tmp:
+            pq.write_table(pool, Path(sample) / "sample.parquet")
+            label_documents(family, sample, str(tmp / "labels.parquet"), max_tokens=DEMO_MAX_TOKENS, log=log)
+            report = train_from_labels(str(tmp / "labels.parquet"), str(tmp / "model.bin"), valid_fraction=0.2)
+            report_json = {**report.__dict__, "model_path": str(out / "model.bin")}
+            (tmp / "train.json").write_text(json.dumps(report_json, indent=2) + "\n")
+            log(f"preselect demo: held-out precision {report.precision:.3f}, recall {report.recall:.3f}")
+    log(f"preselect demo: ready at {out / 'model.bin'}")
+    return out / "model.bin"
+
+
+def main() -> None:
+    """``python -m jobs.preselect_family``: family, labels and the scorer, saying what is done."""
+    path = prepare_demo_preselect()
+    print(f"preselect demo ready: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""``curate eval-selection``: precision@n of SAE Jaccard, hidden-state cosine and BM25 on a labelled pool.
+
+    curate eval-selection --pool POOL.parquet --target TARGET.parquet --model MODEL_DIR \\
+        --sae SAE_DIR --layer 15 [--n 0.05] [--max-tokens 256] [--bm25 max|concat]
+    curate eval-selection --demo        # demo pool + demo model + demo SAE (built once, cached)
+
+POOL needs ``text`` and ``label`` (1 = an example of the target task); TARGET needs ``text``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+
+import pyarrow.parquet as pq
+
+from jobs.cli import UserError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval-selection", help="precision@n of SAE / cosine / BM25 selection on a labelled pool")
+    p.add_argument("--pool", help="Parquet with text, label (1 = target task)")
+    p.add_argument("--target", help="Parquet with text: examples of the target task")
+    p.add_argument("--model", help="HF model dir")
+    p.add_argument("--sae", help="SAE dir (sparsify layers.<L>/ or flat; SAELens)")
+    p.add_argument("--layer", type=int, help="HF hidden_states index the SAE reads")
+    p.add_argument("--n", type=float, default=0.05, help="fraction of the pool (< 1) or a count (default 0.05)")
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens per text (default 256)")
+    p.add_argument("--bm25", choices=["max", "concat"], default="max", help="BM25 query mode (default max)")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--demo", action="store_true", help="use the demo pool, model and SAE (prepared once)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=eval_selection_command)
+
+
+def eval_selection_command(args: argparse.Namespace) -> int:
+    from jobs.selection_eval import evaluate_selection
+
+    if args.demo:
+        from jobs.demo_assets import prepare_demo_model
+        from jobs.sae_cmd import DEMO_LAYER, prepare_demo_sae
+        from jobs.selection_eval import build_demo_selection_pool
+
+        args.pool, args.target = map(str, build_demo_selection_pool())
+        args.model, args.sae, args.layer = str(prepare_demo_model()), str(prepare_demo_sae()), DEMO_LAYER
+    missing = [f"--{k}" for k in ("pool", "target", "model", "sae", "layer") if getattr(args, k) is None]
+    if missing:
+        raise UserError(f"eval-selection needs {', '.join(missing)} (or --demo)")
+    try:
+        pool, target = pq.read_table(args.pool), pq.read_table(args.target)
+        for name, table, cols in (("pool", pool, ("text", args.label_column)), ("target", target, ("text",))):
+            absent = [c for c in cols if c not in table.column_names]
+            if absent:
+                raise ValueError(f"{name} {getattr(args, name)}: missing column(s) {absent}")
+        result = evaluate_selection(pool, target, args.model, args.sae, args.layer, n=args.n,
+                                    max_tokens=args.max_tokens, bm25_mode=args.bm25,
+                                    label_column=args.label_column)
+    except (FileNotFoundError, ValueError) as err:
+        raise UserError(str(err)) from None
+    print(json.dumps(asdict(result), indent=2) if args.json else result.table())
+    return 0

@@ -1,0 +1,186 @@
+"""How well does a selection method find a task's examples hidden in a pool? precision@n.
+
+A labelled pool (``label`` = 1 for examples of the target task) and a few *other* examples of
+the task (the target) are scored by three methods, each "more like the target" = higher:
+
+    sae_jaccard     J(e_i, proto),  proto = mean_j e(t_j),  e = mean-pooled SAE codes (MoNA)
+    cosine_hidden   cos(h̄_i, mean_j h̄(t_j)),  h̄ = mean-pooled raw layer-L states (same positions)
+    bm25            max_j BM25(query = t_j, doc = x_i)   (per-example max; ``concat`` mode: one query
+                    made of all target texts joined), bm25s with English stop words, no stemming
+
+    precision@n = |top-n(scores) ∩ positives| / n,   n = ⌈fraction · N⌉ (ties: earlier row first)
+
+With as many positives as n, precision@n is also recall@n. ``random`` = share of positives is the
+expected precision of a random pick.
+
+The demo task (``build_demo_selection_pool``): short everyday English sentences. Target: English
+sentences 0–7 of the demo corpus's parallel set; the pool hides English sentences 8–23 (16
+positives) among their German, French, Spanish and Italian translations (64, same length and
+content, another language), 180 Python docs and 60 texts the demo model wrote: 320 rows, so the
+positives are exactly 5% and precision@5% = recall@5%.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+BM25Mode = Literal["max", "concat"]
+DEMO_HARD_NEGATIVE_LANGS = ("deu_Latn", "fra_Latn", "ita_Latn", "spa_Latn")
+DEMO_N_TARGET = 8
+DEMO_N_HUMAN = 180
+DEMO_N_MACHINE = 60
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics and baselines (pure)
+# ---------------------------------------------------------------------------------------------
+
+
+def n_of(n: float, pool_size: int) -> int:
+    """A count from ``n``: a fraction of the pool when 0 < n < 1 (⌈n · N⌉), else n itself."""
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    count = math.ceil(round(n * pool_size, 9)) if n < 1 else int(n)
+    return min(count, pool_size)
+
+
+def top_n(scores: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the n highest scores (NaN last; ties: earlier row first)."""
+    s = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=-np.inf)
+    return np.argsort(-s, kind="stable")[:n]
+
+
+def precision_at_n(scores: np.ndarray, labels: np.ndarray, n: float) -> float:
+    """precision@n = |top-n(scores) ∩ {labels = 1}| / n (``n`` a count, or a fraction of the pool)."""
+    labels = np.asarray(labels)
+    if len(labels) != len(scores):
+        raise ValueError(f"{len(scores)} scores but {len(labels)} labels")
+    count = n_of(n, len(labels))
+    return float(labels[top_n(scores, count)].astype(bool).sum() / count) if count else math.nan
+
+
+def cosine_to_mean(pool: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """cos(x_i, c) = x_i·c / (‖x_i‖‖c‖), c = mean of the target rows; [N, H], [M, H] -> [N] (0 for 0-vectors)."""
+    x = np.asarray(pool, dtype=np.float64)
+    c = np.asarray(target, dtype=np.float64).mean(axis=0)
+    den = np.linalg.norm(x, axis=1) * np.linalg.norm(c)
+    return np.divide(x @ c, den, out=np.zeros(len(x)), where=den > 0)
+
+
+def bm25_scores(pool_texts: Sequence[str], target_texts: Sequence[str], mode: BM25Mode = "max") -> np.ndarray:
+    """BM25 (bm25s defaults: Lucene IDF, k1 = 1.5, b = 0.75) of each pool text for the target.
+
+    ``max``: max over target examples of BM25(example, doc); ``concat``: one query of all examples.
+    """
+    import bm25s
+
+    def tokens(texts: Sequence[str]) -> list[list[str]]:
+        return bm25s.tokenize(list(texts), stopwords="en", return_ids=False, show_progress=False)
+
+    retriever = bm25s.BM25()
+    retriever.index(tokens(pool_texts), show_progress=False)
+    queries = tokens([" ".join(target_texts)] if mode == "concat" else target_texts)
+    per_query = np.stack([retriever.get_scores(q) for q in queries])  # [Q, N]
+    return per_query.max(axis=0).astype(np.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SelectionEval:
+    """precision@n per method on one pool."""
+
+    n: int
+    pool_size: int
+    positives: int
+    precision: dict[str, float]
+
+    def table(self) -> str:
+        lines = [f"pool {self.pool_size} rows, {self.positives} positives; n = {self.n} "
+                 f"({100 * self.n / self.pool_size:.1f}% of the pool)",
+                 f"{'method':<16}{'precision@n':>12}"]
+        lines += [f"{m:<16}{p:>12.3f}" for m, p in self.precision.items()]
+        return "\n".join(lines)
+
+
+def evaluate_selection(pool: pa.Table, target: pa.Table, model: str | Path, sae: str | Path, layer: int,
+                       n: float = 0.05, max_tokens: int = 256, bm25_mode: BM25Mode = "max",
+                       label_column: str = "label", skip_first: int = 1) -> SelectionEval:
+    """Embed pool and target with the LM + SAE head (as the ``lm`` stage does); score; precision@n."""
+    from operators.sae import generalized_jaccard_many
+    from operators.sae_head import SAEHead, SAEHeadParams, embed_texts, engine_info, open_engine
+    from operators.sae_select import prototype_of
+
+    pool_texts, target_texts = pool.column("text").to_pylist(), target.column("text").to_pylist()
+    labels = np.asarray(pool.column(label_column).to_pylist(), dtype=np.int64)
+    engine = open_engine(str(model), layer, max_tokens=max_tokens)
+    head = SAEHead(SAEHeadParams(sae=str(sae), layer=layer, hidden_mean=True, skip_first=skip_first),
+                   engine_info(engine))
+    emb_pool, emb_target = embed_texts(engine, head, pool_texts), embed_texts(engine, head, target_texts)
+    proto = prototype_of(emb_target)
+    scores = {
+        "sae_jaccard": generalized_jaccard_many(emb_pool.idx, emb_pool.val, proto),
+        "cosine_hidden": cosine_to_mean(emb_pool.hidden_mean, emb_target.hidden_mean[emb_target.ok]),
+        f"bm25_{bm25_mode}": bm25_scores(pool_texts, target_texts, bm25_mode),
+    }
+    count = n_of(n, len(labels))
+    precision = {m: precision_at_n(s, labels, count) for m, s in scores.items()}
+    precision["random"] = float(labels.mean())
+    return SelectionEval(count, len(labels), int(labels.sum()), precision)
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo pool
+# ---------------------------------------------------------------------------------------------
+
+
+def demo_pool_tables(corpus: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """(pool, target) from the demo corpus (see the module docstring); deterministic."""
+    rows = corpus.to_pylist()
+    english = sorted((r for r in rows if r["source"] == "parallel" and r["lang"] == "eng_Latn"),
+                     key=lambda r: r["id"])
+    target, positives = english[:DEMO_N_TARGET], english[DEMO_N_TARGET:]
+    positive_ids = {r["id"] for r in positives}
+    translations = sorted((r for r in rows if r["source"] == "parallel" and r["id"] in positive_ids
+                           and r["lang"] in DEMO_HARD_NEGATIVE_LANGS), key=lambda r: (r["lang"], r["id"]))
+
+    def first(source: str, count: int) -> list[dict]:
+        return sorted((r for r in rows if r["source"] == source), key=lambda r: r["id"])[:count]
+
+    negatives = translations + first("python-docs", DEMO_N_HUMAN) + first("smollm2-generated", DEMO_N_MACHINE)
+    pool = [{**r, "id": f"{r['id']}-{r['lang']}", "label": 1} for r in positives]
+    pool += [{**r, "id": f"{r['id']}-{r['lang']}", "label": 0} for r in negatives]
+    schema = pa.schema([("id", pa.string()), ("text", pa.string()), ("source", pa.string()),
+                        ("lang", pa.string()), ("label", pa.int8())])
+    return (pa.Table.from_pylist(sorted(pool, key=lambda r: r["id"]), schema=schema),
+            pa.Table.from_pylist(target, schema=schema))
+
+
+def build_demo_selection_pool(cache: Path | None = None, log: Any = print) -> tuple[Path, Path]:
+    """Write ``<cache>/demo/selection/{pool,target}.parquet`` from the demo corpus; return their paths."""
+    from jobs.demo_assets import _demo_dir, prepare_demo_corpus
+
+    corpus_dir = prepare_demo_corpus(cache, log)
+    corpus = pa.concat_tables(pq.read_table(p) for p in sorted(corpus_dir.glob("*.parquet")))
+    pool, target = demo_pool_tables(corpus)
+    out = _demo_dir(cache) / "selection"
+    out.mkdir(parents=True, exist_ok=True)
+    paths = out / "pool.parquet", out / "target.parquet"
+    for table, path in zip((pool, target), paths, strict=True):
+        tmp = path.with_suffix(".tmp")
+        pq.write_table(table, tmp)
+        tmp.replace(path)
+    log(f"demo selection pool: {pool.num_rows} rows ({sum(pool.column('label').to_pylist())} positives) "
+        f"at {paths[0]}; target {target.num_rows} rows at {paths[1]}")
+    return paths

@@ -1,0 +1,254 @@
+"""The ``lm`` stage: one causal LM per stage, one forward pass per document, every LM feature.
+
+    - op: lm
+      model: {name: smollm2, path: ~/.cache/curate/demo/smollm2-135m-instruct, backend: torch}
+      metrics: [logprob, entropy, rank]           # default: all the backend computes
+      taps: [last]                                # hidden states heads may read (on device)
+      cache_hidden: [last]                        # hidden states written out (PAWN training)
+      heads: [{kind: "operators.pawn:build_head", params: {path: pawn.safetensors}}]
+      observer: {name: smollm2_base, path: ...}   # Binoculars: xent of observer vs this model
+      resources: {num_gpus: 1, batch_size: 256}
+
+Output columns, prefixed by the model's name ``<m>`` (row j of every list scores token x_{j+1}):
+
+    <m>__token_ids           list<int32>        ids scored (BOS first when the tokenizer adds one)
+    <m>__<metric>            list<float32>      per position; torch: logprob, entropy, max_logprob,
+                                                rank, top_p, logp2 (see operators.lm.metrics);
+                                                vllm: logprob, max_logprob, rank (exact) and
+                                                entropy_topk, top_p_topk, logp2_topk (estimates)
+    <m>__xent                list<float32>      with an observer: -Σ softmax(obs)·log softmax(<m>)
+    <m>__hidden_<L>          list<list<float32>> for each ``cache_hidden`` layer ([n][H])
+    <m>__nll_sum             float64            -Σ logprob
+    <m>__xent_sum            float64            Σ xent (with an observer)
+    <m>__n_scored            int32              positions with context (len(token_ids) - 1)
+    <m>__truncated           bool               the text had more than ``max_tokens`` tokens
+    <m>__skip_reason         string             why nothing was scored (metrics are then null)
+
+``keep_positions: false`` keeps only the scalars (nll_sum, xent_sum, n_scored, truncated,
+skip_reason). Heads add their own columns (``Head.output_schema``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field, field_validator, model_validator
+
+from operators.base import StageConfig, StrictModel
+from operators.lm.metrics import EXACT_METRICS, TOPK_METRICS, nll_sum
+from operators.lm.models import Encoded, ModelSpec
+
+Layer = int | Literal["last"]
+#: Short names for head factories (``kind: pawn``); any "module:callable" path works too.
+HEAD_KINDS: dict[str, str] = {}
+_VLLM_EXACT_ALTERNATIVE = {"entropy": "entropy_topk", "top_p": "top_p_topk", "logp2": "logp2_topk"}
+
+
+class Head(Protocol):
+    """A small model that reads the LM's per-position metrics and hidden states inside the actor.
+
+    Tensors are on the LM's device, aligned on scored positions: ``metrics[k][b, j]`` is metric k
+    of token x_{j+1} (float32 [B, T]), ``hidden[L][b, j]`` layer L's state at x_j ([B, T, H], for
+    each L in ``layers``, HF ``hidden_states`` indexing, -1 = last), ``mask[b, j]`` True where
+    the position exists (right padding). Returns one list of B values per output column.
+    """
+
+    layers: list[int]
+
+    def output_schema(self) -> pa.Schema: ...
+
+    def __call__(self, metrics: dict[str, Any], hidden: dict[int, Any], mask: Any) -> dict[str, list]: ...
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a head factory learns about the LM it sits on."""
+
+    name: str
+    hidden_size: int
+    num_layers: int
+    vocab_size: int
+    device: str
+    dtype: Any
+
+
+class HeadSpec(StrictModel):
+    """A head: ``kind`` is a name in ``HEAD_KINDS`` or "module:callable"; the callable is called as
+    ``callable(params, model_info) -> Head`` inside the actor."""
+
+    kind: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("kind")
+    @classmethod
+    def _importable(cls, kind: str) -> str:
+        resolve_head_factory(kind)
+        return kind
+
+
+def resolve_head_factory(kind: str) -> Any:
+    """Import the factory a head ``kind`` names; ValueError with the reason if it cannot."""
+    target = HEAD_KINDS.get(kind, kind)
+    module_name, _, attr = target.partition(":")
+    if not attr:
+        raise ValueError(f"head kind {kind!r}: not in {sorted(HEAD_KINDS)} and not 'module:callable'")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"head kind {kind!r}: cannot import {target}: {err}") from None
+
+
+class VLLMOptions(StrictModel):
+    """Engine settings for ``backend: vllm`` (ignored by the torch backend)."""
+
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="Share of GPU memory (of RAM on CPU); default 0.3 CPU, 0.85 GPU.")
+    top_k: int = Field(20, ge=1, le=1000, description="Prompt logprobs kept per position (the estimates use them).")
+    max_num_seqs: int = Field(64, gt=0)
+    max_num_batched_tokens: int | None = Field(None, gt=0)
+    enforce_eager: bool | None = Field(None, description="Default: True on CPU (no compile), False on GPU.")
+    tensor_parallel_size: int = Field(1, ge=1)
+    kv_cache_gib: float | None = Field(None, gt=0, description="Fixed KV-cache size instead of the share.")
+    multiprocessing: bool = Field(False, description="Run vLLM's engine core in its own process.")
+
+
+class LMStageConfig(StageConfig):
+    """Score every document with one causal LM (see the module docstring for the columns)."""
+
+    op: Literal["lm"] = "lm"
+    model: ModelSpec
+    observer: ModelSpec | None = Field(None, description="Binoculars observer (torch backend).")
+    max_tokens: int = Field(1024, ge=2, description="Tokens per document (BOS included); the rest is cut.")
+    metrics: list[str] | None = Field(None, description="Per-position metrics; default all of the backend's.")
+    taps: list[Layer] = Field(default_factory=list, description="Hidden layers kept on device for heads.")
+    cache_hidden: list[Layer] = Field(default_factory=list, description="Hidden layers written out.")
+    heads: list[HeadSpec] = Field(default_factory=list)
+    keep_positions: bool = Field(True, description="False: only per-document scalars.")
+    max_batch_tokens: int = Field(8192, gt=0, description="Padded tokens per forward pass (B·T).")
+    vllm: VLLMOptions = VLLMOptions()
+
+    @property
+    def stage_name(self) -> str:
+        return self.name or f"lm_{self.model.name}"
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        default = TOPK_METRICS if self.model.backend == "vllm" else EXACT_METRICS
+        return tuple(self.metrics) if self.metrics is not None else default
+
+    @model_validator(mode="after")
+    def _check(self) -> LMStageConfig:
+        if self.model.backend == "vllm":
+            self._check_vllm()
+        else:
+            unknown = [m for m in self.metric_names if m not in EXACT_METRICS]
+            if unknown:
+                raise ValueError(f"metrics: {unknown} unknown for backend 'torch'; choose from {list(EXACT_METRICS)}")
+        if len(set(self.metric_names)) != len(self.metric_names):
+            raise ValueError(f"metrics: repeated names in {list(self.metric_names)}")
+        if self.observer is not None and self.observer.name == self.model.name:
+            raise ValueError("observer.name must differ from model.name")
+        return self
+
+    def _check_vllm(self) -> None:
+        asked = {"taps": self.taps, "cache_hidden": self.cache_hidden, "heads": self.heads,
+                 "observer": self.observer}
+        for field_name, value in asked.items():
+            if value:
+                raise ValueError(f"{field_name}: backend 'vllm' gives no hidden states or second model; "
+                                 f"set model.backend: torch to use {field_name}")
+        for m in self.metric_names:
+            if m in _VLLM_EXACT_ALTERNATIVE:
+                raise ValueError(f"metrics: backend 'vllm' sees only the top-k logprobs and cannot compute "
+                                 f"exact {m!r}; use model.backend: torch, or the estimate "
+                                 f"{_VLLM_EXACT_ALTERNATIVE[m]!r}")
+            if m not in TOPK_METRICS:
+                raise ValueError(f"metrics: {m!r} unknown for backend 'vllm'; choose from {list(TOPK_METRICS)}")
+
+    def build(self) -> LMOperator:
+        return LMOperator(self)
+
+
+def hidden_column(model: str, layer: Layer) -> str:
+    return f"{model}__hidden_{layer}"
+
+
+class LMOperator:
+    """The operator inside one actor: loads the model once, scores batches of documents."""
+
+    def __init__(self, cfg: LMStageConfig) -> None:
+        self.cfg = cfg
+        self.name = cfg.model.name
+        if cfg.model.backend == "vllm":
+            from operators.lm.vllm_engine import VLLMEngine
+
+            self.engine: Any = VLLMEngine(cfg.model, max_tokens=cfg.max_tokens, metrics=cfg.metric_names,
+                                          options=cfg.vllm)
+            self.heads: list[Head] = []
+        else:
+            from operators.lm.torch_engine import TorchEngine
+
+            factories = [(resolve_head_factory(h.kind), h.params) for h in cfg.heads]
+            self.engine = TorchEngine(cfg.model, max_tokens=cfg.max_tokens, metrics=cfg.metric_names,
+                                      layers=set(cfg.taps) | set(cfg.cache_hidden), observer=cfg.observer,
+                                      max_batch_tokens=cfg.max_batch_tokens)
+            info = ModelInfo(self.name, self.engine.hidden_size, self.engine.num_layers,
+                             self.engine.head.vocab_size, self.engine.device, self.engine.model.dtype)
+            self.heads = [factory(params, info) for factory, params in factories]
+            head_layers = {layer for h in self.heads for layer in h.layers}
+            if head_layers:  # heads' layers are tapped too
+                self.engine.add_taps(head_layers)
+        self.cache_layers = {layer: self._resolve(layer) for layer in cfg.cache_hidden}
+
+    def _resolve(self, layer: Layer) -> int:
+        return self.engine.resolve_layer(layer)
+
+    def output_schema(self) -> pa.Schema:
+        m, positions = self.name, self.cfg.keep_positions
+        fields: list[tuple[str, pa.DataType]] = []
+        if positions:
+            fields.append((f"{m}__token_ids", pa.list_(pa.int32())))
+            fields += [(f"{m}__{k}", pa.list_(pa.float32())) for k in self.cfg.metric_names]
+            if self.cfg.observer is not None:
+                fields.append((f"{m}__xent", pa.list_(pa.float32())))
+        fields += [(hidden_column(m, layer), pa.list_(pa.list_(pa.float32()))) for layer in self.cfg.cache_hidden]
+        fields.append((f"{m}__nll_sum", pa.float64()))
+        if self.cfg.observer is not None:
+            fields.append((f"{m}__xent_sum", pa.float64()))
+        fields += [(f"{m}__n_scored", pa.int32()), (f"{m}__truncated", pa.bool_()),
+                   (f"{m}__skip_reason", pa.string())]
+        schema = pa.schema(fields)
+        for head in self.heads:
+            for f in head.output_schema():
+                schema = schema.append(f)
+        return schema
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        docs = self.engine.encode(batch.column("text").to_pylist())
+        results = self.engine.score(docs, self.heads, set(self.cache_layers.values())) \
+            if self.cfg.model.backend == "torch" else self.engine.score(docs)
+        return self.to_table(docs, results)
+
+    def to_table(self, docs: list[Encoded], results: list[Any]) -> pa.Table:
+        """Arrow columns from encoded documents and their results (None = skipped)."""
+        schema, m = self.output_schema(), self.name
+        cols: dict[str, list] = {f.name: [] for f in schema}
+        for doc, res in zip(docs, results, strict=True):
+            put = {f"{m}__truncated": doc.truncated, f"{m}__skip_reason": doc.skip_reason,
+                   f"{m}__token_ids": doc.ids, f"{m}__n_scored": None if doc.ids is None else len(doc.ids) - 1}
+            if res is not None:
+                put[f"{m}__nll_sum"] = nll_sum(res.metrics["logprob"])
+                for k, values in res.metrics.items():
+                    put[f"{m}__{k}"] = values
+                if "xent" in res.metrics:
+                    put[f"{m}__xent_sum"] = float(np.sum(res.metrics["xent"], dtype=np.float64))
+                for layer, resolved in self.cache_layers.items():
+                    put[hidden_column(m, layer)] = list(res.hidden[resolved])
+                put.update(res.heads)
+            for name, values in cols.items():
+                values.append(put.get(name))
+        return pa.table({f.name: pa.array(cols[f.name], f.type) for f in schema}, schema=schema)

@@ -1,0 +1,321 @@
+"""The PyTorch (HF transformers) engine: one forward pass per document feeds every metric and head.
+
+Per micro-batch of B documents, right-padded to T tokens:
+
+    ids [B,T] ──decoder──> h [B,T,H]  (+ tapped layers, captured by hooks, stay on device)
+    scored positions: (b, t) with t + 1 < len_b  → N rows; h_sel [N,H], targets ids[b,t+1] [N]
+    for each chunk of rows: logits = lm_head(h_sel[chunk]) [c,V] → metrics [c]  (never [N,V])
+
+Right padding without an attention mask is exact for real tokens of a causal LM (a token never
+attends to later positions, and the pads come last), and lets SDPA / flash attention take their
+causal fast path. Documents are sorted by length and packed under a token budget
+(``max_batch_tokens`` ≥ B·T) so padding stays small.
+
+Row j of every per-document array is the prediction of token x_{j+1} from x_≤j: ``metrics[j]``
+scores x_{j+1}; ``hidden[L][j]`` is layer L's state at x_j, the state that made the prediction
+(the last token's state predicts nothing and is not kept). Heads see the same alignment as
+[B, T-1] tensors with a mask.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from operators.lm.metrics import EXACT_METRICS, chunk_rows, chunks, cross_entropy, token_metrics
+from operators.lm.models import (
+    PROBE_TEXT,
+    Encoded,
+    ModelSpec,
+    TextEncoder,
+    check_same_tokenizer,
+    load_causal_lm,
+    load_tokenizer,
+    pick_device,
+)
+
+if TYPE_CHECKING:
+    from operators.lm.stage import Head
+
+log = logging.getLogger("curate.lm")
+
+
+@dataclass
+class DocResult:
+    """One scored document: per-position arrays (row j scores x_{j+1}) and head outputs."""
+
+    metrics: dict[str, np.ndarray]                             # name -> [n] float32
+    hidden: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> [n, H] float32
+    heads: dict[str, Any] = field(default_factory=dict)        # head column -> value
+
+
+def plan_batches(lengths: list[int], max_batch_tokens: int) -> list[list[int]]:
+    """Indices grouped longest-first so that len(group) · max length ≤ ``max_batch_tokens``.
+
+    A document longer than the budget gets a batch of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder's list of transformer blocks (the ModuleList with num_hidden_layers entries)."""
+    n = model.config.get_text_config().num_hidden_layers
+    for module in model.base_model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"{type(model).__name__}: no ModuleList of {n} decoder layers found for taps")
+
+
+class LayerTaps:
+    """Forward hooks that keep HF ``hidden_states[L]`` for chosen L, on device.
+
+    L = 0 is the input of block 0 (the embeddings), 1 ≤ L < n the output of block L-1; L = n (the
+    last) is the decoder's final, normed output, as HF ties ``hidden_states[-1]`` to it.
+    """
+
+    def __init__(self, model: nn.Module, layers: set[int]) -> None:
+        self.n = model.config.get_text_config().num_hidden_layers
+        self.layers = layers
+        self.captured: dict[int, torch.Tensor] = {}
+        blocks = decoder_layers(model) if layers - {self.n} else None
+        self._handles = []
+        for layer in sorted(layers - {self.n}):
+            if layer == 0:
+                hook = blocks[0].register_forward_pre_hook(self._pre_hook(0), with_kwargs=True)
+            else:
+                hook = blocks[layer - 1].register_forward_hook(self._post_hook(layer))
+            self._handles.append(hook)
+
+    def _pre_hook(self, layer: int) -> Callable:
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            self.captured[layer] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    def _post_hook(self, layer: int) -> Callable:
+        def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
+            self.captured[layer] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self.captured = [], {}
+
+    def take(self, last: torch.Tensor) -> dict[int, torch.Tensor]:
+        """The captured states of this forward pass ([B,T,H] each); clears the buffer."""
+        out, self.captured = self.captured, {}
+        if self.n in self.layers:
+            out[self.n] = last
+        return out
+
+
+def onednn_linear() -> Callable | None:
+    """oneDNN's fp32 linear (``torch.ops.mkldnn._linear_pointwise``) when this torch has it."""
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+    if op is None:
+        return None
+    return lambda x, weight, bias: op(x, weight, bias, "none", [], "")
+
+
+def route_linears_to_onednn(model: nn.Module) -> int:
+    """On CPU, run the model's fp32 ``nn.Linear`` layers through oneDNN; returns how many.
+
+    torch's default CPU BLAS (MKL) reaches ~170 GFLOP/s on the 2-core AMD EPYC dev box, oneDNN
+    ~310 (the same fp32 GEMM, another kernel; vLLM's CPU backend does the same).
+    """
+    linear = onednn_linear()
+    if linear is None:
+        return 0
+    count = 0
+    for module in model.modules():
+        if type(module) is nn.Linear and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu":
+            module.forward = lambda x, m=module: linear(x, m.weight, m.bias)
+            count += 1
+    return count
+
+
+def restore_linears(model: nn.Module) -> None:
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__dict__.pop("forward", None)
+
+
+class LMHead:
+    """Hidden states [c,H] -> logits [c,V] as the model computes them (softcap / scale included)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        head = model.get_output_embeddings()
+        if head is None:
+            raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head)")
+        self.weight, self.bias = head.weight, getattr(head, "bias", None)   # [V,H], [V]
+        cfg = model.config.get_text_config()
+        self.scale = getattr(cfg, "logit_scale", None)
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        self.vocab_size = self.weight.shape[0]
+        cpu_fp32 = self.weight.device.type == "cpu" and self.weight.dtype == torch.float32
+        self.linear = (onednn_linear() if cpu_fp32 else None) or nn.functional.linear
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        z = self.linear(h, self.weight, self.bias)
+        if self.scale is not None:
+            z = z * self.scale
+        if self.softcap is not None:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z
+
+
+class TorchEngine:
+    """Scores documents with one HF causal LM (and optionally a Binoculars observer)."""
+
+    def __init__(self, spec: ModelSpec, *, max_tokens: int = 1024, metrics: tuple[str, ...] = EXACT_METRICS,
+                 layers: set[int | str] | None = None, max_batch_tokens: int = 8192,
+                 observer: ModelSpec | None = None, device: str | None = None) -> None:
+        self.spec, self.metrics, self.max_batch_tokens = spec, metrics, max_batch_tokens
+        self.device = device or pick_device()
+        self.tokenizer = load_tokenizer(spec)
+        self.encoder = TextEncoder(self.tokenizer, max_tokens)
+        self.model = load_causal_lm(spec, self.device)
+        self.head = LMHead(self.model)
+        self.num_layers = self.model.config.get_text_config().num_hidden_layers
+        self.hidden_size = self.model.config.get_text_config().hidden_size
+        self._check_head(self.model, self.head)
+        self.taps = LayerTaps(self.model, {self.resolve_layer(x) for x in layers or ()})
+        self.observer = self.observer_head = None
+        if observer is not None:
+            check_same_tokenizer(self.tokenizer, load_tokenizer(observer),
+                                 f"observer {observer.name!r} vs performer {spec.name!r}")
+            self.observer = load_causal_lm(observer, self.device)
+            self.observer_head = LMHead(self.observer)
+            self._check_head(self.observer, self.observer_head)
+            if self.observer_head.vocab_size != self.head.vocab_size:
+                raise ValueError(f"observer {observer.name!r} has {self.observer_head.vocab_size} logits, "
+                                 f"performer {spec.name!r} {self.head.vocab_size}: they must match")
+        # logits rows per chunk: [rows, V] float32 buffers of 128 MiB on CPU, 512 MiB on GPU
+        self.rows = chunk_rows(self.head.vocab_size, 1 << (27 if self.device.startswith("cuda") else 25))
+        self._scratch: tuple[torch.Tensor, ...] | None = None
+
+    def resolve_layer(self, layer: int | str) -> int:
+        """HF ``hidden_states`` index: "last" and -1 are the final (normed) layer n; 0 the embeddings."""
+        n = self.num_layers
+        index = n if layer == "last" else int(layer)
+        index = n + 1 + index if index < 0 else index
+        if not 0 <= index <= n:
+            raise ValueError(f"layer {layer!r} out of range for {self.spec.name!r} ({n} layers: 0..{n}, 'last')")
+        return index
+
+    def add_taps(self, layers: set[int | str]) -> None:
+        """Also capture ``layers`` (e.g. those heads read)."""
+        wanted = self.taps.layers | {self.resolve_layer(x) for x in layers}
+        if wanted != self.taps.layers:
+            self.taps.remove()
+            self.taps = LayerTaps(self.model, wanted)
+
+    @torch.inference_mode()
+    def _check_head(self, model: nn.Module, head: LMHead) -> None:
+        """Our decoder + lm_head path must reproduce the stock ``model(...).logits``.
+
+        Guards exotic output heads, and the oneDNN routing of CPU linears (undone on mismatch).
+        """
+        ids = torch.tensor([self.tokenizer(PROBE_TEXT)["input_ids"][:32]], device=self.device)
+        want = model(input_ids=ids).logits[0].float()                               # [T,V]
+        tol = (1e-3 if model.dtype == torch.float32 else 5e-2) * max(1.0, want.abs().max().item())
+
+        def ours() -> torch.Tensor:
+            return head(model.base_model(input_ids=ids).last_hidden_state[0]).float()
+
+        if self.device == "cpu" and route_linears_to_onednn(model):
+            if torch.allclose(ours(), want, atol=tol, rtol=0):
+                return
+            log.warning("%s: oneDNN linears changed the logits; using torch's default", type(model).__name__)
+            restore_linears(model)
+            head.linear = nn.functional.linear
+        if not torch.allclose(ours(), want, atol=tol, rtol=0):
+            raise ValueError(f"{type(model).__name__}: cannot reproduce its logits from the last hidden "
+                             "state; this output head is not supported by the torch engine")
+
+    def encode(self, texts: list[str | None]) -> list[Encoded]:
+        return self.encoder.encode(texts)
+
+    def score(self, docs: list[Encoded], heads: list[Head] | None = None,
+              cache_layers: set[int] | None = None) -> list[DocResult | None]:
+        """DocResult per scored document (None for skipped ones), in input order."""
+        heads, cache_layers = heads or [], cache_layers or set()
+        results: list[DocResult | None] = [None] * len(docs)
+        live = [i for i, d in enumerate(docs) if d.scored]
+        for group in plan_batches([len(docs[i].ids or ()) for i in live], self.max_batch_tokens):
+            rows = [live[g] for g in group]
+            for i, result in zip(rows, self._score_batch([docs[i].ids for i in rows], heads, cache_layers),
+                                 strict=True):
+                results[i] = result
+        return results
+
+    @torch.inference_mode()
+    def _score_batch(self, ids: list[list[int]], heads: list[Head],
+                     cache_layers: set[int]) -> list[DocResult]:
+        lengths = torch.tensor([len(x) for x in ids], device=self.device)           # [B]
+        tokens = torch.zeros(len(ids), int(lengths.max()), dtype=torch.long)       # [B,T]
+        for b, row in enumerate(ids):
+            tokens[b, : len(row)] = torch.tensor(row)
+        tokens = tokens.to(self.device)
+        last = self.model.base_model(input_ids=tokens, use_cache=False).last_hidden_state   # [B,T,H]
+        hidden = {k: v[:, :-1] for k, v in self.taps.take(last).items()}           # [B,T-1,H]
+        t = torch.arange(tokens.shape[1] - 1, device=self.device)
+        mask = t[None, :] + 1 < lengths[:, None]                                    # [B,T-1]
+        targets = tokens[:, 1:][mask]                                               # [N]
+        obs = None
+        if self.observer is not None:
+            obs = self.observer.base_model(input_ids=tokens, use_cache=False).last_hidden_state[:, :-1][mask]
+        flat = self._metrics(last[:, :-1][mask], targets, obs)                     # name -> [N]
+        bounds = np.cumsum((lengths - 1).tolist())[:-1]                            # per-doc row splits
+        per_doc = {k: np.split(v.cpu().numpy(), bounds) for k, v in flat.items()}
+        results = [DocResult({k: parts[b] for k, parts in per_doc.items()}) for b in range(len(ids))]
+        for layer in cache_layers:
+            cached = hidden[layer][mask].float().cpu().numpy()                     # [N,H]
+            for r, part in zip(results, np.split(cached, bounds), strict=True):
+                r.hidden[layer] = part
+        if heads:
+            dense = {}
+            for k, v in flat.items():
+                dense[k] = torch.zeros(mask.shape, dtype=v.dtype, device=v.device)  # [B,T-1]
+                dense[k][mask] = v
+            for head in heads:
+                taps = {layer: hidden[self.resolve_layer(layer)] for layer in head.layers}
+                for col, values in head(dense, taps, mask).items():
+                    for r, value in zip(results, values, strict=True):
+                        r.heads[col] = value
+        return results
+
+    def _metrics(self, h: torch.Tensor, targets: torch.Tensor, obs: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Per-position metrics of ``targets`` [N] from final hidden states ``h`` [N,H], chunk by chunk."""
+        scratch = self._workspace(min(self.rows, h.shape[0]))
+        parts: dict[str, list[torch.Tensor]] = {}
+        for rows in chunks(h.shape[0], self.rows):
+            logits = self.head(h[rows])                                             # [c,V]
+            if obs is not None:
+                x = cross_entropy(self.observer_head(obs[rows]), logits)           # [c]
+                parts.setdefault("xent", []).append(x)
+            for k, v in token_metrics(logits, targets[rows], self.metrics, scratch).items():
+                parts.setdefault(k, []).append(v)
+        if not parts:
+            return {k: torch.empty(0, device=h.device) for k in ("logprob", *self.metrics)}
+        return {k: torch.cat(v) for k, v in parts.items()}
+
+    def _workspace(self, rows: int) -> tuple[torch.Tensor, ...]:
+        """Two reusable [rows, V] float32 scratch buffers for the metrics."""
+        if self._scratch is None or self._scratch[0].shape[0] < rows:
+            self._scratch = tuple(torch.empty(rows, self.head.vocab_size, device=self.device)
+                                  for _ in range(2))
+        return self._scratch

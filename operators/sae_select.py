@@ -1,0 +1,162 @@
+"""SAE selection as a pipeline stage: similarity of every document to a target task, then the top n%.
+
+Ma et al., "Task-Specific Data Selection for Instruction Tuning via Monosemantic Neuronal
+Activations". The ``lm`` stage's SAE head (``operators.sae_head``) gives every document a sparse
+embedding e_i (mean-pooled SAE codes). This stage
+
+* ``build`` (once per actor): embeds the target examples (``target``: a Parquet of texts of the
+  target task) with the *same* engine and head — same ``model``, ``head`` params and
+  ``max_tokens`` as the ``lm`` stage (use YAML anchors) — and averages them into the prototype
+      proto = (1 / |X_t|) Σ_{x ∈ X_t} e(x);
+* ``process`` (per batch): ``sae_similarity`` = generalized Jaccard to the prototype,
+      J(e_i, proto) = Σ_k min(e_ik, proto_k) / Σ_k max(e_ik, proto_k);
+* ``finalize`` (once per run, over every staged document): keeps the ⌈p · N / 100⌉ best-scored of
+  the N documents with a score (p = ``top_percent``, default 5) in the shared ``selected`` table
+  (``operator`` = the stage name, ``policy`` = ``top_percent(p)``). Ties are broken by id.
+
+The score column is ``sae_similarity`` for the default stage name ``sae_select``, else
+``<name>_similarity``. Documents the LM skipped (empty text) get a null score and are never kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Literal
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from operators.base import Resources, StageConfig, StrictModel
+from operators.lm.models import ModelSpec
+from operators.preselect_stage import select_documents
+from operators.sae import generalized_jaccard_many, prototype
+from operators.sae_head import (
+    Embeddings,
+    SAEHead,
+    SAEHeadParams,
+    embed_texts,
+    engine_info,
+    idx_column,
+    open_engine,
+    val_column,
+)
+
+log = logging.getLogger("curate.sae")
+DEFAULT_STAGE = "sae_select"
+
+
+def top_percent_mask(scores: np.ndarray, percent: float) -> np.ndarray:
+    """Keep the ⌈percent · N / 100⌉ highest of the N non-NaN scores (ties: earlier row first)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    valid = np.flatnonzero(~np.isnan(scores))
+    n_keep = math.ceil(round(percent * valid.size / 100, 9))
+    order = valid[np.argsort(-scores[valid], kind="stable")]
+    mask = np.zeros(scores.shape, dtype=bool)
+    mask[order[:n_keep]] = True
+    return mask
+
+
+class TopPercentPolicy(StrictModel):
+    """Keep the best ``percent`` % of the scored documents (by count)."""
+
+    percent: float = Field(5.0, gt=0, le=100)
+
+    def describe(self) -> str:
+        return f"top_percent({self.percent:g})"
+
+    def mask(self, scores: np.ndarray, n_chars: np.ndarray) -> np.ndarray:
+        return top_percent_mask(scores, self.percent)
+
+
+def read_texts(url: str, column: str = "text") -> list[str]:
+    """The ``column`` of a Parquet file or directory at an fsspec URL."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"target examples not found: {url}")
+    table = pq.read_table(path, filesystem=fs)
+    if column not in table.column_names:
+        raise ValueError(f"{url}: no column {column!r} (has {table.column_names})")
+    return [t for t in table.column(column).to_pylist() if t and not t.isspace()]
+
+
+def target_prototype(engine, head: SAEHead, texts: list[str], source: str = "target") -> np.ndarray:
+    """proto = mean of the target texts' SAE embeddings (texts the LM skips are left out)."""
+    return prototype_of(embed_texts(engine, head, texts), source)
+
+
+def prototype_of(emb: Embeddings, source: str = "target") -> np.ndarray:
+    """proto = (1 / n) Σ e_j over the embedded rows of ``emb`` -> float64 [d_sae]."""
+    if not emb.ok.any():
+        raise ValueError(f"{source}: none of its {len(emb.ok)} texts could be embedded (all empty or 1 token)")
+    kept = np.flatnonzero(emb.ok)
+    dense = np.zeros((kept.size, emb.d_sae), dtype=np.float32)  # [n_target, d_sae]
+    for row, r in enumerate(kept):
+        dense[row, emb.idx[r]] = emb.val[r]
+    return prototype(dense)
+
+
+class SAESelectConfig(StageConfig):
+    """Score documents by SAE similarity to a target task; select the top n% of the run."""
+
+    op: Literal["sae_select"] = "sae_select"
+    target: str = Field(description="Parquet (file, dir or fsspec URL) of target-task examples.")
+    target_text_column: str = "text"
+    model: ModelSpec = Field(description="The lm stage's model (same name: its columns are read).")
+    head: SAEHeadParams = Field(description="The lm stage's SAE head params (sae, layer, name, …).")
+    max_tokens: int = Field(1024, ge=2, description="As the lm stage's max_tokens.")
+    top_percent: float = Field(5.0, gt=0, le=100)
+    resources: Resources = Resources(num_cpus=1, concurrency=1, batch_size=1024)
+
+    @property
+    def score_column(self) -> str:
+        """``sae_similarity`` for the default stage name, else ``<name>_similarity``."""
+        return "sae_similarity" if self.stage_name == DEFAULT_STAGE else f"{self.stage_name}_similarity"
+
+    @property
+    def policy(self) -> TopPercentPolicy:
+        return TopPercentPolicy(percent=self.top_percent)
+
+    def build(self) -> SAESimilarity:
+        engine = open_engine(self.model, self.head.layer, self.max_tokens)
+        head = SAEHead(self.head, engine_info(engine))
+        texts = read_texts(self.target, self.target_text_column)
+        proto = target_prototype(engine, head, texts, self.target)
+        log.info("sae_select: prototype of %d target texts, %d active latents of %d",
+                 len(texts), int((proto > 0).sum()), proto.size)
+        return SAESimilarity(proto, self.head.name, self.score_column)
+
+    def finalize(self, ctx) -> dict[str, pa.Table]:
+        return {"selected": select_documents(ctx.scan_documents(), self.score_column, self.stage_name,
+                                             self.policy)}
+
+
+class SAESimilarity:
+    """The operator: J(e_i, proto) for each document's sparse embedding."""
+
+    def __init__(self, proto: np.ndarray, embedding: str, score_column: str) -> None:
+        self.proto = proto
+        self.idx_col, self.val_col = idx_column(embedding), val_column(embedding)
+        self.score_column = score_column
+
+    def output_schema(self) -> pa.Schema:
+        return pa.schema([(self.score_column, pa.float64())])
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        for col in (self.idx_col, self.val_col):
+            if col not in batch.column_names:
+                raise KeyError(f"column {col!r} missing: run an lm stage with an SAE head named "
+                               f"{self.idx_col.split('__')[0]!r} before sae_select")
+        idx, val = batch.column(self.idx_col).to_pylist(), batch.column(self.val_col).to_pylist()
+        live = [r for r, i in enumerate(idx) if i is not None]
+        rows_idx = [np.asarray(idx[r], dtype=np.int64) for r in live]
+        if any(i.size and i.max() >= self.proto.size for i in rows_idx):
+            raise ValueError(f"{self.idx_col}: latent index ≥ d_sae = {self.proto.size} of the target's SAE; "
+                             "the lm stage's SAE head and sae_select.head must name the same SAE")
+        scores = np.full(batch.num_rows, np.nan)
+        scores[live] = generalized_jaccard_many(rows_idx, [np.asarray(val[r]) for r in live], self.proto)
+        return pa.table({self.score_column: pa.array(scores, pa.float64(), from_pandas=True)},
+                        schema=self.output_schema())

@@ -1,0 +1,320 @@
+"""Per-document membership and detection scores from the ``lm`` stage's per-token columns (CPU).
+
+The ``lm`` stage runs model ``M`` once per document and leaves per-position arrays (row j scores
+token x_{j+1}: ``M__logprob`` lp, ``M__entropy`` H, ``M__logp2``, ``M__rank``, ``M__xent`` with an
+observer, and ``M__token_ids`` = x_0 … x_n, BOS first). This stage maps them onto the pure
+functions of ``operators.membership`` and ``operators.detection``; every formula lives there.
+
+    - op: scores
+      model: smollm2                    # which lm columns to read (the lm stage's model.name)
+      min_k: 0.2
+      dcpdd: {freq_table: ${CURATE_CACHE}/freq/smollm2.parquet, a: 0.01}   # optional
+      zlib: true
+      binoculars: false                 # true needs an lm ``observer`` (M__xent)
+      lowercase: {enabled: false, model: smollm2_lower}
+
+Output columns (float64; null when the document had no scored position):
+
+    M__ppl            exp(-mean lp)                                   lower ⇒ member / machine
+    M__mink           Min-K% Prob: mean of the lowest k·n lp          (Shi et al. 2024)       higher ⇒ member
+    M__minkpp         Min-K%++: lowest k·n of (lp-μ)/σ                (Zhang et al. 2025)     higher ⇒ member
+    M__zlib           log PPL / zlib bytes                            (Carlini et al. 2021)   lower ⇒ member
+    M__dcpdd          DC-PDD β = mean_first-occurrence min(-p·ln f, a) (Zhang et al. 2024)    higher ⇒ member
+    M__mean_entropy   mean H                                          (GLTR)                  lower ⇒ machine
+    M__mean_log_rank  mean ln rank                                    (GLTR, DetectGPT)       lower ⇒ machine
+    M__binoculars     mean NLL / mean xent                            (Hans et al. 2024)      lower ⇒ machine
+    M__lowercase      log PPL(x) / log PPL(lower(x))                  (Carlini et al. 2021)   lower ⇒ member
+
+Lowercase needs a second LM pass over lower(text), which doubles the model cost: a
+``lowercase_text`` stage adds ``text_lower``, a second ``lm`` stage (its own model name, e.g.
+``smollm2_lower``, reading ``text_column: text_lower``) scores it, and ``lowercase.model`` names
+that second prefix here.
+
+With the vLLM backend the stage reads the top-k estimates ``entropy_topk`` / ``logp2_topk`` when
+the exact columns are absent.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field, field_validator, model_validator
+
+from operators.base import Resources, StageConfig, StrictModel
+from operators.detection import binoculars_score, mean_entropy, mean_log_rank
+from operators.membership import (
+    FrequencyTable,
+    dcpdd_score,
+    lowercase_ratio,
+    min_k_plus_plus,
+    min_k_prob,
+    perplexity,
+    zlib_ratio,
+)
+
+_PREFIX = r"^[A-Za-z][A-Za-z0-9_]*$"
+#: Exact metric -> the vLLM backend's estimate of it (used when the exact column is absent).
+_ESTIMATES = {"entropy": "entropy_topk", "logp2": "logp2_topk"}
+#: float32 rank fractions c/V carry ~1e-7 relative error: c·(1 ± 1e-7) must round to c.
+_RANK_TOLERANCE = 1e-3
+_INFER_MIN_POSITIONS = 64
+
+#: Frequency tables loaded in this process (one per actor); tests read it via ``freq_table_loads``.
+_LOADS = 0
+
+
+def freq_table_loads() -> int:
+    """How many FrequencyTables ``ScoreOperator`` has loaded in this process."""
+    return _LOADS
+
+
+class DcpddOptions(StrictModel):
+    """DC-PDD: a reference-corpus FrequencyTable (``curate freq build``) and the cap ``a``."""
+
+    freq_table: str = Field(description="FrequencyTable Parquet file (any fsspec URL).")
+    a: float = Field(0.01, gt=0, description="Upper bound of each token's calibrated score.")
+
+    @field_validator("freq_table")
+    @classmethod
+    def _exists(cls, url: str) -> str:
+        fs, path = fsspec.core.url_to_fs(url)
+        local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+        if local and not fs.exists(path):
+            raise ValueError(f"frequency table not found: {url} (build one with `curate freq build`)")
+        return url
+
+
+class LowercaseOptions(StrictModel):
+    """Carlini et al.'s lowercase ratio; ``model`` is the prefix of the lm stage that scored lower(text)."""
+
+    enabled: bool = False
+    model: str | None = Field(None, pattern=_PREFIX, description="Column prefix of the lowercase lm pass.")
+
+    @model_validator(mode="after")
+    def _model_when_enabled(self) -> LowercaseOptions:
+        if self.enabled and not self.model:
+            raise ValueError("lowercase.model is required when lowercase.enabled is true: the name of "
+                             "the second lm stage's model that scored text_lower")
+        return self
+
+
+class ScoresConfig(StageConfig):
+    """Membership (DC-PDD, Min-K%, Min-K%++, zlib, lowercase) and zero-shot detection scores."""
+
+    op: Literal["scores"] = "scores"
+    model: str = Field(pattern=_PREFIX, description="The lm stage's model.name (column prefix).")
+    min_k: float = Field(0.2, gt=0, le=1, description="k of Min-K% and Min-K%++.")
+    dcpdd: DcpddOptions | None = None
+    zlib: bool = True
+    binoculars: bool = Field(False, description="Needs an lm observer (the M__xent column).")
+    lowercase: LowercaseOptions = LowercaseOptions()
+    vocab_size: int | None = Field(
+        None, gt=0, description="V of the model's logits, for mean_log_rank; default: from the ranks.")
+    resources: Resources = Resources(num_cpus=1, concurrency=1, batch_size=256)
+
+    @field_validator("resources")
+    @classmethod
+    def _cpu_only(cls, resources: Resources) -> Resources:
+        if resources.num_gpus:
+            raise ValueError("scores runs on CPU; set num_gpus to 0")
+        return resources
+
+    @property
+    def stage_name(self) -> str:
+        return self.name or f"scores_{self.model}"
+
+    def build(self) -> ScoreOperator:
+        return ScoreOperator(self)
+
+
+class ScoreOperator:
+    """The operator: loads the FrequencyTable once per actor, maps LM columns to scores per batch."""
+
+    def __init__(self, cfg: ScoresConfig) -> None:
+        global _LOADS
+        self.cfg = cfg
+        self.table: FrequencyTable | None = None
+        self.vocab_size = cfg.vocab_size  # else inferred once from a large enough batch, then kept
+        if cfg.dcpdd is not None:
+            self.table = FrequencyTable.load(cfg.dcpdd.freq_table)
+            _LOADS += 1
+
+    def output_schema(self) -> pa.Schema:
+        return pa.schema([(self.col(s), pa.float64()) for s in self.score_names()])
+
+    def score_names(self) -> list[str]:
+        cfg = self.cfg
+        names = ["ppl", "mink", "minkpp"]
+        names += ["zlib"] if cfg.zlib else []
+        names += ["dcpdd"] if cfg.dcpdd is not None else []
+        names += ["mean_entropy", "mean_log_rank"]
+        names += ["binoculars"] if cfg.binoculars else []
+        names += ["lowercase"] if cfg.lowercase.enabled else []
+        return names
+
+    def col(self, suffix: str, model: str | None = None) -> str:
+        return f"{model or self.cfg.model}__{suffix}"
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        rows = self._inputs(batch)
+        vocab = self._vocab(rows["rank"])
+        scorers = self._scorers(vocab)
+        out: dict[str, list[float | None]] = {name: [] for name in scorers}
+        for i in range(batch.num_rows):
+            doc = {k: v[i] for k, v in rows.items()}
+            empty = doc["logprob"] is None or len(doc["logprob"]) == 0
+            for name, scorer in scorers.items():
+                out[name].append(None if empty else _nan_to_none(scorer(doc)))
+        return pa.table({self.col(k): pa.array(v, pa.float64()) for k, v in out.items()},
+                        schema=self.output_schema())
+
+    def _vocab(self, ranks: list[np.ndarray | None]) -> int | None:
+        """``vocab_size``, or V inferred from the ranks (kept once seen on ≥ 64 positions)."""
+        if self.vocab_size is not None:
+            check_vocab_size(ranks, self.vocab_size)
+            return self.vocab_size
+        vocab = infer_vocab_size(ranks)
+        if vocab is not None and sum(len(r) for r in ranks if r is not None) >= _INFER_MIN_POSITIONS:
+            self.vocab_size = vocab
+        return vocab
+
+    def _scorers(self, vocab: int | None) -> dict[str, Callable[[dict], float]]:
+        """Score name -> function of one document's inputs (all of them non-empty)."""
+        k, cfg = self.cfg.min_k, self.cfg
+        scorers: dict[str, Callable[[dict], float]] = {
+            "ppl": lambda d: perplexity(d["logprob"]),
+            "mink": lambda d: min_k_prob(d["logprob"], k),
+            "minkpp": lambda d: min_k_plus_plus(d["logprob"], d["entropy"], d["logp2"], k),
+        }
+        if cfg.zlib:
+            scorers["zlib"] = lambda d: zlib_ratio(d["logprob"], d["text"])
+        if self.table is not None:
+            table, a = self.table, cfg.dcpdd.a  # type: ignore[union-attr]
+            scorers["dcpdd"] = lambda d: dcpdd_score(scored_ids(d["token_ids"], len(d["logprob"])),
+                                                     d["logprob"], table, a)
+        scorers["mean_entropy"] = lambda d: mean_entropy(d["entropy"])
+        scorers["mean_log_rank"] = lambda d: mean_log_rank(d["rank"], vocab) if vocab else math.nan
+        if cfg.binoculars:
+            scorers["binoculars"] = lambda d: binoculars_score(d["logprob"], d["xent"])
+        if cfg.lowercase.enabled:
+            scorers["lowercase"] = lambda d: (lowercase_ratio(d["logprob"], d["logprob_lower"])
+                                              if d["logprob_lower"] is not None else math.nan)
+        return {name: scorers[name] for name in self.score_names()}
+
+    def _inputs(self, batch: pa.Table) -> dict[str, list]:
+        """Per-document inputs by role: numpy arrays (None for null lists) or texts."""
+        m, cfg = self.cfg.model, self.cfg
+        wanted = {"logprob": self._column(batch, "logprob"), "entropy": self._column(batch, "entropy"),
+                  "logp2": self._column(batch, "logp2"), "rank": self._column(batch, "rank")}
+        if cfg.dcpdd is not None:
+            wanted["token_ids"] = self._column(batch, "token_ids")
+        if cfg.binoculars:
+            wanted["xent"] = self._column(batch, "xent", hint="configure an observer on the lm stage")
+        if cfg.lowercase.enabled:
+            wanted["logprob_lower"] = self._column(batch, "logprob", model=cfg.lowercase.model,
+                                                   hint="add an lm stage over text_lower")
+        rows = {role: ragged(batch.column(name)) for role, name in wanted.items()}
+        if cfg.zlib:
+            rows["text"] = batch.column("text").to_pylist()
+        _check_aligned(rows, m)
+        return rows
+
+    def _column(self, batch: pa.Table, metric: str, model: str | None = None, hint: str = "") -> str:
+        """The column holding ``metric`` (or its vLLM estimate); a clear error naming what is missing."""
+        for name in (self.col(metric, model), self.col(_ESTIMATES.get(metric, ""), model)):
+            if name in batch.column_names:
+                return name
+        lm = [c.split("__")[0] for c in batch.column_names if "__" in c and not c.startswith("__")]
+        raise KeyError(f"column {self.col(metric, model)!r} not found: the lm stage for model "
+                       f"{model or self.cfg.model!r} must compute {metric!r}"
+                       f"{f' ({hint})' if hint else ''}; lm columns here are for {sorted(set(lm))}")
+
+
+def ragged(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray | None]:
+    """A list<number> column as one float64/int64 numpy array per row (None for null rows)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    valid = arr.is_valid().to_numpy(zero_copy_only=False)
+    lengths = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    flat = pc.list_flatten(arr).to_numpy(zero_copy_only=False)
+    parts = np.split(flat, np.cumsum(lengths)[:-1]) if len(arr) else []
+    return [p if ok else None for p, ok in zip(parts, valid, strict=True)]
+
+
+def scored_ids(token_ids: np.ndarray, n_scored: int) -> np.ndarray:
+    """x_1 … x_n: the ids the n logprobs score (``token_ids`` holds x_0 … x_n, BOS first)."""
+    if token_ids is None or len(token_ids) != n_scored + 1:
+        got = None if token_ids is None else len(token_ids)
+        raise ValueError(f"token_ids ({got}) must hold one id more than logprob ({n_scored})")
+    return token_ids[1:]
+
+
+def infer_vocab_size(ranks: list[np.ndarray | None]) -> int | None:
+    """V from the engine's rank fractions c/V (c ≥ 1 integer), when the batch's smallest is 1/V.
+
+    A top-1 prediction (c = 1) occurs in practically every batch; the guess V = round(1/min) is
+    kept only if every rank·V is an integer (else a c = 2 minimum, say, would halve V) and
+    raises otherwise, asking for ``vocab_size``. None when the batch has no ranks.
+    """
+    values = [r for r in ranks if r is not None and len(r)]
+    if not values:
+        return None
+    vocab = round(1.0 / float(np.concatenate(values).min()))
+    if vocab < 2:
+        raise ValueError("cannot infer the vocabulary size from the rank column; set scores.vocab_size")
+    check_vocab_size(values, vocab)
+    return vocab
+
+
+def check_vocab_size(ranks: list[np.ndarray | None], vocab: int) -> None:
+    """Every rank fraction must be c/V for an integer c in [1, V]; ValueError otherwise."""
+    values = [r for r in ranks if r is not None and len(r)]
+    if not values:
+        return
+    scaled = np.concatenate(values).astype(np.float64) * vocab
+    if np.abs(scaled - np.rint(scaled)).max() > _RANK_TOLERANCE or scaled.min() < 0.5 or scaled.max() > vocab + 0.5:
+        raise ValueError(f"rank fractions are not multiples of 1/{vocab}: set scores.vocab_size to "
+                         "the model's logits width")
+
+
+def _check_aligned(rows: dict[str, list], model: str) -> None:
+    lengths = {role: [None if r is None else len(r) for r in values] for role, values in rows.items()
+               if role not in ("text", "token_ids", "logprob_lower")}
+    ref = lengths.pop("logprob")
+    for role, got in lengths.items():
+        bad = [i for i, (a, b) in enumerate(zip(ref, got, strict=True)) if a and b is not None and a != b]
+        if bad:
+            raise ValueError(f"{model}__{role} and {model}__logprob differ in length (row {bad[0]})")
+
+
+def _nan_to_none(x: float) -> float | None:
+    return None if math.isnan(x) else float(x)
+
+
+class LowercaseTextConfig(StageConfig):
+    """Add ``column`` = lower(text), the input of the lowercase lm pass (Carlini et al. 2021)."""
+
+    op: Literal["lowercase_text"] = "lowercase_text"
+    column: str = "text_lower"
+    resources: Resources = Resources(num_cpus=0.5, concurrency=1, batch_size=1024)
+
+    def build(self) -> LowercaseText:
+        return LowercaseText(self.column)
+
+
+class LowercaseText:
+    """The operator: ``str.lower`` of every text."""
+
+    def __init__(self, column: str) -> None:
+        self.column = column
+
+    def output_schema(self) -> pa.Schema:
+        return pa.schema([(self.column, pa.string())])
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        return pa.table({self.column: pc.utf8_lower(batch.column("text"))}, schema=self.output_schema())

@@ -21,8 +21,7 @@ import pyarrow.parquet as pq
 
 from bench.common import save
 
-WORDS = ("data curation pipeline token premium language model corpus parquet shard stream "
-         "operator actor quality filter selection score membership detection").split()
+WORDS = ["data", "curation", "pipeline", "token", "premium", "language", "model", "corpus", "parquet", "shard", "stream", "operator", "actor", "quality", "filter", "selection", "score", "membership", "detection"]
 
 
 def write_corpus(root: Path, docs: int, per_shard: int = 2000) -> None:

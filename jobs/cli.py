@@ -9,7 +9,7 @@ import sys
 
 # Modules that add subcommands; each defines ``register(subparsers)``.
 COMMAND_MODULES = ["jobs.run_cmd", "jobs.ops_cmds", "jobs.eval_cmd", "jobs.freq_cmd", "jobs.pawn_cmd",
-                   "jobs.sae_cmd", "jobs.sae_eval_cmd"]
+                   "jobs.sae_cmd", "jobs.sae_eval_cmd", "jobs.preselect_cmd"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -147,6 +147,8 @@ def _atomic_dir(final: Path, meta: dict[str, Any]) -> Iterator[Path]:
     tmp.chmod(0o755)  # mkdtemp makes it private; the assets are meant to be shared read-only
     try:
         yield tmp
+        for path in tmp.iterdir():
+            path.chmod(0o644)  # some writers (safetensors) make their files private
         (tmp / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
         if final.exists():
             shutil.rmtree(final)  # an unfinished or outdated copy: it has no marker

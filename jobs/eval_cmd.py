@@ -32,13 +32,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=eval_command)
 
 
-def read_table(url: str, columns: list[str] | None = None) -> pa.Table:
-    """A Parquet file or directory (hive partitions allowed) as one table."""
+def open_dataset(url: str) -> pads.Dataset:
+    """A Parquet file or directory (hive partitions allowed), not read yet."""
     fs, path = url_to_fs(url)
     if not fs.exists(path):
         raise UserError(f"input not found: {url}")
-    dataset = pads.dataset(path, filesystem=PyFileSystem(FSSpecHandler(fs)), format="parquet",
-                           partitioning="hive")
+    return pads.dataset(path, filesystem=PyFileSystem(FSSpecHandler(fs)), format="parquet",
+                        partitioning="hive")
+
+
+def read_table(url: str, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file or directory as one table (only ``columns`` when given)."""
+    dataset = open_dataset(url)
     if columns:
         missing = [c for c in columns if c not in dataset.schema.names]
         if missing:

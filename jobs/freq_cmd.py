@@ -36,10 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--max-tokens", type=int, default=1024, help="count the first N tokens per doc (1024)")
     b.add_argument("--name", help="model name recorded in the table (default: the model dir's name)")
     b.add_argument("--text-column", default="text")
-    b.add_argument("--concurrency", type=int, default=None, help="tokenizer actors (default: CPUs)")
+    b.add_argument("--concurrency", type=int, default=None, help="tokenizer actors (default: CPUs - 1)")
     b.add_argument("--batch-size", type=int, default=512)
     b.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else an embedded Ray)")
     b.set_defaults(func=freq_build_command)
+    d = actions.add_parser("demo", help="build (or reuse) the demo table <cache>/demo/freq/smollm2.parquet")
+    d.set_defaults(func=lambda _args: print(prepare_demo_freq()) or 0)
 
 
 class BatchCounter:
@@ -75,8 +77,10 @@ def build_frequency_table(input_url: str, model: str, max_tokens: int = 1024, na
 
     vocab_size = len(load_tokenizer(ModelSpec(name="freq", path=model)))
     shards = list_shards(input_url)
-    ds = ray.data.read_parquet(shards, columns=[text_column])
-    size = concurrency or max(1, min(len(shards), int(ray.available_resources().get("CPU", 1))))
+    ds = ray.data.read_parquet(shards).select_columns([text_column])
+    # leave a CPU to the read tasks: actors holding every CPU would starve them (a hang)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    size = concurrency or max(1, min(len(shards), cpus - 1))
     counted = ds.map_batches(BatchCounter, fn_constructor_kwargs={
         "model": model, "max_tokens": max_tokens, "text_column": text_column},
         batch_size=batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=size), num_cpus=1)
@@ -89,6 +93,40 @@ def build_frequency_table(input_url: str, model: str, max_tokens: int = 1024, na
             docs += n
     name = name or _model_name(model)
     return FrequencyTable(counts, int(counts.sum()), vocab_size, name, max_tokens), docs
+
+
+def prepare_demo_freq(cache: Path | None = None, log=print) -> Path:
+    """``<cache>/demo/freq/smollm2.parquet``: the demo corpus counted with the demo model's tokenizer.
+
+    In-process (no Ray: ~800 short docs); a demo stand-in for a large general reference corpus.
+    """
+    import pyarrow.parquet as pq
+
+    from jobs.demo_assets import (
+        _atomic_dir,
+        _demo_dir,
+        _locked,
+        is_complete,
+        prepare_demo_corpus,
+        prepare_demo_model,
+    )
+    from operators.membership import FrequencyTable
+
+    demo = _demo_dir(cache)
+    out = demo / "freq"
+    if not is_complete(out):
+        with _locked(demo, "freq"):
+            if not is_complete(out):
+                model, corpus = prepare_demo_model(cache, log), prepare_demo_corpus(cache, log)
+                counter = BatchCounter(str(model), 1024, "text")
+                sparse = counter(pq.read_table(corpus, columns=["text"]))
+                counts = np.zeros(counter.vocab_size, dtype=np.int64)
+                counts[sparse["token_id"][0].as_py()] = sparse["count"][0].as_py()
+                table = FrequencyTable(counts, int(counts.sum()), counter.vocab_size, "smollm2", 1024)
+                with _atomic_dir(out, {"source": str(corpus), "n_tokens": table.n_tokens}) as tmp:
+                    table.save(str(tmp / "smollm2.parquet"))
+                log(f"demo freq: {table.n_tokens} tokens counted into {out / 'smollm2.parquet'}")
+    return out / "smollm2.parquet"
 
 
 def _model_name(model: str) -> str:

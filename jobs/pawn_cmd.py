@@ -28,7 +28,7 @@ from jobs.cli import UserError
 
 DEMO_MODEL = "smollm2"
 DEMO_MAX_TOKENS = 256
-DEMO_DOCS_PER_CLASS = 120
+DEMO_DOCS_PER_CLASS = 80
 HOLDOUT = 0.3
 ZERO_SHOT = ("ppl", "mean_entropy", "mean_log_rank", "binoculars")
 
@@ -51,17 +51,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def load_features(url: str, model: str | None = None) -> pa.Table:
     """The feature cache at ``url``, converting an lm documents table when ``model`` is given."""
-    from jobs.eval_cmd import read_table
+    from jobs.eval_cmd import open_dataset, read_table
+    from operators.pawn import METRIC_NAMES
     from operators.pawn_head import features_from_documents
 
-    table = read_table(url)
-    if {"metrics", "hidden", "label"} <= set(table.column_names):
-        return table.select(["metrics", "hidden", "label"])
+    cache = ["metrics", "hidden", "label"]
+    if set(cache) <= set(open_dataset(url).schema.names):
+        return read_table(url, cache)
     if not model:
         raise UserError(f"{url} is not a feature cache (metrics, hidden, label); for an lm documents "
                         "table pass --model with the lm stage's model name")
+    columns = [f"{model}__{k}" for k in METRIC_NAMES] + [f"{model}__hidden_last", "label"]
     try:
-        return features_from_documents(table, model)
+        return features_from_documents(read_table(url, columns), model)
     except ValueError as err:
         raise UserError(f"{url}: {err}") from None
 

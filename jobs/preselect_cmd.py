@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,13 +39,14 @@ from pydantic import Field, ValidationError, field_validator
 from jobs.cli import UserError
 from operators.base import Resources, StrictModel
 from operators.lm.models import Backend, DType
-from operators.preselect import TrainReport, bits_per_char, choose_labels, predictive_strength, train_scorer
+from operators.preselect import TrainReport, bits_per_char, choose_labels, predictive_strength
 from pipelines.config import PipelineConfig, format_validation_error, parse_config
 from pipelines.io import InputError, list_shards, read_shard, url_to_fs
 from pipelines.runner import init_ray, run_pipeline
 
 #: fastText hash buckets for word n-grams: 200k × dim 100 × 4 B = 80 MB (fastText's 2M: 800 MB).
 DEFAULT_BUCKET = 200_000
+_ROOT = Path(__file__).resolve().parent.parent
 #: Texts are cut to this many characters per ``max_tokens`` before scoring, so no model truncates.
 CHARS_PER_TOKEN = 3
 
@@ -263,19 +264,53 @@ def _write_parquet(table: pa.Table, url: str) -> None:
 # ---------------------------------------------------------------------------------------- train
 
 
+# The child of ``train_isolated``: imports only the scorer module, trains, writes the report.
+_TRAIN_CHILD = """
+import json, sys
+import pyarrow.parquet as pq
+from operators.preselect import train_scorer
+job = json.load(open(sys.argv[1]))
+data = pq.read_table(job["data"])
+try:
+    report = train_scorer(data.column("text").to_pylist(), data.column("label").to_pylist(), job["out"],
+                          **job["kwargs"]).__dict__
+except ValueError as err:
+    report = {"error": str(err)}
+json.dump(report, open(job["report"], "w"))
+"""
+
+
 def train_isolated(texts: list[str], labels: list[int], out_path: str, **kwargs: Any) -> TrainReport:
-    """``train_scorer`` in a fresh (spawned) process.
+    """``train_scorer`` in a fresh Python process (same interpreter; errors come back as ValueError).
 
     fastText 0.9.3 training is reproducible only as the first training in a process: a second
     one in the same process (or after other libraries, e.g. torch, were loaded) can give other
-    weights or diverge to NaN. A fresh process makes ``seed`` mean what it says.
+    weights, NaN weights, or stop with "Encountered NaN". A fresh process makes ``seed`` mean what
+    it says. (A subprocess, not multiprocessing: spawn would re-import the caller's ``__main__``.)
     """
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(train_scorer, (texts, labels, out_path), kwargs)
+    with tempfile.TemporaryDirectory(prefix="curate-train-") as tmp:
+        job = Path(tmp) / "job.json"
+        pq.write_table(pa.table({"text": texts, "label": pa.array(labels, pa.int64())}), f"{tmp}/data.parquet")
+        job.write_text(json.dumps({"data": f"{tmp}/data.parquet", "out": str(out_path), "kwargs": kwargs,
+                                   "report": f"{tmp}/report.json"}))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))}
+        proc = subprocess.run([sys.executable, "-c", _TRAIN_CHILD, str(job)], capture_output=True, text=True,
+                              env=env, check=False)
+        report_file = Path(tmp) / "report.json"
+        if not report_file.exists():
+            raise RuntimeError(f"fastText training process failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+        report = json.loads(report_file.read_text())
+    if "error" in report:
+        raise ValueError(report["error"])
+    return TrainReport(**report)
 
 
 def train_from_labels(labels_url: str, output: str, **kwargs: Any) -> TrainReport:
-    """Train on a labels Parquet (``text``, ``label``); ``output`` is a path or fsspec URL."""
+    """Train on a labels Parquet (``text``, ``label``); ``output`` is a path or fsspec URL.
+
+    ``kwargs`` go to ``train_scorer``; ``bucket`` defaults to ``DEFAULT_BUCKET``.
+    """
+    kwargs.setdefault("bucket", DEFAULT_BUCKET)
     fs, path = url_to_fs(labels_url)
     if not fs.exists(path):
         raise UserError(f"labels not found: {labels_url}")
@@ -359,3 +394,4 @@ def format_train_report(report: TrainReport) -> str:
     return (f"trained on {report.n_train} documents, held out {report.n_valid}\n"
             f"held-out precision {report.precision:.3f}  recall {report.recall:.3f}  (label 1, P >= 0.5)\n"
             f"model: {report.model_path}\n" + json.dumps(report.__dict__))
+

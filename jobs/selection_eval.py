@@ -4,6 +4,7 @@ A labelled pool (``label`` = 1 for examples of the target task) and a few *other
 the task (the target) are scored by three methods, each "more like the target" = higher:
 
     sae_jaccard     J(e_i, proto),  proto = mean_j e(t_j),  e = mean-pooled SAE codes (MoNA)
+    sae_jaccard_max max_j J(e_i, e(t_j))   (nearest target example; see operators.sae_select)
     cosine_hidden   cos(h̄_i, mean_j h̄(t_j)),  h̄ = mean-pooled raw layer-L states (same positions)
     bm25            max_j BM25(query = t_j, doc = x_i)   (per-example max; ``concat`` mode: one query
                     made of all target texts joined), bm25s with English stop words, no stemming
@@ -68,7 +69,9 @@ def precision_at_n(scores: np.ndarray, labels: np.ndarray, n: float) -> float:
 
 
 def cosine_to_mean(pool: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """cos(x_i, c) = x_i·c / (‖x_i‖‖c‖), c = mean of the target rows; [N, H], [M, H] -> [N] (0 for 0-vectors)."""
+    """cos(x_i, c) = x_i·c / (‖x_i‖‖c‖), c = mean of the target rows: [N, H], [M, H] -> [N].
+
+    A zero vector gets 0."""
     x = np.asarray(pool, dtype=np.float64)
     c = np.asarray(target, dtype=np.float64).mean(axis=0)
     den = np.linalg.norm(x, axis=1) * np.linalg.norm(c)
@@ -76,7 +79,10 @@ def cosine_to_mean(pool: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 
 def bm25_scores(pool_texts: Sequence[str], target_texts: Sequence[str], mode: BM25Mode = "max") -> np.ndarray:
-    """BM25 (bm25s defaults: Lucene IDF, k1 = 1.5, b = 0.75) of each pool text for the target.
+    """BM25 of each pool text for the target (bm25s defaults: Lucene variant, k1 = 1.5, b = 0.75):
+
+        BM25(q, d) = Σ_{w ∈ q} idf(w) · tf(w, d) / (tf(w, d) + k1 (1 − b + b |d| / avgdl)),
+        idf(w) = ln(1 + (N − df(w) + 0.5) / (df(w) + 0.5))
 
     ``max``: max over target examples of BM25(example, doc); ``concat``: one query of all examples.
     """
@@ -118,9 +124,8 @@ def evaluate_selection(pool: pa.Table, target: pa.Table, model: str | Path, sae:
                        n: float = 0.05, max_tokens: int = 256, bm25_mode: BM25Mode = "max",
                        label_column: str = "label", skip_first: int = 1) -> SelectionEval:
     """Embed pool and target with the LM + SAE head (as the ``lm`` stage does); score; precision@n."""
-    from operators.sae import generalized_jaccard_many
     from operators.sae_head import SAEHead, SAEHeadParams, embed_texts, engine_info, open_engine
-    from operators.sae_select import prototype_of
+    from operators.sae_select import reference_rows, similarity
 
     pool_texts, target_texts = pool.column("text").to_pylist(), target.column("text").to_pylist()
     labels = np.asarray(pool.column(label_column).to_pylist(), dtype=np.int64)
@@ -128,9 +133,9 @@ def evaluate_selection(pool: pa.Table, target: pa.Table, model: str | Path, sae:
     head = SAEHead(SAEHeadParams(sae=str(sae), layer=layer, hidden_mean=True, skip_first=skip_first),
                    engine_info(engine))
     emb_pool, emb_target = embed_texts(engine, head, pool_texts), embed_texts(engine, head, target_texts)
-    proto = prototype_of(emb_target)
     scores = {
-        "sae_jaccard": generalized_jaccard_many(emb_pool.idx, emb_pool.val, proto),
+        "sae_jaccard": similarity(emb_pool.idx, emb_pool.val, reference_rows(emb_target, "prototype")),
+        "sae_jaccard_max": similarity(emb_pool.idx, emb_pool.val, reference_rows(emb_target, "max")),
         "cosine_hidden": cosine_to_mean(emb_pool.hidden_mean, emb_target.hidden_mean[emb_target.ok]),
         f"bm25_{bm25_mode}": bm25_scores(pool_texts, target_texts, bm25_mode),
     }

@@ -81,7 +81,7 @@ class PreSelectConfig(StageConfig):
     op: Literal["preselect"] = "preselect"
     model: str = Field(description="fastText .bin trained by `curate preselect train`: path or fsspec URL.")
     selection: SelectionPolicy = TopFractionCharsPolicy()
-    resources: Resources = Resources(num_cpus=1, concurrency=1, batch_size=1024)
+    resources: Resources = Resources(num_cpus=1, concurrency=1, batch_size=4096)
 
     @field_validator("resources")
     @classmethod

@@ -20,11 +20,12 @@ Columns, for a head named ``<name>`` (default ``sae``):
     <name>__sae_val       list<float32>   their values (> 0)
     <name>__hidden_mean   list<float32>   (1 / |P|) Σ_{t ∈ P} h_t, [H]; only with hidden_mean: true
 
-In a pipeline (kind ``sae`` or ``operators.sae_head:build_head``)::
+In a pipeline (kind ``operators.sae_head:build_head``; the short name ``sae`` resolves where this
+module has been imported, e.g. through ``operators.registry``)::
 
     - op: lm
       model: {name: smollm2, path: ...}
-      heads: [{kind: sae, params: {sae: DIR_OR_URL, layer: 15, name: sae}}]
+      heads: [{kind: "operators.sae_head:build_head", params: {sae: DIR_OR_URL, layer: 15, name: sae}}]
 
 Outside Ray, ``embed_texts`` runs the same head through a ``TorchEngine`` (target examples,
 evaluation) and ``collect_activations`` gathers the pooled positions' states (SAE training).

@@ -10,12 +10,19 @@ embedding e_i (mean-pooled SAE codes). This stage
       proto = (1 / |X_t|) Σ_{x ∈ X_t} e(x);
 * ``process`` (per batch): ``sae_similarity`` = generalized Jaccard to the prototype,
       J(e_i, proto) = Σ_k min(e_ik, proto_k) / Σ_k max(e_ik, proto_k);
+  or, with ``aggregate: max``, to the nearest target example: max_j J(e_i, e(x_j));
 * ``finalize`` (once per run, over every staged document): keeps the ⌈p · N / 100⌉ best-scored of
   the N documents with a score (p = ``top_percent``, default 5) in the shared ``selected`` table
   (``operator`` = the stage name, ``policy`` = ``top_percent(p)``). Ties are broken by id.
 
 The score column is ``sae_similarity`` for the default stage name ``sae_select``, else
 ``<name>_similarity``. Documents the LM skipped (empty text) get a null score and are never kept.
+
+Prototype vs max. A mean-pooled code's support grows with the document's length (SmolLM2 layer 15,
+d_sae 2304, k 32: ~330 active latents for a sentence, ~1,400 for a 200-token doc), and the mean of
+several diverse target examples is spread thin over the union of their supports. J to such a
+prototype then favours long, dense documents over short on-task ones; ``max`` compares like with
+like (measured on the demo pool: docs/sae.md).
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from operators.sae_head import (
 
 log = logging.getLogger("curate.sae")
 DEFAULT_STAGE = "sae_select"
+Aggregate = Literal["prototype", "max"]
 
 
 def top_percent_mask(scores: np.ndarray, percent: float) -> np.ndarray:
@@ -83,20 +91,30 @@ def read_texts(url: str, column: str = "text") -> list[str]:
     return [t for t in table.column(column).to_pylist() if t and not t.isspace()]
 
 
-def target_prototype(engine, head: SAEHead, texts: list[str], source: str = "target") -> np.ndarray:
-    """proto = mean of the target texts' SAE embeddings (texts the LM skips are left out)."""
-    return prototype_of(embed_texts(engine, head, texts), source)
+def dense_embeddings(emb: Embeddings, source: str = "target") -> np.ndarray:
+    """The embedded rows of ``emb`` as a dense float64 [n, d_sae] (skipped texts left out)."""
+    if not emb.ok.any():
+        raise ValueError(f"{source}: none of its {len(emb.ok)} texts could be embedded (all empty or 1 token)")
+    kept = np.flatnonzero(emb.ok)
+    dense = np.zeros((kept.size, emb.d_sae), dtype=np.float64)
+    for row, r in enumerate(kept):
+        dense[row, emb.idx[r]] = emb.val[r]
+    return dense
 
 
 def prototype_of(emb: Embeddings, source: str = "target") -> np.ndarray:
     """proto = (1 / n) Σ e_j over the embedded rows of ``emb`` -> float64 [d_sae]."""
-    if not emb.ok.any():
-        raise ValueError(f"{source}: none of its {len(emb.ok)} texts could be embedded (all empty or 1 token)")
-    kept = np.flatnonzero(emb.ok)
-    dense = np.zeros((kept.size, emb.d_sae), dtype=np.float32)  # [n_target, d_sae]
-    for row, r in enumerate(kept):
-        dense[row, emb.idx[r]] = emb.val[r]
-    return prototype(dense)
+    return prototype(dense_embeddings(emb, source))
+
+
+def reference_rows(emb: Embeddings, aggregate: Aggregate, source: str = "target") -> np.ndarray:
+    """What documents are compared to: [1, d_sae] prototype, or [n, d_sae] target examples (max)."""
+    return prototype_of(emb, source)[None, :] if aggregate == "prototype" else dense_embeddings(emb, source)
+
+
+def similarity(indices: list[np.ndarray], values: list[np.ndarray], refs: np.ndarray) -> np.ndarray:
+    """max_j J(row_i, refs_j) for sparse rows against dense references [R, d_sae] -> float64 [N]."""
+    return np.max([generalized_jaccard_many(indices, values, ref) for ref in refs], axis=0)
 
 
 class SAESelectConfig(StageConfig):
@@ -105,10 +123,12 @@ class SAESelectConfig(StageConfig):
     op: Literal["sae_select"] = "sae_select"
     target: str = Field(description="Parquet (file, dir or fsspec URL) of target-task examples.")
     target_text_column: str = "text"
-    model: ModelSpec = Field(description="The lm stage's model (same name: its columns are read).")
+    model: ModelSpec = Field(description="The lm stage's model: the target is embedded with it.")
     head: SAEHeadParams = Field(description="The lm stage's SAE head params (sae, layer, name, …).")
     max_tokens: int = Field(1024, ge=2, description="As the lm stage's max_tokens.")
     top_percent: float = Field(5.0, gt=0, le=100)
+    aggregate: Aggregate = Field("prototype", description="prototype: J to the target mean; max: to the "
+                                 "nearest target example.")
     resources: Resources = Resources(num_cpus=1, concurrency=1, batch_size=1024)
 
     @property
@@ -124,10 +144,10 @@ class SAESelectConfig(StageConfig):
         engine = open_engine(self.model, self.head.layer, self.max_tokens)
         head = SAEHead(self.head, engine_info(engine))
         texts = read_texts(self.target, self.target_text_column)
-        proto = target_prototype(engine, head, texts, self.target)
-        log.info("sae_select: prototype of %d target texts, %d active latents of %d",
-                 len(texts), int((proto > 0).sum()), proto.size)
-        return SAESimilarity(proto, self.head.name, self.score_column)
+        refs = reference_rows(embed_texts(engine, head, texts), self.aggregate, self.target)
+        log.info("sae_select: %d target texts -> %d reference row(s) (%s), %d active latents of %d",
+                 len(texts), len(refs), self.aggregate, int((refs.max(axis=0) > 0).sum()), refs.shape[1])
+        return SAESimilarity(refs, self.head.name, self.score_column)
 
     def finalize(self, ctx) -> dict[str, pa.Table]:
         return {"selected": select_documents(ctx.scan_documents(), self.score_column, self.stage_name,
@@ -135,10 +155,11 @@ class SAESelectConfig(StageConfig):
 
 
 class SAESimilarity:
-    """The operator: J(e_i, proto) for each document's sparse embedding."""
+    """The operator: max_j J(e_i, refs_j) for each document's sparse embedding (one ref: the prototype)."""
 
-    def __init__(self, proto: np.ndarray, embedding: str, score_column: str) -> None:
-        self.proto = proto
+    def __init__(self, refs: np.ndarray, embedding: str, score_column: str) -> None:
+        self.refs = np.atleast_2d(refs)  # [R, d_sae]
+        self.d_sae = self.refs.shape[1]
         self.idx_col, self.val_col = idx_column(embedding), val_column(embedding)
         self.score_column = score_column
 
@@ -153,10 +174,11 @@ class SAESimilarity:
         idx, val = batch.column(self.idx_col).to_pylist(), batch.column(self.val_col).to_pylist()
         live = [r for r, i in enumerate(idx) if i is not None]
         rows_idx = [np.asarray(idx[r], dtype=np.int64) for r in live]
-        if any(i.size and i.max() >= self.proto.size for i in rows_idx):
-            raise ValueError(f"{self.idx_col}: latent index ≥ d_sae = {self.proto.size} of the target's SAE; "
+        if any(i.size and i.max() >= self.d_sae for i in rows_idx):
+            raise ValueError(f"{self.idx_col}: latent index ≥ d_sae = {self.d_sae} of the target's SAE; "
                              "the lm stage's SAE head and sae_select.head must name the same SAE")
         scores = np.full(batch.num_rows, np.nan)
-        scores[live] = generalized_jaccard_many(rows_idx, [np.asarray(val[r]) for r in live], self.proto)
+        if live:
+            scores[live] = similarity(rows_idx, [np.asarray(val[r]) for r in live], self.refs)
         return pa.table({self.score_column: pa.array(scores, pa.float64(), from_pandas=True)},
                         schema=self.output_schema())

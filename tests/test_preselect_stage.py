@@ -1,8 +1,8 @@
 """PreSelect stage (operators/preselect_stage.py): scoring in actors, global selection, the table.
 
 The scorer is a real fastText model trained here on two vocabularies ("good clear useful" → 1,
-"bad noisy spam" → 0); training is seeded and single-threaded, so its scores are reproducible
-and their order is asserted before any selection built on it.
+"bad noisy spam" → 0), seeded, single-threaded and in a fresh process, so its scores are
+reproducible; their order is asserted before any selection built on it.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import write_shard
 
+from jobs.preselect_cmd import train_isolated
 from operators import preselect_stage
-from operators.preselect import train_scorer
 from operators.preselect_stage import (
     PreSelectConfig,
     ThresholdPolicy,
@@ -49,7 +50,8 @@ def scorer_path(tmp_path_factory) -> str:
         texts.append(" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))))
         labels.append(i % 2)
     out = tmp_path_factory.mktemp("scorer") / "model.bin"
-    train_scorer(texts, labels, out, epoch=20, lr=0.5, dim=16, bucket=1000, valid_fraction=0.2)
+    # a fresh process: fastText training is only reproducible as the first one in a process
+    train_isolated(texts, labels, str(out), epoch=20, lr=0.5, dim=16, bucket=1000, valid_fraction=0.2)
     return str(out)
 
 
@@ -162,8 +164,10 @@ class _Probe(StageRunner):
 
 def test_scorer_loaded_once_per_actor(scorer_path, local_ray):
     import ray.data
+    from ray import cloudpickle
     from ray.data import ActorPoolStrategy
 
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers can't import tests/
     stage = PreSelectConfig(model=scorer_path)
     rows = [{"id": str(i), "text": DOCS["abcde"[i % 5]], "quarantine_reason": None,
              "quarantine_stage": None} for i in range(12)]

@@ -19,7 +19,7 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from operators.lm.stage import ModelInfo
+from operators.lm.stage import ModelInfo, resolve_head_factory
 from operators.preselect_stage import select_documents
 from operators.sae import (
     SAEConfig,
@@ -85,6 +85,9 @@ def test_similarity_by_hand_and_null_rows():
     scores = op.process(batch).column("sae_similarity").to_pylist()
     assert scores[0] == pytest.approx(0.2) and scores[1] is None
     assert scores[2] == pytest.approx(2 / 3)  # Σmin = 2, Σmax = 1 + 2
+    # aggregate max: refs proto and [2, 1, 0, 0]; row 0 equals the second ref: max(0.2, 1.0) = 1.0
+    nearest = SAESimilarity(np.array([[1.0, 0.0, 2.0, 0.0], [2.0, 1.0, 0.0, 0.0]]), "sae", "s")
+    assert nearest.process(batch).column("s").to_pylist()[0] == pytest.approx(1.0)
     too_wide = pa.table({"sae__sae_idx": pa.array([[7]], pa.list_(pa.int32())),
                          "sae__sae_val": pa.array([[1.0]], pa.list_(pa.float32()))})
     with pytest.raises(ValueError, match="d_sae = 4"):
@@ -107,7 +110,8 @@ def test_selected_table_is_the_top_5_percent_of_a_staged_run():
     docs = pl.LazyFrame({"id": ids, "text": ["x" * (i + 1) for i in range(40)], "sae_similarity": scores})
     table = select_documents(docs, "sae_similarity", "sae_select", TopPercentPolicy(percent=5)).to_pylist()
     best = sorted(zip(scores, ids, strict=True), reverse=True)[:2]
-    assert [(r["id"], r["score"], r["rank"]) for r in table] == [(best[0][1], best[0][0], 1), (best[1][1], best[1][0], 2)]
+    assert [(r["id"], r["score"], r["rank"]) for r in table] == [(best[0][1], best[0][0], 1),
+                                                                  (best[1][1], best[1][0], 2)]
     assert {r["operator"] for r in table} == {"sae_select"} and {r["policy"] for r in table} == {"top_percent(5)"}
     assert table[0]["n_chars"] == int(best[0][1][1:]) + 1  # len(text) when there is no n_chars column
 
@@ -129,6 +133,7 @@ def test_head_params_and_missing_sae(tmp_path):
         SAEHeadParams.model_validate({"sae": "x"})
     with pytest.raises(FileNotFoundError, match="layers.3"):
         build_head({"sae": str(tmp_path / "none"), "layer": LAYER}, info(576))
+    assert resolve_head_factory("sae") is build_head  # the short kind name
     flat = save_sparsify(random_sae(576), tmp_path / "flat")  # a flat dir works for any layer
     head = build_head({"sae": str(flat), "layer": 7, "name": "mona", "hidden_mean": True}, info(576))
     assert head.layers == [7] and head.output_schema().names == ["mona__sae_idx", "mona__sae_val",
@@ -163,7 +168,8 @@ def test_head_and_selection_through_the_pipeline(tmp_path, demo_model, tiny_sae,
     from operators.sae_head import collect_activations, open_engine
     from operators.sae_select import read_texts
 
-    texts = [f"{TOPICS[i % 5]} Note {i}: {'more words ' * (i % 4)}".strip() for i in range(40)] + [""]
+    # 40 documents + one of a single token, which the LM skips (null embedding, null score)
+    texts = [f"{TOPICS[i % 5]} Note {i}: {'more words ' * (i % 4)}".strip() for i in range(40)] + ["Hello"]
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     pq.write_table(pa.table({"id": [f"d{i:02d}" for i in range(41)], "text": texts}), corpus / "a.parquet")
@@ -172,7 +178,7 @@ def test_head_and_selection_through_the_pipeline(tmp_path, demo_model, tiny_sae,
     head = {"sae": str(tiny_sae), "layer": LAYER, "name": "sae", "hidden_mean": True}
     pipeline = {"name": "sae", "input": {"url": str(corpus)}, "output": {"url": str(tmp_path / "out")},
                 "stages": [{"op": "lm", "model": model, "max_tokens": 32, "metrics": ["logprob"],
-                            "keep_positions": False, "heads": [{"kind": "sae", "params": head}],
+                            "keep_positions": False, "heads": [{"kind": "operators.sae_head:build_head", "params": head}],
                             "resources": {"batch_size": 64}},
                            {"op": "sae_select", "target": str(tmp_path / "target.parquet"), "model": model,
                             "head": head, "max_tokens": 32, "resources": {"batch_size": 64}}]}
@@ -202,7 +208,7 @@ def test_head_and_selection_through_the_pipeline(tmp_path, demo_model, tiny_sae,
         e = from_sparse(row["sae__sae_idx"], row["sae__sae_val"], D_SAE)
         assert row["sae_similarity"] == pytest.approx(generalized_jaccard(e, proto), rel=1e-3)
 
-    # exactly the top 5% of the 40 scored documents: ⌈0.05 · 40⌉ = 2
+    # exactly the top 5% of the 40 scored documents: ⌈0.05 · 40⌉ = 2 (3 if the null counted)
     selected = pq.read_table(tmp_path / "out" / "selected").to_pylist()
     best = docs["sae_similarity"].dropna().sort_values(ascending=False, kind="stable")
     assert [r["id"] for r in selected] == list(best.index[:2])
@@ -217,6 +223,9 @@ def test_sae_select_config_validation(tmp_path, demo_model):
     named = SAESelectConfig(name="code", target="t", model={"name": "smol", "path": str(demo_model)},
                             head=head, top_percent=2.5)
     assert named.score_column == "code_similarity" and named.policy.describe() == "top_percent(2.5)"
+    assert named.aggregate == "prototype"
+    with pytest.raises(ValidationError, match="aggregate"):
+        SAESelectConfig(target="t", model={"name": "smol", "path": str(demo_model)}, head=head, aggregate="mean")
     with pytest.raises(ValidationError, match="top_percent"):
         SAESelectConfig(target="t", model={"name": "smol", "path": str(demo_model)}, head=head, top_percent=0)
 

@@ -45,14 +45,15 @@ def test_cosine_to_mean_by_hand():
 
 
 def test_bm25_by_hand_max_and_concat():
-    # N = 3, "cat" in 1 doc: idf = ln(1 + (3 - 1 + 0.5) / (1 + 0.5)) = ln(8/3); doc 0 has tf = 1 and
-    # length = avgdl = 2, so tf·(k1 + 1) / (tf + k1) = 1 and BM25 = ln(8/3)
+    # Lucene BM25: idf · tf / (tf + k1 (1 - b + b · dl / avgdl)), idf = ln(1 + (N - df + 0.5) / (df + 0.5)).
+    # N = 3, "cat" in 1 doc: idf = ln(8/3); doc 0 has tf = 1, dl = avgdl = 2: 1 / (1 + 1.5) = 0.4
     pool = ["cat sat", "dog ran", "bird flew"]
-    idf = math.log(8 / 3)
+    idf = math.log(8 / 3) * 0.4
     np.testing.assert_allclose(bm25_scores(pool, ["cat"]), [idf, 0, 0], rtol=1e-5)
     np.testing.assert_allclose(bm25_scores(pool, ["cat", "dog"], "max"), [idf, idf, 0], rtol=1e-5)
     np.testing.assert_allclose(bm25_scores(pool, ["cat", "dog"], "concat"), [idf, idf, 0], rtol=1e-5)
-    np.testing.assert_allclose(bm25_scores(pool, ["the cat", "cat cat"], "max"), [idf, 0, 0], rtol=1e-5)
+    # "the" is a stop word; a repeated query word counts twice: max(idf, 2 idf)
+    np.testing.assert_allclose(bm25_scores(pool, ["the cat", "cat cat"], "max"), [2 * idf, 0, 0], rtol=1e-5)
 
 
 def fake_corpus() -> pa.Table:
@@ -110,7 +111,7 @@ def test_eval_finds_an_exact_copy_of_the_target(tmp_path, capsys):
 
     result = json.loads(capsys.readouterr().out)
     assert result["n"] == 1 and result["pool_size"] == 6 and result["positives"] == 1
-    assert result["precision"] == {"sae_jaccard": 1.0, "cosine_hidden": 1.0, "bm25_max": 1.0,
+    assert result["precision"] == {"sae_jaccard": 1.0, "sae_jaccard_max": 1.0, "cosine_hidden": 1.0, "bm25_max": 1.0,
                                    "random": pytest.approx(1 / 6)}
     assert main(["eval-selection", "--pool", str(tmp_path / "pool.parquet")]) == 2
     assert "--target" in capsys.readouterr().err

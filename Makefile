@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: install run test lint bench demo clean chromium
+.PHONY: install run test lint bench demo pipeline-assets clean chromium
 
 $(BIN)/python:
 	@echo "==> creating $(VENV) with $(PY)"
@@ -26,7 +26,11 @@ demo: install
 	@echo "==> preparing offline demo assets (cached under $${CURATE_CACHE:-~/.cache/curate})"
 	$(BIN)/python -m jobs.demo_assets
 
-run: demo
+pipeline-assets: demo
+	@echo "==> preparing what pipelines/nightly.yaml reads (trained once: PAWN head, SAE, fastText scorer; cached)"
+	$(BIN)/python -m jobs.demo_assets --pipeline
+
+run: pipeline-assets
 	@echo "==> running pipelines/nightly.yaml on an embedded local Ray"
 	$(BIN)/curate run pipelines/nightly.yaml --output ./output
 
@@ -45,7 +49,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-bench: demo
+bench: pipeline-assets
 	$(BIN)/python -m bench.run_all
 
 clean:

@@ -14,6 +14,7 @@ place with ``os.replace``, so a killed run never leaves half an asset behind.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import hashlib
@@ -515,6 +516,26 @@ def _build_corpus(demo: Path, model_dir: Path, log: Log) -> None:
     log(f"demo corpus: wrote {demo / 'corpus'} {counts} and {demo / 'parallel'}")
 
 
+def build_demo_asset(name: str, build: Callable[[Path, Path, Path], dict[str, Any]],
+                     cache: Path | None = None, log: Log = print) -> Path:
+    """``<cache>/demo/<name>/``, built once. ``build(tmp_dir, model_dir, corpus_dir)`` fills a temp
+    dir and returns the metadata for its marker; the dir then moves into place atomically. A lock
+    makes a concurrent caller wait and reuse the result."""
+    demo = _demo_dir(cache)
+    out = demo / name
+    if is_complete(out):
+        log(f"demo {name}: cached at {out}")
+        return out
+    with _locked(demo, name):
+        if not is_complete(out):
+            model_dir, corpus_dir = prepare_demo_model(cache, log), prepare_demo_corpus(cache, log)
+            meta: dict[str, Any] = {}
+            with _atomic_dir(out, meta) as tmp:  # the marker is written after the body: meta is filled
+                meta.update(build(tmp, model_dir, corpus_dir))
+            log(f"demo {name}: ready at {out}")
+    return out
+
+
 # ---------------------------------------------------------------- entry points
 
 
@@ -526,14 +547,36 @@ def prepare_demo_assets(cache: Path | None = None, log: Log = print) -> DemoAsse
     return DemoAssets(model_dir=model_dir, corpus_dir=corpus_dir, parallel_dir=demo / "parallel")
 
 
-def main() -> None:
-    """``python -m jobs.demo_assets``: prepare everything, saying what is done."""
+def prepare_pipeline_assets(cache: Path | None = None, log: Log = print) -> dict[str, Path]:
+    """Everything ``pipelines/nightly.yaml`` reads, each built once and cached: the DC-PDD frequency
+    table, the PAWN head, the PreSelect scorer (from its model family), the SAE and the selection
+    target. The first build takes minutes on 2 CPUs (it trains the small models); later runs reuse."""
+    from jobs.freq_cmd import prepare_demo_freq
+    from jobs.pawn_cmd import prepare_demo_pawn
+    from jobs.preselect_family import prepare_demo_preselect
+    from jobs.sae_cmd import prepare_demo_sae
+    from jobs.selection_eval import build_demo_selection_pool
+
+    return {"freq": prepare_demo_freq(cache, log), "pawn": prepare_demo_pawn(cache, log),
+            "preselect": prepare_demo_preselect(cache, log), "sae": prepare_demo_sae(cache, log),
+            "selection target": build_demo_selection_pool(cache, log)[1]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m jobs.demo_assets [--pipeline]``: prepare the demo, saying what is done."""
+    parser = argparse.ArgumentParser(prog="python -m jobs.demo_assets", description=main.__doc__)
+    parser.add_argument("--pipeline", action="store_true",
+                        help="also build what pipelines/nightly.yaml reads (trained heads, tables)")
+    args = parser.parse_args(argv)
     try:
         assets = prepare_demo_assets()
+        extra = prepare_pipeline_assets() if args.pipeline else {}
     except DemoAssetError as err:
         sys.exit(f"demo assets: error: {err}")
     print(f"demo assets ready:\n  model    {assets.model_dir}\n  corpus   {assets.corpus_dir}\n"
           f"  parallel {assets.parallel_dir}")
+    for name, path in extra.items():
+        print(f"  {name:<8} {path}")
 
 
 if __name__ == "__main__":

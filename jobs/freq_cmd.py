@@ -102,31 +102,20 @@ def prepare_demo_freq(cache: Path | None = None, log=print) -> Path:
     """
     import pyarrow.parquet as pq
 
-    from jobs.demo_assets import (
-        _atomic_dir,
-        _demo_dir,
-        _locked,
-        is_complete,
-        prepare_demo_corpus,
-        prepare_demo_model,
-    )
+    from jobs.demo_assets import build_demo_asset
     from operators.membership import FrequencyTable
 
-    demo = _demo_dir(cache)
-    out = demo / "freq"
-    if not is_complete(out):
-        with _locked(demo, "freq"):
-            if not is_complete(out):
-                model, corpus = prepare_demo_model(cache, log), prepare_demo_corpus(cache, log)
-                counter = BatchCounter(str(model), 1024, "text")
-                sparse = counter(pq.read_table(corpus, columns=["text"]))
-                counts = np.zeros(counter.vocab_size, dtype=np.int64)
-                counts[sparse["token_id"][0].as_py()] = sparse["count"][0].as_py()
-                table = FrequencyTable(counts, int(counts.sum()), counter.vocab_size, "smollm2", 1024)
-                with _atomic_dir(out, {"source": str(corpus), "n_tokens": table.n_tokens}) as tmp:
-                    table.save(str(tmp / "smollm2.parquet"))
-                log(f"demo freq: {table.n_tokens} tokens counted into {out / 'smollm2.parquet'}")
-    return out / "smollm2.parquet"
+    def build(tmp: Path, model: Path, corpus: Path) -> dict:
+        counter = BatchCounter(str(model), 1024, "text")
+        sparse = counter(pq.read_table(corpus, columns=["text"]))
+        counts = np.zeros(counter.vocab_size, dtype=np.int64)
+        counts[sparse["token_id"][0].as_py()] = sparse["count"][0].as_py()
+        table = FrequencyTable(counts, int(counts.sum()), counter.vocab_size, "smollm2", 1024)
+        table.save(str(tmp / "smollm2.parquet"))
+        log(f"demo freq: {table.n_tokens} tokens counted from {corpus}")
+        return {"source": str(corpus), "n_tokens": table.n_tokens}
+
+    return build_demo_asset("freq", build, cache, log) / "smollm2.parquet"
 
 
 def _model_name(model: str) -> str:

@@ -164,32 +164,18 @@ def heldout_eval(head: Any, test_features: pa.Table, scored_test: pa.Table) -> d
 def prepare_demo_pawn(cache: Path | None = None, log: Any = print, seed: int = 0,
                       per_class: int = DEMO_DOCS_PER_CLASS, epochs: int = 5) -> Path:
     """Train (once) a PAWN head on the demo corpus; return ``<cache>/demo/pawn`` (head + eval.json)."""
-    from jobs.demo_assets import (
-        _atomic_dir,
-        _demo_dir,
-        _locked,
-        is_complete,
-        prepare_demo_corpus,
-        prepare_demo_model,
-    )
+    from jobs.demo_assets import build_demo_asset
+    from operators.pawn import save_pawn
 
-    demo = _demo_dir(cache)
-    out = demo / "pawn"
-    if is_complete(out):
-        log(f"demo pawn: cached at {out}")
-        return out
-    with _locked(demo, "pawn"):
-        if is_complete(out):
-            return out
-        model_dir, corpus = prepare_demo_model(cache, log), prepare_demo_corpus(cache, log)
+    def build(tmp: Path, model_dir: Path, corpus: Path) -> dict:
         start = time.perf_counter()
         report = _train_demo(model_dir, corpus, seed, per_class, epochs, log)
         report["seconds"] = round(time.perf_counter() - start, 1)
-        with _atomic_dir(out, {"seed": seed, "per_class": per_class, "epochs": epochs}) as tmp:
-            from operators.pawn import save_pawn
+        save_pawn(report.pop("head"), str(tmp))
+        (tmp / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+        return {"seed": seed, "per_class": per_class, "epochs": epochs}
 
-            save_pawn(report.pop("head"), str(tmp))
-            (tmp / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    out = build_demo_asset("pawn", build, cache, log)
     log(format_demo_eval(json.loads((out / "eval.json").read_text())))
     return out
 

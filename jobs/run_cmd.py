@@ -47,6 +47,9 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
+REPORTS_TABLE = "reports"
+
+
 def format_summary(result: RunResult) -> str:
     """Human summary: per-stage counts and times, tables, and a query to try."""
     lines = [f"\nrun {result.run_id} for {result.run_date}: {result.status} in {result.seconds:.1f}s",
@@ -57,6 +60,8 @@ def format_summary(result: RunResult) -> str:
                  f"{result.rows_quarantined}")
     lines.append(f"tables under {result.output_url}:")
     for table, rows in sorted(result.tables.items()):
+        if table == REPORTS_TABLE:  # files (chart, report page), not rows: printed as `report:`
+            continue
         lines.append(f"  {table:<16}{rows:>9} rows   {result.output_url}/{table}/run_date={result.run_date}/")
     lines.append('try: curate query "SELECT tokenizer, lang, premium FROM token_premium '
                  'ORDER BY tokenizer, premium DESC LIMIT 10"')

@@ -129,27 +129,13 @@ def train_sae(input_url: str, model: str, output: str | Path, s: TrainSettings, 
 def prepare_demo_sae(cache: Path | None = None, log: Log = print) -> Path:
     """Train (once, cached at ``<cache>/demo/sae/``) a TopK SAE on the demo model's layer 15 from the
     demo corpus: d_sae = 4 · 576, k = 32; returns the directory (the SAE is in ``layers.15/``)."""
-    from jobs.demo_assets import (
-        _atomic_dir,
-        _demo_dir,
-        _locked,
-        is_complete,
-        prepare_demo_corpus,
-        prepare_demo_model,
-    )
+    from jobs.demo_assets import build_demo_asset
 
-    demo = _demo_dir(cache)
-    out = demo / "sae"
-    if is_complete(out):
-        log(f"demo SAE: cached at {out}")
-        return out
-    with _locked(demo, "sae"):
-        if is_complete(out):
-            return out
-        model, corpus = prepare_demo_model(cache, log), prepare_demo_corpus(cache, log)
-        settings = TrainSettings(layer=DEMO_LAYER, epochs=10, max_rows=32_768, max_tokens=128)
-        with _atomic_dir(out, {"settings": asdict(settings)}) as tmp:
-            report = train_sae(str(corpus), str(model), tmp, settings, log)
-            log(f"demo SAE: held-out FVU {report.fvu:.4f}, dead latents {100 * report.dead_fraction:.1f}%")
-        log(f"demo SAE: ready at {out}")
-    return out
+    settings = TrainSettings(layer=DEMO_LAYER, epochs=10, max_rows=32_768, max_tokens=128)
+
+    def build(tmp: Path, model: Path, corpus: Path) -> dict:
+        report = train_sae(str(corpus), str(model), tmp, settings, log)
+        log(f"demo SAE: held-out FVU {report.fvu:.4f}, dead latents {100 * report.dead_fraction:.1f}%")
+        return {"settings": asdict(settings)}
+
+    return build_demo_asset("sae", build, cache, log)

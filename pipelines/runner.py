@@ -26,7 +26,7 @@ from ray.data import ActorPoolStrategy
 
 from operators.base import StageConfig
 from pipelines.commit import RunLayout, clear_stale_staging, code_version, commit_run, recover
-from pipelines.config import PipelineConfig
+from pipelines.config import ConfigError, PipelineConfig
 from pipelines.finalize import FinalizeContext
 from pipelines.io import batch_key, is_process_local, list_shards, read_shard, write_parquet
 from pipelines.stage_runner import SECONDS_PREFIX, StageRunner
@@ -84,6 +84,35 @@ def init_ray(cfg: PipelineConfig) -> None:
              object_store_memory=cfg.ray.object_store_memory, log_to_driver=True)
 
 
+#: CPUs reserved by the read tasks and by the writer actor; stages get the rest of the cluster.
+READ_CPUS = 0.25
+WRITER_CPUS = 0.25
+
+
+def check_cpu_budget(cfg: PipelineConfig, cluster_cpus: float, autoscaling: bool = False) -> None:
+    """Fail before running when the stages' actor pools cannot all start (Ray Data would hang).
+
+    Every stage's pool needs ``num_cpus × min pool size`` at once, plus the read task and writer.
+    On a cluster that may autoscale (``autoscaling``) this only warns.
+    """
+    needed = READ_CPUS + WRITER_CPUS
+    parts = []
+    for i, stage in enumerate(cfg.stages):
+        r = stage.resources
+        size = r.concurrency if isinstance(r.concurrency, int) else r.concurrency[0]
+        needed += r.num_cpus * size
+        parts.append(f"stages[{i}] {stage.stage_name}: {r.num_cpus:g} × {size}")
+    if needed > cluster_cpus + 1e-9:
+        message = (
+            f"the stages reserve {needed:g} CPUs (read + writer {READ_CPUS + WRITER_CPUS:g}; "
+            f"{'; '.join(parts)}) but the Ray cluster has {cluster_cpus:g}: every stage's actors run at "
+            f"once, so lower stages[*].resources.num_cpus or concurrency, or raise ray.num_cpus")
+        if autoscaling:
+            log.warning("%s (continuing: the cluster may scale up)", message)
+            return
+        raise ConfigError(message)
+
+
 def _read_shards(batch: pa.Table, input_cfg: dict) -> pa.Table:
     for url in batch.column("url").to_pylist():
         yield from read_shard(url, **input_cfg)
@@ -122,7 +151,7 @@ def build_dataset(cfg: PipelineConfig, shards: list[str], layout: RunLayout) -> 
     else:
         ds = ray.data.from_items([{"url": u} for u in shards], override_num_blocks=len(shards))
         ds = ds.map_batches(_read_shards, fn_kwargs={"input_cfg": input_cfg}, batch_size=1,
-                            batch_format="pyarrow")
+                            batch_format="pyarrow", num_cpus=READ_CPUS)
     for stage in cfg.stages:
         ds = ds.map_batches(StageRunner, fn_constructor_kwargs={"stage": stage},
                             batch_format="pyarrow", **_resources(stage))
@@ -146,7 +175,7 @@ def execute(ds: ray.data.Dataset, layout: RunLayout, write_batch_rows: int) -> l
     stats = ds.map_batches(StagedWriter, fn_constructor_kwargs={"layout": layout},
                            batch_size=write_batch_rows, batch_format="pyarrow",
                            compute=ActorPoolStrategy(size=1),
-                           num_cpus=0.5)
+                           num_cpus=WRITER_CPUS)
     return stats.take_all()
 
 
@@ -177,6 +206,8 @@ def run_pipeline(cfg: PipelineConfig, run_date: str) -> RunResult:
         shards = list_shards(cfg.input.url)
         log.info("run %s: %d shard(s) from %s", run_id, len(shards), cfg.input.url)
         init_ray(cfg)
+        check_cpu_budget(cfg, ray.cluster_resources().get("CPU", 0.0),
+                         autoscaling=bool(cfg.ray.address or os.environ.get("RAY_ADDRESS")))
         stats_rows = execute(build_dataset(cfg, shards, layout), layout, cfg.output.write_batch_rows)
         result.stages = stage_stats(stats_rows, [s.stage_name for s in cfg.stages])
         _finalize(cfg, layout)

@@ -11,7 +11,7 @@ from conftest import tiny_pipeline, write_shard
 
 from pipelines.config import ConfigError, parse_config
 from pipelines.io import InputError
-from pipelines.runner import run_pipeline
+from pipelines.runner import check_cpu_budget, run_pipeline
 
 
 def run(tmp_path, corpus, date="2026-02-01"):
@@ -122,3 +122,13 @@ def test_missing_tokenizer_file_fails_the_run_naming_the_path(tmp_path, local_ra
     write_shard(tmp_path / "in.parquet", text=["x"])
     with pytest.raises(Exception, match="tokenizer file not found"):
         run_pipeline(parse_config(raw), "2026-02-01")
+
+
+def test_stages_that_cannot_all_start_fail_before_running(tmp_path, local_ray):
+    """Two 1-CPU stages + read + writer need 2.5 CPUs of the 2-CPU Ray: a ConfigError, not a hang."""
+    write_shard(tmp_path / "in" / "a.parquet", text=["x"])
+    raw = tiny_pipeline(str(tmp_path / "in"), str(tmp_path / "out"))
+    raw["stages"].append({**raw["stages"][0], "name": "again", "resources": {"num_cpus": 1.0}})
+    with pytest.raises(ConfigError, match=r"reserve 2\.5 CPUs .*stages\[1\] again: 1 × 1.* has 2"):
+        run_pipeline(parse_config(raw), "2026-02-01")
+    check_cpu_budget(parse_config(raw), 2.0, autoscaling=True)  # a cluster that may grow: a warning

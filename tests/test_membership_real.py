@@ -34,7 +34,7 @@ pytestmark = pytest.mark.slow
 MAX_TOKENS = 128
 STEPS = 120
 AUROC_BOUND = 0.85
-#: 0.25 + 0.25 + the writer's 0.5 leave 1 CPU of the 2-CPU test Ray to the read tasks (else a hang).
+#: Four stages at 0.25 + read and writer 0.5 fit the 2-CPU test Ray (pipelines.runner.check_cpu_budget).
 CPU = {"num_cpus": 0.25, "batch_size": 50}
 
 
@@ -141,11 +141,15 @@ def test_dcpdd_and_min_k_separate_members(memorised, local_ray, capsys):
         "stages": [
             {"op": "lm", "model": {"name": "tiny", "path": str(memorised["model"])}, "max_tokens": MAX_TOKENS,
              "resources": CPU},
+            {"op": "lowercase_text", "resources": CPU},
+            {"op": "lm", "model": {"name": "tiny_lower", "path": str(memorised["model"])},
+             "text_column": "text_lower", "max_tokens": MAX_TOKENS, "keep_positions": True, "resources": CPU},
             {"op": "scores", "model": "tiny", "min_k": 0.2, "dcpdd": {"freq_table": str(freq), "a": 0.01},
-             "resources": CPU},
+             "lowercase": {"enabled": True, "model": "tiny_lower"}, "resources": CPU},
         ]})
     result = run_pipeline(cfg, "2025-01-01")
     assert result.status == "committed" and result.tables["documents"] == 200
+    _check_lowercase_pass(root / "out" / "documents")
     scores = ["tiny__dcpdd", "tiny__mink", "tiny__minkpp", "tiny__ppl", "tiny__zlib"]
     assert main(["eval", "--input", str(root / "out" / "documents"), "--scores", ",".join(scores),
                  "--output", str(root / "eval")]) == 0
@@ -156,3 +160,15 @@ def test_dcpdd_and_min_k_separate_members(memorised, local_ray, capsys):
                             ("tiny__ppl", "lower")]:
         assert report[name]["direction"] == direction, name
         assert report[name]["auroc"] > AUROC_BOUND, (name, report[name]["auroc"])
+
+
+def _check_lowercase_pass(documents: Path) -> None:
+    """The second lm pass read text_lower, and the ratio is mean NLL(x) / mean NLL(lower(x))."""
+    t = pq.read_table(documents).to_pydict()
+    changed = [i for i, (a, b) in enumerate(zip(t["text"], t["text_lower"], strict=True)) if a != b]
+    assert changed and all(t["text_lower"][i] == t["text"][i].lower() for i in range(len(t["text"])))
+    for i in changed[:5]:
+        assert t["tiny__token_ids"][i] != t["tiny_lower__token_ids"][i]
+        expected = (t["tiny__nll_sum"][i] / t["tiny__n_scored"][i]) / \
+            (t["tiny_lower__nll_sum"][i] / t["tiny_lower__n_scored"][i])
+        assert t["tiny__lowercase"][i] == pytest.approx(expected, rel=1e-4)

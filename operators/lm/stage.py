@@ -44,7 +44,7 @@ from operators.lm.models import Encoded, ModelSpec
 
 Layer = int | Literal["last"]
 #: Short names for head factories (``kind: pawn``); any "module:callable" path works too.
-HEAD_KINDS: dict[str, str] = {}
+HEAD_KINDS: dict[str, str] = {"pawn": "operators.pawn_head:build_head", "sae": "operators.sae_head:build_head"}
 _VLLM_EXACT_ALTERNATIVE = {"entropy": "entropy_topk", "top_p": "top_p_topk", "logp2": "logp2_topk"}
 
 
@@ -122,6 +122,7 @@ class LMStageConfig(StageConfig):
     op: Literal["lm"] = "lm"
     model: ModelSpec
     observer: ModelSpec | None = Field(None, description="Binoculars observer (torch backend).")
+    text_column: str = Field("text", min_length=1, description="Column scored (e.g. 'text_lower' for a second pass).")
     max_tokens: int = Field(1024, ge=2, description="Tokens per document (BOS included); the rest is cut.")
     metrics: list[str] | None = Field(None, description="Per-position metrics; default all of the backend's.")
     taps: list[Layer] = Field(default_factory=list, description="Hidden layers kept on device for heads.")
@@ -129,6 +130,8 @@ class LMStageConfig(StageConfig):
     heads: list[HeadSpec] = Field(default_factory=list)
     keep_positions: bool = Field(True, description="False: only per-document scalars.")
     max_batch_tokens: int = Field(8192, gt=0, description="Padded tokens per forward pass (B·T).")
+    cpu_threads: int | None = Field(
+        None, gt=0, description="torch threads on CPU (default: Ray's, = resources.num_cpus rounded up to 1).")
     vllm: VLLMOptions = VLLMOptions()
 
     @property
@@ -190,8 +193,12 @@ class LMOperator:
                                           options=cfg.vllm)
             self.heads: list[Head] = []
         else:
+            import torch
+
             from operators.lm.torch_engine import TorchEngine
 
+            if cfg.cpu_threads:
+                torch.set_num_threads(cfg.cpu_threads)
             factories = [(resolve_head_factory(h.kind), h.params) for h in cfg.heads]
             self.engine = TorchEngine(cfg.model, max_tokens=cfg.max_tokens, metrics=cfg.metric_names,
                                       layers=set(cfg.taps) | set(cfg.cache_hidden), observer=cfg.observer,
@@ -228,7 +235,10 @@ class LMOperator:
         return schema
 
     def process(self, batch: pa.Table) -> pa.Table:
-        docs = self.engine.encode(batch.column("text").to_pylist())
+        if self.cfg.text_column not in batch.column_names:
+            raise KeyError(f"lm stage {self.cfg.stage_name!r}: no column {self.cfg.text_column!r} "
+                           f"(columns: {batch.column_names}); add the stage that makes it first")
+        docs = self.engine.encode(batch.column(self.cfg.text_column).to_pylist())
         results = self.engine.score(docs, self.heads, set(self.cache_layers.values())) \
             if self.cfg.model.backend == "torch" else self.engine.score(docs)
         return self.to_table(docs, results)

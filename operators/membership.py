@@ -215,4 +215,5 @@ def dcpdd_score(token_ids: ArrayLike, logprob: ArrayLike, table: FrequencyTable,
     if ids.size == 0:
         return math.nan
     _, first = np.unique(ids, return_index=True)
-    return float(dcpdd_alpha(lp[first], table.freq(ids[first]), a).mean())
+    # every α ≤ a, so β ≤ a; the clamp only removes the last-ulp rounding of the float mean
+    return min(float(dcpdd_alpha(lp[first], table.freq(ids[first]), a).mean()), a)

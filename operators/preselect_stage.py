@@ -26,7 +26,13 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from operators.base import Resources, StageConfig, StrictModel
-from operators.preselect import load_scorer, score_texts, select_threshold, select_top_fraction_by_chars
+from operators.preselect import (
+    load_scorer,
+    normalize_column_for_fasttext,
+    score_normalized,
+    select_threshold,
+    select_top_fraction_by_chars,
+)
 
 DEFAULT_STAGE = "preselect"
 
@@ -119,7 +125,7 @@ class PreSelectScorer:
         return pa.schema([(self.score_column, pa.float64())])
 
     def process(self, batch: pa.Table) -> pa.Table:
-        scores = score_texts(self.model, batch.column("text").to_pylist())
+        scores = score_normalized(self.model, normalize_column_for_fasttext(batch.column("text")))
         return pa.table({self.score_column: pa.array(scores, pa.float64())}, schema=self.output_schema())
 
 

@@ -155,7 +155,7 @@ def test_killed_driver_then_rerun_matches_uninterrupted_run(tmp_path, local_ray)
         import ray
         from pipelines.config import parse_config
         from pipelines.runner import run_pipeline
-        ray.init(num_cpus=1, include_dashboard=False)
+        ray.init(num_cpus=2, include_dashboard=False)
         run_pipeline(parse_config({raw!r}), "2026-02-03")
     """)
     driver = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL,
@@ -163,8 +163,10 @@ def test_killed_driver_then_rerun_matches_uninterrupted_run(tmp_path, local_ray)
     deadline = time.time() + 120
     while time.time() < deadline and not list(out.glob("_staging/*/*/documents/*/*.parquet")):
         time.sleep(0.1)
+    staged = bool(list(out.glob("_staging/*/*/documents/*/*.parquet")))
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and its embedded Ray die mid-run
     driver.wait()
+    assert staged, "the driver never staged a batch before the deadline"
     part = out / "documents" / "run_date=2026-02-03"
     assert pq.read_table(part).column("text").to_pylist() == ["previous night"]
 

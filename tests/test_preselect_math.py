@@ -7,6 +7,7 @@ import random
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,6 +17,7 @@ from operators.preselect import (
     bits_per_char,
     choose_labels,
     load_scorer,
+    normalize_column_for_fasttext,
     normalize_for_fasttext,
     predictive_strength,
     score_texts,
@@ -112,6 +114,15 @@ def test_choose_labels_string_ids_and_duplicates():
 def test_normalize_for_fasttext():
     assert normalize_for_fasttext("a\nb\r\nc\u2028d\x85e\tf") == "a b  c d e\tf"
     assert normalize_for_fasttext("no breaks") == "no breaks"
+
+
+@given(st.lists(st.one_of(st.none(), st.text(alphabet=st.sampled_from("ab \t\n\r\v\f\x1c\x1d\x1e\x85"
+                                                                      "\u2028\u2029é\u0000")))))
+def test_column_normalisation_matches_the_per_string_one(texts):
+    """The vectorised (Arrow regex) path of the stage equals str.splitlines' set of breaks."""
+    got = normalize_column_for_fasttext(pa.array(texts, pa.string()))
+    assert got == [None if t is None else normalize_for_fasttext(t) for t in texts]
+    assert all(t is None or len(t.splitlines()) <= 1 for t in got)
 
 
 # ---------------------------------------------------------------------------------------------

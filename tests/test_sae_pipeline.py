@@ -179,9 +179,9 @@ def test_head_and_selection_through_the_pipeline(tmp_path, demo_model, tiny_sae,
     pipeline = {"name": "sae", "input": {"url": str(corpus)}, "output": {"url": str(tmp_path / "out")},
                 "stages": [{"op": "lm", "model": model, "max_tokens": 32, "metrics": ["logprob"],
                             "keep_positions": False, "heads": [{"kind": "operators.sae_head:build_head", "params": head}],
-                            "resources": {"batch_size": 64}},
+                            "resources": {"batch_size": 64, "num_cpus": 0.75}},
                            {"op": "sae_select", "target": str(tmp_path / "target.parquet"), "model": model,
-                            "head": head, "max_tokens": 32, "resources": {"batch_size": 64}}]}
+                            "head": head, "max_tokens": 32, "resources": {"batch_size": 64, "num_cpus": 0.75}}]}
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(pipeline))
     assert main(["run", str(tmp_path / "p.yaml"), "--date", "2026-03-04"]) == 0
 

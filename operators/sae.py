@@ -39,7 +39,6 @@ from typing import Literal
 import fsspec
 import numpy as np
 import torch
-import torch.nn.functional as F
 from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -453,18 +452,6 @@ class TrainStats:
     n_valid: int
 
 
-@torch.no_grad()
-def _normalize_decoder(sae: SparseAutoencoder) -> None:
-    sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True).clamp(min=1e-8)
-
-
-@torch.no_grad()
-def _remove_parallel_grad(sae: SparseAutoencoder) -> None:
-    """Project out the gradient component along each unit decoder row (keeps ‖row‖ = 1 to first order)."""
-    W, G = sae.W_dec, sae.W_dec.grad  # [d_sae, d_in]
-    G -= (G * W).sum(dim=1, keepdim=True) * W
-
-
 def train_topk_sae(
     activations: torch.Tensor,
     d_sae: int,
@@ -474,13 +461,23 @@ def train_topk_sae(
     batch_size: int = 256,
     seed: int = 0,
     valid_fraction: float = 0.1,
+    auxk_alpha: float = 1 / 32,
 ) -> tuple[SparseAutoencoder, TrainStats]:
-    """Train a TopK SAE (Gao et al. 2024) on activations [N, d_in] with Adam on the MSE.
+    """Train a TopK SAE (Gao et al. 2024) on activations [N, d_in] with EleutherAI sparsify.
 
-    Init: unit-norm random decoder rows, encoder tied to the decoder transpose, b_dec = data
-    mean (sparsify uses the geometric median), b_enc = 0. After every step the decoder rows
-    are renormalised to unit norm. No AuxK loss: dead latents stay dead, see the stats.
+    The module, its initialisation (encoder = decoder transpose, unit-norm decoder rows), the TopK
+    encoder and the loss are sparsify's ``SparseCoder``: loss = FVU + auxk_alpha · AuxK, where AuxK
+    lets the latents that fired on none of the last epoch's rows predict the residual (the paper's
+    fix for dead latents). After each Adam step the gradient parallel to the decoder rows is
+    removed and the rows are renormalised, as sparsify's trainer does. The loop is ours because the
+    activations come from the LM engine (sparsify's trainer runs its own model over a HF dataset);
+    b_dec starts at the data mean. The result is saved by sparsify and read back with
+    ``load_sparsify``, so the returned SAE is exactly what the sparsify layout holds.
     """
+    if not torch.cuda.is_available():  # sparsify's Triton decoder needs a GPU; its eager one is exact
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+    from sparsify import SparseCoder, SparseCoderConfig
+
     x = activations.detach().to(torch.float32)
     if x.ndim != 2 or x.shape[0] < 2:
         raise ValueError(f"expected activations [N >= 2, d_in], got shape {tuple(x.shape)}")
@@ -489,25 +486,31 @@ def train_topk_sae(
     n_valid = max(1, round(valid_fraction * x.shape[0]))
     valid, train = x[perm[:n_valid]], x[perm[n_valid:]]
 
-    sae = SparseAutoencoder(SAEConfig(x.shape[1], d_sae, "topk", k))
+    torch.manual_seed(seed)  # SparseCoder draws its initial weights from the global generator
+    coder = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=d_sae, k=k))
     with torch.no_grad():
-        sae.W_dec.copy_(torch.randn(d_sae, x.shape[1], generator=gen))
-        _normalize_decoder(sae)
-        sae.W_enc.copy_(sae.W_dec.T)
-        sae.b_dec.copy_(train.mean(dim=0))
-    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+        coder.b_dec.copy_(train.mean(dim=0))
+    opt = torch.optim.Adam(coder.parameters(), lr=lr)
+    rows_since_fired = torch.zeros(d_sae, dtype=torch.long)
 
-    sae.train()
+    coder.train()
     for _ in range(epochs):
         for batch in train[torch.randperm(train.shape[0], generator=gen)].split(batch_size):
-            loss = F.mse_loss(sae(batch), batch)
+            dead = rows_since_fired >= train.shape[0] if auxk_alpha > 0 else None
+            out = coder(batch, dead_mask=dead)
+            loss = out.fvu + auxk_alpha * out.auxk_loss
             opt.zero_grad(set_to_none=False)
             loss.backward()
-            _remove_parallel_grad(sae)
+            coder.remove_gradient_parallel_to_decoder_directions()
             opt.step()
-            _normalize_decoder(sae)
-    sae.eval()
+            coder.set_decoder_norm_to_unit_norm()
+            rows_since_fired += batch.shape[0]
+            rows_since_fired[out.latent_indices.flatten().unique()] = 0
+    coder.eval()
 
+    with tempfile.TemporaryDirectory(prefix="curate-sae-") as tmp:
+        coder.save_to_disk(tmp)
+        sae = load_sparsify(tmp)
     with torch.no_grad():
         z = sae.encode(valid)  # [n_valid, d_sae]
         err = (valid - sae.decode(z)).pow(2).sum()

@@ -132,3 +132,23 @@ def test_stages_that_cannot_all_start_fail_before_running(tmp_path, local_ray):
     with pytest.raises(ConfigError, match=r"reserve 2\.5 CPUs .*stages\[1\] again: 1 × 1.* has 2"):
         run_pipeline(parse_config(raw), "2026-02-01")
     check_cpu_budget(parse_config(raw), 2.0, autoscaling=True)  # a cluster that may grow: a warning
+
+
+def test_tokenizer_that_does_not_match_its_model_fails_naming_the_model(tmp_path, local_ray):
+    """A model dir whose tokenizer came from another model (49 152 ids for 32 logits)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from jobs.demo_assets import prepare_demo_model
+
+    model_dir = tmp_path / "mismatched"
+    LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=4)).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(prepare_demo_model(log=lambda _m: None)).save_pretrained(model_dir)
+    write_shard(tmp_path / "in" / "a.parquet", text=["Some text to score."])
+    raw = {"name": "mismatch", "input": {"url": str(tmp_path / "in")}, "output": {"url": str(tmp_path / "out")},
+           "stages": [{"op": "lm", "model": {"name": "m", "path": str(model_dir)}}]}
+    with pytest.raises(Exception, match=rf"model 'm' at {model_dir}: its tokenizer does not match the model: "
+                                        r"the tokenizer has 49152 ids but the model only 32 logits"):
+        run_pipeline(parse_config(raw), "2026-02-01")
+    runs = pq.read_table(tmp_path / "out" / "runs").to_pylist()
+    assert runs[0]["status"] == "failed" and "does not match the model" in runs[0]["error"]

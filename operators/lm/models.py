@@ -133,6 +133,20 @@ def check_same_tokenizer(a: Any, b: Any, what: str) -> None:
                          "tokenizer")
 
 
+def check_tokenizer_fits(tokenizer: Any, vocab_size: int, spec: ModelSpec) -> None:
+    """Fail unless every id the tokenizer can emit is a row of the model's embedding/logits.
+
+    A tokenizer copied from another model (a larger vocabulary) would index past the embedding:
+    a crash deep in the forward, or garbage logprobs on GPUs. Padding rows (vocab_size larger than
+    the tokenizer, as many models have) are fine.
+    """
+    emitted = len(tokenizer)
+    if emitted > vocab_size:
+        raise ValueError(f"model {spec.name!r} at {spec.path}: its tokenizer does not match the model: the "
+                         f"tokenizer has {emitted} ids but the model only {vocab_size} logits; use the "
+                         f"tokenizer saved with these weights")
+
+
 @dataclass
 class Encoded:
     """One document's token ids (BOS included) or why it is skipped."""

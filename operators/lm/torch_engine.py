@@ -35,6 +35,7 @@ from operators.lm.models import (
     ModelSpec,
     TextEncoder,
     check_same_tokenizer,
+    check_tokenizer_fits,
     load_causal_lm,
     load_tokenizer,
     pick_device,
@@ -189,6 +190,7 @@ class TorchEngine:
         self.encoder = TextEncoder(self.tokenizer, max_tokens)
         self.model = load_causal_lm(spec, self.device)
         self.head = LMHead(self.model)
+        check_tokenizer_fits(self.tokenizer, self.head.vocab_size, spec)
         self.num_layers = self.model.config.get_text_config().num_hidden_layers
         self.hidden_size = self.model.config.get_text_config().hidden_size
         self._check_head(self.model, self.head)

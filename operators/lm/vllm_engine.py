@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from operators.lm.metrics import TOPK_METRICS, topk_metrics
-from operators.lm.models import Encoded, ModelSpec, TextEncoder, load_tokenizer
+from operators.lm.models import Encoded, ModelSpec, TextEncoder, check_tokenizer_fits, load_tokenizer
 from operators.lm.torch_engine import DocResult
 
 if TYPE_CHECKING:
@@ -89,6 +89,7 @@ class VLLMEngine:
         self.encoder = TextEncoder(self.tokenizer, max_tokens)
         self.llm = LLM(**engine_kwargs(spec, max_tokens, options, torch.cuda.is_available()))
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
+        check_tokenizer_fits(self.tokenizer, self.vocab_size, spec)
         self.params = SamplingParams(max_tokens=1, prompt_logprobs=options.top_k, detokenize=False,
                                      flat_logprobs=True)
 

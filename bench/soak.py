@@ -4,24 +4,27 @@ must stay flat as the corpus grows (the driver never holds the corpus).
     python -m bench.soak [--docs 10000] [--scales 1 8]
 
 Each scale runs in a fresh driver process (peak RSS = ru_maxrss of that process). Workers are
-separate processes and not counted: they hold one batch at a time.
+separate processes and not counted: they hold one batch at a time. Two 0.75-CPU token_premium
+actors (cl100k): with read + writer (0.5) they fill a 2-CPU embedded Ray.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bench.common import save
+from bench.common import fresh_driver, save
 
-WORDS = ["data", "curation", "pipeline", "token", "premium", "language", "model", "corpus", "parquet", "shard", "stream", "operator", "actor", "quality", "filter", "selection", "score", "membership", "detection"]
+WORDS = ["data", "curation", "pipeline", "token", "premium", "language", "model", "corpus", "parquet",
+         "shard", "stream", "operator", "actor", "quality", "filter", "selection", "score", "membership",
+         "detection"]
+SOAK_STAGES = [{"op": "token_premium",
+                "tokenizers": [{"name": "cl100k", "kind": "tiktoken", "encoding": "cl100k_base"}],
+                "resources": {"num_cpus": 0.75, "batch_size": 512, "concurrency": 2}}]
 
 
 def write_corpus(root: Path, docs: int, per_shard: int = 2000) -> None:
@@ -34,30 +37,38 @@ def write_corpus(root: Path, docs: int, per_shard: int = 2000) -> None:
                                  "lang": ["eng_Latn"] * n}), root / f"s{start // per_shard:05d}.parquet")
 
 
-DRIVER = """
-import json, resource, sys, time
-from pipelines.config import parse_config
-from pipelines.runner import run_pipeline
-cfg = parse_config(json.loads(sys.argv[1]))
-t = time.perf_counter()
-result = run_pipeline(cfg, "2026-01-01")
-print(json.dumps({"seconds": time.perf_counter() - t, "rows_out": result.rows_out,
-                  "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-"""
-
-
-def run_scale(docs: int, work: Path) -> dict:
+def run_scale(stages: list[dict], docs: int, work: Path) -> dict:
+    """One fresh-driver run of ``stages`` over ``docs`` synthetic documents."""
     corpus = work / f"corpus-{docs}"
     corpus.mkdir(parents=True)
     write_corpus(corpus, docs)
     cfg = {"name": "soak", "input": {"url": str(corpus)}, "output": {"url": str(work / f"out-{docs}")},
-           "stages": [{"op": "token_premium", "tokenizers": [
-               {"name": "cl100k", "kind": "tiktoken", "encoding": "cl100k_base"}],
-               "resources": {"batch_size": 512, "concurrency": 2}}]}
-    out = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(cfg)], capture_output=True,
-                         text=True, check=True)
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+           "stages": stages}
+    result = fresh_driver(cfg)
     return {"docs": docs, **result, "docs_per_s": docs / result["seconds"]}
+
+
+def run_scales(stages: list[dict], base_docs: int, scales: list[int]) -> dict:
+    """``stages`` at ``base_docs × s`` for each scale ``s`` (at least three); ratios of the largest
+    scale to the first.
+
+    A run costs a fixed start (Ray, actors, models) plus a cost per document, so whole-run seconds
+    per doc fall as the corpus grows. Linearity is the *marginal* cost: seconds per extra document
+    between the two largest scales over that between the two smallest (1.0 = exactly linear).
+    """
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+        runs = [run_scale(stages, base_docs * s, Path(tmp)) for s in scales]
+    base, top = runs[0], runs[-1]
+
+    def marginal(a: dict, b: dict) -> float:
+        return (b["seconds"] - a["seconds"]) / (b["docs"] - a["docs"])
+
+    low, high = marginal(runs[0], runs[1]), marginal(runs[-2], runs[-1])
+    return {"base_docs": base_docs, "scales": scales, "runs": runs,
+            "rss_ratio_largest_vs_1x": top["driver_peak_rss_mb"] / base["driver_peak_rss_mb"],
+            "seconds_per_doc_ratio": (top["seconds"] / top["docs"]) / (base["seconds"] / base["docs"]),
+            "marginal_ms_per_doc": {"smallest": 1e3 * low, "largest": 1e3 * high},
+            "marginal_seconds_per_doc_ratio": high / low}
 
 
 def main() -> None:
@@ -65,13 +76,7 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=10_000, help="documents at scale 1x")
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 8])
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        runs = [run_scale(args.docs * s, Path(tmp)) for s in args.scales]
-    base = runs[0]
-    save("soak", {"base_docs": args.docs, "runs": runs,
-                  "rss_ratio_largest_vs_1x": runs[-1]["driver_peak_rss_mb"] / base["driver_peak_rss_mb"],
-                  "seconds_per_doc_ratio": (runs[-1]["seconds"] / runs[-1]["docs"]) /
-                  (base["seconds"] / base["docs"])})
+    save("soak", run_scales(SOAK_STAGES, args.docs, args.scales))
 
 
 if __name__ == "__main__":

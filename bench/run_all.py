@@ -1,0 +1,204 @@
+"""Run every benchmark at small sizes, then rewrite the README's benchmark table (``make bench``).
+
+    python -m bench.run_all [--only soak one_pass ...] [--table-only] [--timeout 900]
+
+Each benchmark runs as its own ``python -m bench.<name> ...`` subprocess, so one failure is reported
+and the others still run; each writes ``bench/results/<result>.json``. The table between
+``<!-- bench-table:start -->`` and ``<!-- bench-table:end -->`` in README.md is then rebuilt from
+the JSON files there (one row per measured ratio; a benchmark that failed this time keeps its last
+figures, marked as such). Exits non-zero if any benchmark failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from bench.common import RESULTS, ROOT
+
+README = ROOT / "README.md"
+START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
+
+
+@dataclass(frozen=True)
+class Bench:
+    """A benchmark module, the arguments run_all gives it, and the result file it writes."""
+
+    module: str
+    args: tuple[str, ...]
+    result: str
+
+
+BENCHES = [
+    Bench("soak", ("--docs", "4000", "--scales", "1", "4", "16"), "soak"),
+    Bench("pipeline", ("--docs", "160", "--scale-docs", "4000", "--scales", "1", "4", "16"),
+          "pipeline_nightly"),
+    Bench("tokenizer_stage", ("--docs", "4000", "--repeats", "2"), "tokenizer_stage"),
+    Bench("preselect_fasttext", ("--docs", "200000", "--repeats", "3"),
+          "preselect_fasttext"),
+    Bench("lm_engine", ("--docs", "40", "--repeats", "1"), "lm_engine_cpu"),
+    Bench("one_pass", ("--docs", "48", "--repeats", "1"), "one_pass"),
+]
+
+Row = tuple[str, str, float, str]  # benchmark, what is compared, ratio, absolute numbers
+
+
+def _n(x: float) -> str:
+    """A number for the table: thousands separated, at most 3 significant decimals below 10."""
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
+def soak_rows(r: dict) -> list[Row]:
+    base, top = r["runs"][0], r["runs"][-1]
+    scale = f"{top['docs'] // base['docs']}× vs 1× ({_n(top['docs'])} vs {_n(base['docs'])} synthetic docs)"
+    bench = "soak (token_premium cl100k, 2 actors)"
+    return [(bench, f"driver peak RSS, {scale}", r["rss_ratio_largest_vs_1x"],
+             f"{_n(top['driver_peak_rss_mb'])} vs {_n(base['driver_peak_rss_mb'])} MB"),
+            _marginal_row(bench, r)]
+
+
+def _marginal_row(bench: str, r: dict) -> Row:
+    """Linearity: seconds per extra doc at the largest scales over that at the smallest."""
+    runs, ms = r["runs"], r["marginal_ms_per_doc"]
+    return (bench, f"marginal seconds per doc, {runs[-2]['docs'] // runs[0]['docs']}×→"
+                   f"{runs[-1]['docs'] // runs[0]['docs']}× vs 1×→{runs[1]['docs'] // runs[0]['docs']}× "
+                   "(fixed start-up excluded; 1.0 = linear)",
+            r["marginal_seconds_per_doc_ratio"],
+            f"{ms['largest']:.3g} vs {ms['smallest']:.3g} ms/doc; whole runs "
+            + ", ".join(f"{_n(x['docs'])} docs {_n(x['seconds'])} s" for x in runs))
+
+
+def pipeline_rows(r: dict) -> list[Row]:
+    n, s = r["nightly"], r["scale"]
+    split = ", ".join(f"{st['name']} {_n(st['seconds'])}" for st in n["stages"] if st["name"] != "read")
+    base, top = s["runs"][0], s["runs"][-1]
+    scale = (f"{top['docs'] // base['docs']}× vs 1× ({_n(top['docs'])} vs {_n(base['docs'])} "
+             f"synthetic docs, {' + '.join(s['stages'])})")
+    return [("pipeline (nightly.yaml)", f"LM stage compute seconds ÷ wall clock, {n['docs']} demo docs",
+             n["lm_stage_vs_wall"],
+             f"wall {_n(n['wall_seconds'])} s: {_n(n['docs_per_s'])} docs/s, "
+             f"{_n(n['lm_tokens_per_s_wall'])} LM tokens/s ({_n(n['lm_tokens_per_s_in_stage'])} inside the "
+             f"LM stage); stage s: {split}"),
+            _marginal_row("pipeline (CPU stages)", s),
+            ("pipeline (CPU stages)", f"driver peak RSS, {scale}", s["rss_ratio_largest_vs_1x"],
+             f"{_n(top['driver_peak_rss_mb'])} vs {_n(base['driver_peak_rss_mb'])} MB")]
+
+
+def tokenizer_rows(r: dict) -> list[Row]:
+    rate = r["docs_per_s"]
+    what = f"token_premium stage ({len(r['tokenizers'])} tokenizers, 1 actor) vs raw batch encode, docs/s"
+    return [("tokenizer_stage", f"{what}, wall (actor start included)", r["stage_vs_raw_batch_wall"],
+             f"{_n(rate['stage_wall'])} vs {_n(rate['raw_batch'])} docs/s ({r['docs']} docs)"),
+            ("tokenizer_stage", f"{what}, compute in the actor (start-up and transport excluded)",
+             r["stage_vs_raw_batch_in_actor"],
+             f"{_n(rate['stage_in_actor'])} vs {_n(rate['raw_batch'])} docs/s (raw 1 thread "
+             f"{_n(rate['raw_1thread'])}; stage from its first output batch {_n(rate['stage_steady'])}; "
+             f"whole run_pipeline {_n(rate['e2e'])})")]
+
+
+def preselect_rows(r: dict) -> list[Row]:
+    raw = _n(r["raw_docs_per_s_per_core"])
+    what = "preselect stage (1 actor) vs raw fastText predict loop, docs/s per core"
+    return [("preselect_fasttext", f"{what}, wall", r["stage_vs_raw_wall"],
+             f"{_n(r['stage_docs_per_s_per_core_wall'])} vs {raw} ({_n(r['docs'])} docs)"),
+            ("preselect_fasttext", f"{what}, compute in the actor (start-up and transport excluded)",
+             r["stage_vs_raw_in_actor"],
+             f"{_n(r['stage_docs_per_s_per_core_in_actor'])} vs {raw} (stage from its first output batch "
+             f"{_n(r['stage_docs_per_s_per_core_steady'])}; run_pipeline "
+             f"{_n(r['e2e']['docs_per_s_per_core'])} per core)")]
+
+
+def lm_engine_rows(r: dict) -> list[Row]:
+    engine = _n(r["engine_tokens_per_s"])
+    rows = [("lm_engine (CPU)", "engine (6 metrics) vs plain HF loop (logprob only), tokens/s",
+             r["engine_vs_plain_hf"],
+             f"{engine} vs {_n(r['plain_hf_tokens_per_s'])} ({_n(r['tokens'])} tokens)")]
+    if "engine_vs_plain_hf_same_linears" in r:
+        rows.append(("lm_engine (CPU)", "engine vs plain HF loop on the engine's own model, tokens/s",
+                     r["engine_vs_plain_hf_same_linears"],
+                     f"{engine} vs {_n(r['plain_hf_same_linears_tokens_per_s'])}"))
+    if "engine_vs_vllm" in r:
+        rows.append(("lm_engine (CPU)", "engine vs vLLM-CPU prompt logprobs, tokens/s", r["engine_vs_vllm"],
+                     f"{engine} vs {_n(r['vllm_tokens_per_s'])}"))
+    return rows
+
+
+def one_pass_rows(r: dict) -> list[Row]:
+    b = r["best_seconds"]
+    return [("one_pass", f"one LM pass per consumer (PAWN, SAE, scores) ÷ one shared pass, seconds, "
+             f"{r['docs']} docs", r["per_operator_vs_one_pass"],
+             f"{_n(r['per_operator_seconds'])} s ({_n(b['pawn'])} + {_n(b['sae'])} + {_n(b['scores'])}) vs "
+             f"{_n(r['one_pass_seconds'])} s ({_n(r['one_pass_tokens_per_s'])} tokens/s)")]
+
+
+ROWS: dict[str, Callable[[dict], list[Row]]] = {
+    "soak": soak_rows, "pipeline_nightly": pipeline_rows, "tokenizer_stage": tokenizer_rows,
+    "preselect_fasttext": preselect_rows, "lm_engine_cpu": lm_engine_rows, "one_pass": one_pass_rows,
+}
+
+
+def table(failed: set[str]) -> str:
+    """The markdown table from ``bench/results/*.json`` (results in ``failed`` marked stale)."""
+    lines = ["| benchmark | compared | ratio | absolute numbers | command |",
+             "| --- | --- | --- | --- | --- |"]
+    for name, rows in ROWS.items():
+        path = RESULTS / f"{name}.json"
+        if not path.exists():
+            continue
+        result = json.loads(path.read_text())
+        stale = f" (failed last run; figures of {result['measured_at'][:10]})" if name in failed else ""
+        try:
+            built = rows(result)
+        except KeyError as err:  # a result file from an older version of its benchmark
+            print(f"skipping {path.name} in the table: no field {err}", file=sys.stderr)
+            continue
+        for bench, compared, ratio, absolute in built:
+            cells = [f"{bench}{stale}", compared, f"{ratio:#.3g}×", absolute, f"`{result['command']}`"]
+            lines.append(f"| {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def write_readme(text: str) -> None:
+    """Replace what lies between the table markers in README.md."""
+    readme = README.read_text()
+    if START not in readme or END not in readme:
+        raise SystemExit(f"README.md lacks the markers {START} / {END}")
+    head, rest = readme.split(START, 1)
+    README.write_text(f"{head}{START}\n{text}\n{END}{rest.split(END, 1)[1]}")
+
+
+def run(bench: Bench, timeout: float) -> str | None:
+    """Run one benchmark; None when it succeeded, else why it failed."""
+    cmd = [sys.executable, "-m", f"bench.{bench.module}", *bench.args]
+    print(f"==> {' '.join(['python', *cmd[1:]])}", flush=True)
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"timed out after {timeout:g} s"
+    print(f"    {time.perf_counter() - start:.0f} s, exit {proc.returncode}", flush=True)
+    return None if proc.returncode == 0 else f"exit {proc.returncode}: {proc.stderr[-2000:]}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=[b.module for b in BENCHES], help="run only these")
+    parser.add_argument("--table-only", action="store_true", help="rebuild the README table, run nothing")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per benchmark")
+    args = parser.parse_args()
+    chosen = [] if args.table_only else [b for b in BENCHES if not args.only or b.module in args.only]
+    failures = {b.result: why for b in chosen if (why := run(b, args.timeout)) is not None}
+    write_readme(table(set(failures)))
+    print(f"==> README.md benchmark table rewritten from {RESULTS}")
+    for name, why in failures.items():
+        print(f"FAILED {name}: {why}", file=sys.stderr)
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()

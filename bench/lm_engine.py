@@ -142,6 +142,18 @@ def compare(engine: TorchEngine, docs: list[Encoded], repeats: int, stock: torch
     return out
 
 
+def naive_one_doc(engine: TorchEngine, docs: list[Encoded], engine_tokens_per_s: float,
+                  n_docs: int = 64) -> dict:
+    """The naive loop: one document per forward (plain HF, full logits), on the first ``n_docs``."""
+    subset = docs[:n_docs]
+    plain_loop(engine.model, subset, [[0]], engine.device)  # warm-up
+    seconds = timed(lambda: plain_loop(engine.model, subset, [[i] for i in range(len(subset))], engine.device),
+                    engine.device)
+    rate = sum(len(d.ids) for d in subset) / seconds
+    return {"naive_one_doc_tokens_per_s": round(rate, 1), "naive_one_doc_docs": len(subset),
+            "engine_vs_naive_one_doc": round(engine_tokens_per_s / rate, 3)}
+
+
 def vllm_child(model_dir: str, ids_file: str, repeats: int) -> dict:
     """(child process) vLLM prompt-logprobs throughput on the parent's token ids."""
     from operators.lm.stage import VLLMOptions
@@ -212,6 +224,7 @@ def gpu_bench(args: argparse.Namespace) -> None:
         docs = engine.encode(long_texts(args.docs, 8 * args.max_tokens))
         label = "random tiny Llama (fp32, smoke)" if args.smoke else "random Llama-3.2-1B shapes (bf16)"
         result = {"model": label, "taps": [8, "last"], **compare(engine, docs, args.repeats)}
+        result.update(naive_one_doc(engine, docs, result["engine_tokens_per_s"]))
     params = sum(p.numel() for p in engine.model.parameters())  # tied: embedding counted once (as lm_head)
     n_layers, width = config.num_hidden_layers, config.hidden_size
     attention = sum(2 * n_layers * len(d.ids) ** 2 * width for d in docs)

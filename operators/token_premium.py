@@ -84,7 +84,7 @@ class TokenCounter:
             "n_chars": [len(t) for t in texts],
         }
         for name, tokenizer in self.tokenizers.items():
-            counted = [tokenizer.count(t) for t in texts]
+            counted = tokenizer.count_batch(texts)
             columns[f"tokens__{name}"] = [c.tokens for c in counted]
             columns[f"fallback_chars__{name}"] = [c.fallback_chars for c in counted]
         return pa.table(columns, schema=self.output_schema())

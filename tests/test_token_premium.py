@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+import re
 
+import numpy as np
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from operators.token_premium import TokenCounter, premium, premium_table
-from operators.tokenizers import TiktokenCounter, TokenizerSpec, split_chars
+from operators.tokenizers import Counted, TiktokenCounter, TokenizerSpec, load_tokenizer, split_chars
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +77,55 @@ def test_premium_table_uses_parallel_ids_only():
     assert rows["fra_Latn"]["unk_share"] == pytest.approx(3 / 24)  # 12.5% > 10%
     assert rows["fra_Latn"]["reliable"] is False
     assert rows["fra_Latn"]["bytes_per_token"] == pytest.approx(24 / 15)
+
+
+# --- the vectorised counters against the plain per-token definition ---------------------------
+
+_UNICODE = st.text(st.characters(blacklist_categories=("Cs",)), max_size=60)
+
+
+def _reference_split_chars(text: str, token_bytes: list[int]) -> int:
+    """Per character: is some token boundary strictly inside its UTF-8 byte range?"""
+    boundaries, pos, split = set(np.cumsum(token_bytes)[:-1].tolist()), 0, 0
+    for ch in text:
+        width = len(ch.encode("utf-8"))
+        split += any(pos < b < pos + width for b in boundaries)
+        pos += width
+    return split
+
+
+def _reference_hf_fallback(counter, text: str) -> int:
+    """Per token: mark its span when it is unknown/byte; mark characters covered twice."""
+    enc = counter.tok.encode(text, add_special_tokens=False)
+    unk = getattr(counter.tok.model, "unk_token", None)
+    covered, marked = [0] * len(text), [False] * len(text)
+    for token, (start, end) in zip(enc.tokens, enc.offsets, strict=True):
+        fallback = token == unk or re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token) is not None
+        for i in range(start, end):
+            covered[i] += 1
+            marked[i] = marked[i] or fallback
+    return sum(m or c > 1 for m, c in zip(marked, covered, strict=True))
+
+
+@settings(max_examples=80, deadline=None)
+@given(text=_UNICODE)
+def test_tiktoken_counter_matches_the_per_token_definition(cl100k, text):
+    ids = cl100k.encoding.encode_ordinary(text)
+    token_bytes = [len(cl100k.encoding.decode_single_token_bytes(t)) for t in ids]
+    assert cl100k.count(text) == Counted(len(ids), _reference_split_chars(text, token_bytes))
+    assert cl100k.count_batch([text, "x"]) == [cl100k.count(text), cl100k.count("x")]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from jobs.demo_assets import prepare_demo_model
+
+    return load_tokenizer(TokenizerSpec(name="s", kind="hf", path=str(prepare_demo_model(log=lambda _m: None))))
+
+
+@settings(max_examples=80, deadline=None)
+@given(text=_UNICODE)
+def test_hf_counter_matches_the_per_token_definition(smollm2, text):
+    counted = smollm2.count(text)
+    assert counted.fallback_chars == _reference_hf_fallback(smollm2, text)
+    assert smollm2.count_batch([text]) == [counted]

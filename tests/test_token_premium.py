@@ -79,6 +79,25 @@ def test_premium_table_uses_parallel_ids_only():
     assert rows["fra_Latn"]["bytes_per_token"] == pytest.approx(24 / 15)
 
 
+def test_premium_divides_by_the_reference_over_the_same_ids():
+    """A mixed corpus: English-only docs (ids 9, 10) never enter a premium; each language is
+    compared with the English of exactly its own ids (deu has only id 1)."""
+    docs = pl.LazyFrame({
+        "id": ["1", "2", "9", "10", "1", "2", "1"],
+        "lang": ["eng_Latn"] * 4 + ["fra_Latn", "fra_Latn", "deu_Latn"],
+        "n_bytes": [10] * 7, "n_chars": [10] * 7,
+        "tokens__t": [4, 6, 500, 700, 6, 9, 5], "fallback_chars__t": [0] * 7,
+    })
+    rows = {r["lang"]: r for r in premium_table(docs, ["t"], "eng_Latn", 0.10).to_pylist()}
+    assert (rows["eng_Latn"]["docs"], rows["eng_Latn"]["tokens"], rows["eng_Latn"]["premium"]) == (2, 10, 1.0)
+    assert rows["fra_Latn"]["premium"] == 15 / 10      # ids 1, 2 against English 4 + 6
+    assert rows["deu_Latn"]["premium"] == 5 / 4        # id 1 against English 4
+    alone = premium_table(docs.filter(pl.col("lang") == "eng_Latn"), ["t"], "eng_Latn", 0.10).to_pylist()
+    assert [(r["docs"], r["premium"]) for r in alone] == [(4, 1.0)]
+    no_ref = premium_table(docs.filter(pl.col("lang") != "eng_Latn"), ["t"], "eng_Latn", 0.10).to_pylist()
+    assert {r["lang"]: r["premium"] for r in no_ref} == {"deu_Latn": None, "fra_Latn": None}
+
+
 # --- the vectorised counters against the plain per-token definition ---------------------------
 
 _UNICODE = st.text(st.characters(blacklist_categories=("Cs",)), max_size=60)

@@ -54,3 +54,14 @@ def tiny_pipeline(input_url: str, output_url: str, name: str = "tiny") -> dict:
                     "tokenizers": [{"name": "cl100k", "kind": "tiktoken", "encoding": "cl100k_base"}],
                     "resources": {"batch_size": 64}}],
     }
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models: intra-op threads only add contention (and stall badly on a loaded 2-core box)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -21,14 +21,7 @@ from operators.detection import (
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add contention on a small, shared box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_mean_entropy():

@@ -26,14 +26,7 @@ from operators.pawn import (
 
 H = 8
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: intra-op threads only add contention (and stall badly on a loaded 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_head(hidden_size: int = H, seed: int = 0, **kw) -> PawnHead:

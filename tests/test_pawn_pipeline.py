@@ -17,7 +17,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from jobs.cli import main
 from jobs.pawn_cmd import demo_documents, prepare_demo_pawn
@@ -27,7 +26,7 @@ from operators.pawn_head import features_from_documents
 from pipelines.config import parse_config
 from pipelines.runner import run_pipeline
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 CPU = {"num_cpus": 0.25, "batch_size": 10}  # leaves a CPU of the 2-CPU test Ray to the read tasks
 MAX_TOKENS = 128
@@ -35,14 +34,6 @@ MAX_TOKENS = 128
 #: 0.970, TPR at 5% FPR 0.7. Asserted with margin.
 BOUNDS = {"pawn_score": 0.85, "smollm2__ppl": 0.85, "smollm2__mean_log_rank": 0.85,
           "smollm2__binoculars": 0.85}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -76,4 +76,7 @@ def test_config_hash_is_stable_and_sensitive():
 
 
 def test_default_pipeline_validates():
+    from jobs.freq_cmd import prepare_demo_freq
+
+    prepare_demo_freq(log=lambda _msg: None)  # validation checks the DC-PDD table exists (seconds to build)
     assert load_config("pipelines/nightly.yaml").name == "nightly"

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, ClassVar, Protocol
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class StrictModel(BaseModel):
@@ -50,6 +50,14 @@ class StageConfig(StrictModel):
 
     #: Columns the stage reads; the plan checks that an earlier stage or the input provides them.
     requires: ClassVar[tuple[str, ...]] = ("text",)
+    #: True for operators that never use a GPU: asking for one is a config error.
+    cpu_only: ClassVar[bool] = False
+
+    @model_validator(mode="after")
+    def _no_gpu_for_cpu_only(self) -> StageConfig:
+        if self.cpu_only and self.resources.num_gpus:
+            raise ValueError(f"resources.num_gpus: {self.op} runs on CPU; set num_gpus to 0")
+        return self
 
     @property
     def stage_name(self) -> str:

@@ -18,12 +18,12 @@ Shum et al., "Predictive Data Selection" (arXiv:2503.00808). The math and the sc
 from __future__ import annotations
 
 import os
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from operators.base import Resources, StageConfig, StrictModel
 from operators.preselect import (
@@ -87,14 +87,9 @@ class PreSelectConfig(StageConfig):
     op: Literal["preselect"] = "preselect"
     model: str = Field(description="fastText .bin trained by `curate preselect train`: path or fsspec URL.")
     selection: SelectionPolicy = TopFractionCharsPolicy()
+    cpu_only: ClassVar[bool] = True
     resources: Resources = Resources(num_cpus=1, concurrency=1, batch_size=4096)
 
-    @field_validator("resources")
-    @classmethod
-    def _cpu_only(cls, resources: Resources) -> Resources:
-        if resources.num_gpus:
-            raise ValueError("preselect runs on CPU; set num_gpus to 0")
-        return resources
 
     @property
     def score_column(self) -> str:

@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from typing import Literal
+from typing import ClassVar, Literal
 
 import fsspec
 import numpy as np
@@ -118,14 +118,9 @@ class ScoresConfig(StageConfig):
     lowercase: LowercaseOptions = LowercaseOptions()
     vocab_size: int | None = Field(
         None, gt=0, description="V of the model's logits, for mean_log_rank; default: from the ranks.")
+    cpu_only: ClassVar[bool] = True
     resources: Resources = Resources(num_cpus=1, concurrency=1, batch_size=256)
 
-    @field_validator("resources")
-    @classmethod
-    def _cpu_only(cls, resources: Resources) -> Resources:
-        if resources.num_gpus:
-            raise ValueError("scores runs on CPU; set num_gpus to 0")
-        return resources
 
     @property
     def stage_name(self) -> str:

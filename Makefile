@@ -24,11 +24,11 @@ install: $(STAMP)
 
 demo: install
 	@echo "==> preparing offline demo assets (cached under $${CURATE_CACHE:-~/.cache/curate})"
-	$(BIN)/python -m jobs.demo_assets
+	$(BIN)/python -m jobs.demo
 
 pipeline-assets: demo
 	@echo "==> preparing what pipelines/nightly.yaml reads (trained once: PAWN head, SAE, fastText scorer; cached)"
-	$(BIN)/python -m jobs.demo_assets --pipeline
+	$(BIN)/python -m jobs.demo --pipeline
 
 run: pipeline-assets
 	@echo "==> running pipelines/nightly.yaml on an embedded local Ray"

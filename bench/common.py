@@ -118,7 +118,7 @@ def demo_corpus(n: int) -> pa.Table:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from jobs.demo_assets import prepare_demo_corpus
+    from jobs.demo.corpus import prepare_demo_corpus
 
     shards = sorted(prepare_demo_corpus(log=lambda _: None).glob("*.parquet"))
     base = pa.concat_tables([pq.read_table(s, columns=["id", "text", "lang"]) for s in shards])

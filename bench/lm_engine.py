@@ -49,7 +49,7 @@ LLAMA_32_1B = {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8
 
 def demo_texts(n: int) -> list[str]:
     """The demo corpus's human-written docs (Python docs, 400-2000 chars), first ``n``."""
-    from jobs.demo_assets import python_doc_pool
+    from jobs.demo.corpus import python_doc_pool
 
     return python_doc_pool()[:n]
 
@@ -156,8 +156,7 @@ def naive_one_doc(engine: TorchEngine, docs: list[Encoded], engine_tokens_per_s:
 
 def vllm_child(model_dir: str, ids_file: str, repeats: int) -> dict:
     """(child process) vLLM prompt-logprobs throughput on the parent's token ids."""
-    from operators.lm.stage import VLLMOptions
-    from operators.lm.vllm_engine import VLLMEngine
+    from operators.lm.vllm_engine import VLLMEngine, VLLMOptions
 
     start = time.perf_counter()
     engine = VLLMEngine(ModelSpec(name="m", path=model_dir, backend="vllm"), max_tokens=1024,
@@ -188,7 +187,7 @@ def run_vllm(model_dir: Path, docs: list[Encoded], repeats: int) -> dict:
 def cpu_bench(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM
 
-    from jobs.demo_assets import prepare_demo_model
+    from jobs.demo.model import prepare_demo_model
 
     model_dir = prepare_demo_model(log=lambda _m: None)
     engine = TorchEngine(ModelSpec(name="m", path=str(model_dir)), max_tokens=1024,

@@ -32,8 +32,8 @@ import pyarrow as pa
 from bench.common import save
 from bench.lm_engine import demo_texts
 from bench.pipeline import nightly_config
+from operators.detection.pawn import METRIC_NAMES as PAWN_METRICS
 from operators.lm.stage import LMStageConfig
-from operators.pawn import METRIC_NAMES as PAWN_METRICS
 from operators.scores import ScoresConfig
 
 SCORES_METRICS = ["logprob", "entropy", "rank", "logp2"]

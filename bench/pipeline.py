@@ -64,7 +64,7 @@ def lm_tokens(output: Path, model: str) -> int:
 
 def nightly_run(docs: int, work: Path) -> dict:
     """nightly.yaml over ``docs`` demo documents in a fresh driver: rates and the stage split."""
-    from jobs.demo_assets import cache_root
+    from jobs.demo.cache import cache_root
 
     cfg = nightly_config()
     n = write_subset(cache_root() / "demo" / "corpus", work / "corpus", docs)

@@ -4,7 +4,7 @@
         -> bench/results/preselect_fasttext.json
 
 All paths score the same texts (the demo corpus, repeated to ``--docs``) with the demo PreSelect
-scorer (``jobs.preselect_family.prepare_demo_preselect``):
+scorer (``jobs.demo.preselect.prepare_demo_preselect``):
 
 * raw:   one process, the model loaded once, ``model.predict([normalize(t) ...], k=-1)`` per batch;
 * stage: the real stage (``StageRunner`` around ``PreSelectConfig.build()``) as a Ray Data
@@ -31,8 +31,9 @@ from pathlib import Path
 import pyarrow as pa
 
 from bench.common import actor_stage_run, demo_corpus, save, write_shards
-from operators.preselect import load_scorer, normalize_for_fasttext
-from operators.preselect_stage import PreSelectConfig
+from operators.preselect.math import normalize_for_fasttext
+from operators.preselect.scorer import load_scorer
+from operators.preselect.stage import PreSelectConfig
 
 NEMO_DOCS_PER_S_PER_CORE = 500
 
@@ -81,7 +82,7 @@ def main() -> None:
 
     import ray
 
-    from jobs.preselect_family import prepare_demo_preselect
+    from jobs.demo.preselect import prepare_demo_preselect
 
     model_path = str(prepare_demo_preselect(log=lambda _: None))
     texts = bench_texts(args.docs)

@@ -35,8 +35,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from bench.common import actor_stage_run, demo_corpus, fresh_driver, save, write_shards
-from operators.token_premium import TokenCountsConfig
-from operators.tokenizers import (
+from operators.token_premium.stage import TokenCountsConfig
+from operators.token_premium.tokenizers import (
     HFCounter,
     SentencePieceCounter,
     TiktokenCounter,

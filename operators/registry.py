@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from operators.base import StageConfig
 from operators.lm.stage import LMStageConfig
-from operators.preselect_stage import PreSelectConfig
-from operators.sae_select import SAESelectConfig
-from operators.scores import LowercaseTextConfig, ScoresConfig
-from operators.token_premium import TokenCountsConfig
+from operators.membership.lowercase import LowercaseTextConfig
+from operators.preselect.stage import PreSelectConfig
+from operators.sae.stage import SAESelectConfig
+from operators.scores import ScoresConfig
+from operators.token_premium.stage import TokenCountsConfig
 
 STAGE_CONFIGS: tuple[type[StageConfig], ...] = (TokenCountsConfig, PreSelectConfig, LMStageConfig,
                                                  ScoresConfig, LowercaseTextConfig, SAESelectConfig)

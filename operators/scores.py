@@ -3,7 +3,7 @@
 The ``lm`` stage runs model ``M`` once per document and leaves per-position arrays (row j scores
 token x_{j+1}: ``M__logprob`` lp, ``M__entropy`` H, ``M__logp2``, ``M__rank``, ``M__xent`` with an
 observer, and ``M__token_ids`` = x_0 … x_n, BOS first). This stage maps them onto the pure
-functions of ``operators.membership`` and ``operators.detection``; every formula lives there.
+functions of ``operators.membership.math`` and ``operators.detection.math``; every formula lives there.
 
     - op: scores
       model: smollm2                    # which lm columns to read (the lm stage's model.name)
@@ -44,12 +44,12 @@ from typing import ClassVar, Literal
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import Field, field_validator, model_validator
 
+from operators.arrow import ragged
 from operators.base import Resources, StageConfig, StrictModel
-from operators.detection import binoculars_score, mean_entropy, mean_log_rank
-from operators.membership import (
+from operators.detection.math import binoculars_score, mean_entropy, mean_log_rank
+from operators.membership.math import (
     FrequencyTable,
     dcpdd_score,
     lowercase_ratio,
@@ -66,15 +66,6 @@ _ESTIMATES = {"entropy": "entropy_topk", "logp2": "logp2_topk"}
 #: float32 rank fractions c/V carry ~1e-7 relative error: c·(1 ± 1e-7) must round to c.
 _RANK_TOLERANCE = 1e-3
 _INFER_MIN_POSITIONS = 64
-
-#: Frequency tables loaded in this process (one per actor); tests read it via ``freq_table_loads``.
-_LOADS = 0
-
-
-def freq_table_loads() -> int:
-    """How many FrequencyTables ``ScoreOperator`` has loaded in this process."""
-    return _LOADS
-
 
 class DcpddOptions(StrictModel):
     """DC-PDD: a reference-corpus FrequencyTable (``curate freq build``) and the cap ``a``."""
@@ -134,13 +125,11 @@ class ScoreOperator:
     """The operator: loads the FrequencyTable once per actor, maps LM columns to scores per batch."""
 
     def __init__(self, cfg: ScoresConfig) -> None:
-        global _LOADS
         self.cfg = cfg
         self.table: FrequencyTable | None = None
         self.vocab_size = cfg.vocab_size  # else inferred once from a large enough batch, then kept
         if cfg.dcpdd is not None:
             self.table = FrequencyTable.load(cfg.dcpdd.freq_table)
-            _LOADS += 1
             if self.table.model != cfg.model:
                 log.warning("scores: frequency table %s was counted for model %r, this stage scores %r; "
                             "it must come from the same tokenizer", cfg.dcpdd.freq_table, self.table.model,
@@ -237,16 +226,6 @@ class ScoreOperator:
                        f"{f' ({hint})' if hint else ''}; lm columns here are for {sorted(set(lm))}")
 
 
-def ragged(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray | None]:
-    """A list<number> column as one float64/int64 numpy array per row (None for null rows)."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    valid = arr.is_valid().to_numpy(zero_copy_only=False)
-    lengths = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-    flat = pc.list_flatten(arr).to_numpy(zero_copy_only=False)
-    parts = np.split(flat, np.cumsum(lengths)[:-1]) if len(arr) else []
-    return [p if ok else None for p, ok in zip(parts, valid, strict=True)]
-
-
 def scored_ids(token_ids: np.ndarray, n_scored: int) -> np.ndarray:
     """x_1 … x_n: the ids the n logprobs score (``token_ids`` holds x_0 … x_n, BOS first)."""
     if token_ids is None or len(token_ids) != n_scored + 1:
@@ -295,27 +274,3 @@ def _check_aligned(rows: dict[str, list], model: str) -> None:
 
 def _nan_to_none(x: float) -> float | None:
     return None if math.isnan(x) else float(x)
-
-
-class LowercaseTextConfig(StageConfig):
-    """Add ``column`` = lower(text), the input of the lowercase lm pass (Carlini et al. 2021)."""
-
-    op: Literal["lowercase_text"] = "lowercase_text"
-    column: str = "text_lower"
-    resources: Resources = Resources(num_cpus=0.5, concurrency=1, batch_size=1024)
-
-    def build(self) -> LowercaseText:
-        return LowercaseText(self.column)
-
-
-class LowercaseText:
-    """The operator: ``str.lower`` of every text."""
-
-    def __init__(self, column: str) -> None:
-        self.column = column
-
-    def output_schema(self) -> pa.Schema:
-        return pa.schema([(self.column, pa.string())])
-
-    def process(self, batch: pa.Table) -> pa.Table:
-        return pa.table({self.column: pc.utf8_lower(batch.column("text"))}, schema=self.output_schema())

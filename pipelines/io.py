@@ -21,7 +21,9 @@ from collections.abc import Iterator
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 LINEAGE = ("source_file", "source_row")
 QUARANTINE = ("quarantine_reason", "quarantine_stage")
@@ -177,7 +179,7 @@ def _text_problem(text: str, where: str, max_text_bytes: int) -> str | None:
 
 def write_parquet(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> None:
     """Write ``table`` to ``path`` so that a reader never sees a partial file."""
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    fs.makedirs(path.rsplit("/", 1)[0] if "/" in path else ".", exist_ok=True)
     tmp = f"{path}.inprogress"
     with fs.open(tmp, "wb") as f:
         pq.write_table(table, f, compression="zstd")
@@ -191,3 +193,22 @@ def batch_key(batch: pa.Table) -> str:
         col = batch.column(name)
         h.update(pc.cast(col, pa.string()).to_pylist().__repr__().encode())
     return h.hexdigest()[:20]
+
+
+def open_dataset(url: str) -> pads.Dataset:
+    """A Parquet file or directory (hive partitions allowed), not read yet."""
+    fs, path = url_to_fs(url)
+    if not fs.exists(path):
+        raise InputError(f"input not found: {url}")
+    return pads.dataset(path, filesystem=PyFileSystem(FSSpecHandler(fs)), format="parquet",
+                        partitioning="hive")
+
+
+def read_table(url: str, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file or directory as one table (only ``columns`` when given)."""
+    dataset = open_dataset(url)
+    if columns:
+        missing = [c for c in columns if c not in dataset.schema.names]
+        if missing:
+            raise InputError(f"{url}: columns not found: {missing}; have {dataset.schema.names}")
+    return dataset.to_table(columns=columns)

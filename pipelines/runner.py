@@ -74,14 +74,20 @@ class RunResult:
 
 def init_ray(cfg: PipelineConfig) -> None:
     """Connect to ``ray.address`` / RAY_ADDRESS, else start an embedded Ray sized to the machine."""
+    connect_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory)
+
+
+def connect_ray(address: str | None = None, *, num_cpus: int | None = None,
+                object_store_memory: int | None = None) -> None:
+    """Connect to ``address`` / RAY_ADDRESS, else start an embedded Ray (``num_cpus`` default: all)."""
     if ray.is_initialized():
         return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
         return
-    ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=False,
-             object_store_memory=cfg.ray.object_store_memory, log_to_driver=True)
+    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+             object_store_memory=object_store_memory, log_to_driver=True)
 
 
 #: CPUs reserved by the read tasks and by the writer actor; stages get the rest of the cluster.

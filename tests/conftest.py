@@ -65,3 +65,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def demo_freq_table() -> Path:
+    """The demo DC-PDD table that pipelines/nightly.yaml names: its validation checks that the file
+    exists (seconds to build, cached)."""
+    from jobs.demo.freq import prepare_demo_freq
+
+    return prepare_demo_freq(log=lambda _msg: None)

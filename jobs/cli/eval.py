@@ -4,7 +4,7 @@
     curate eval --input labeled.parquet --output eval/      # every float column, eval.json + roc.png
 
 The input (a Parquet file or directory, any fsspec URL) needs ``label`` (1 = member of the training
-data or machine-written, 0 = not) and the score columns. See ``jobs/evaluate.py`` for the metrics.
+data or machine-written, 0 = not) and the score columns. See ``jobs/eval/roc.py`` for the metrics.
 """
 
 from __future__ import annotations
@@ -14,12 +14,8 @@ import json
 import tempfile
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.dataset as pads
-from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-from jobs.cli import UserError
-from pipelines.io import url_to_fs
+from jobs.errors import UserError
+from pipelines.io import InputError, read_table, url_to_fs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,29 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=eval_command)
 
 
-def open_dataset(url: str) -> pads.Dataset:
-    """A Parquet file or directory (hive partitions allowed), not read yet."""
-    fs, path = url_to_fs(url)
-    if not fs.exists(path):
-        raise UserError(f"input not found: {url}")
-    return pads.dataset(path, filesystem=PyFileSystem(FSSpecHandler(fs)), format="parquet",
-                        partitioning="hive")
-
-
-def read_table(url: str, columns: list[str] | None = None) -> pa.Table:
-    """A Parquet file or directory as one table (only ``columns`` when given)."""
-    dataset = open_dataset(url)
-    if columns:
-        missing = [c for c in columns if c not in dataset.schema.names]
-        if missing:
-            raise UserError(f"{url}: columns not found: {missing}; have {dataset.schema.names}")
-    return dataset.to_table(columns=columns)
-
-
 def run_eval(input_url: str, scores: list[str] | None = None, output: str | None = None,
              label: str = "label", max_fpr: float = 0.05) -> list:
     """Evaluate, print the table, and write ``eval.json`` + ``roc.png`` under ``output``."""
-    from jobs.evaluate import evaluate_table, format_results, plot_roc
+    from jobs.eval.roc import evaluate_table, format_results, plot_roc
 
     table = read_table(input_url, [label, *scores] if scores else None)
     try:
@@ -77,5 +54,8 @@ def run_eval(input_url: str, scores: list[str] | None = None, output: str | None
 
 def eval_command(args: argparse.Namespace) -> int:
     scores = [c.strip() for c in args.scores.split(",") if c.strip()] if args.scores else None
-    run_eval(args.input, scores, args.output, args.label, args.fpr)
+    try:
+        run_eval(args.input, scores, args.output, args.label, args.fpr)
+    except InputError as err:
+        raise UserError(str(err)) from None
     return 0

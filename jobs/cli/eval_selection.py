@@ -15,7 +15,7 @@ from dataclasses import asdict
 
 import pyarrow.parquet as pq
 
-from jobs.cli import UserError
+from jobs.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,12 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def eval_selection_command(args: argparse.Namespace) -> int:
-    from jobs.selection_eval import evaluate_selection
+    from jobs.eval.selection import evaluate_selection
 
     if args.demo:
-        from jobs.demo_assets import prepare_demo_model
-        from jobs.sae_cmd import DEMO_LAYER, prepare_demo_sae
-        from jobs.selection_eval import build_demo_selection_pool
+        from jobs.demo.model import prepare_demo_model
+        from jobs.demo.sae import DEMO_LAYER, prepare_demo_sae
+        from jobs.demo.selection import build_demo_selection_pool
 
         args.pool, args.target = map(str, build_demo_selection_pool())
         args.model, args.sae, args.layer = str(prepare_demo_model()), str(prepare_demo_sae()), DEMO_LAYER

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import time
-from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-
-from jobs.cli import UserError
+from jobs.demo.freq import prepare_demo_freq
+from jobs.errors import UserError
+from jobs.train.freq import build_frequency_table
+from pipelines.runner import connect_ray
 
 log = logging.getLogger("curate.freq")
 
@@ -44,96 +42,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(func=lambda _args: print(prepare_demo_freq()) or 0)
 
 
-class BatchCounter:
-    """Ray actor: loads the tokenizer once; per batch, the sparse counts of its documents' first ids."""
-
-    def __init__(self, model: str, max_tokens: int, text_column: str) -> None:
-        from operators.lm.models import ModelSpec, load_tokenizer
-
-        self.tokenizer = load_tokenizer(ModelSpec(name="freq", path=model))
-        self.vocab_size = len(self.tokenizer)
-        self.max_tokens, self.text_column = max_tokens, text_column
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        texts = [t for t in batch.column(self.text_column).to_pylist() if t and not t.isspace()]
-        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-        flat = np.fromiter((i for row in ids for i in row[: self.max_tokens]), dtype=np.int64)
-        counts = np.bincount(flat, minlength=self.vocab_size)
-        nonzero = np.flatnonzero(counts)
-        return pa.table({"token_id": [nonzero.tolist()], "count": [counts[nonzero].tolist()],
-                         "docs": [len(texts)], "tokens": [int(flat.size)]})
-
-
-def build_frequency_table(input_url: str, model: str, max_tokens: int = 1024, name: str | None = None,
-                          text_column: str = "text", concurrency: int | None = None,
-                          batch_size: int = 512):
-    """Count the corpus on the current Ray cluster; returns (FrequencyTable, documents counted)."""
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    from operators.lm.models import ModelSpec, load_tokenizer
-    from operators.membership import FrequencyTable
-    from pipelines.io import list_shards
-
-    vocab_size = len(load_tokenizer(ModelSpec(name="freq", path=model)))
-    shards = list_shards(input_url)
-    ds = ray.data.read_parquet(shards).select_columns([text_column])
-    # leave a CPU to the read tasks: actors holding every CPU would starve them (a hang)
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    size = concurrency or max(1, min(len(shards), cpus - 1))
-    counted = ds.map_batches(BatchCounter, fn_constructor_kwargs={
-        "model": model, "max_tokens": max_tokens, "text_column": text_column},
-        batch_size=batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=size), num_cpus=1)
-    counts = np.zeros(vocab_size, dtype=np.int64)
-    docs = 0
-    for part in counted.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for ids, values, n in zip(part["token_id"].to_pylist(), part["count"].to_pylist(),
-                                  part["docs"].to_pylist(), strict=True):
-            np.add.at(counts, np.asarray(ids, dtype=np.int64), np.asarray(values, dtype=np.int64))
-            docs += n
-    name = name or _model_name(model)
-    return FrequencyTable(counts, int(counts.sum()), vocab_size, name, max_tokens), docs
-
-
-def prepare_demo_freq(cache: Path | None = None, log=print) -> Path:
-    """``<cache>/demo/freq/smollm2.parquet``: the demo corpus counted with the demo model's tokenizer.
-
-    In-process (no Ray: ~800 short docs); a demo stand-in for a large general reference corpus.
-    """
-    import pyarrow.parquet as pq
-
-    from jobs.demo_assets import build_demo_asset
-    from operators.membership import FrequencyTable
-
-    def build(tmp: Path, model: Path, corpus: Path) -> dict:
-        counter = BatchCounter(str(model), 1024, "text")
-        sparse = counter(pq.read_table(corpus, columns=["text"]))
-        counts = np.zeros(counter.vocab_size, dtype=np.int64)
-        counts[sparse["token_id"][0].as_py()] = sparse["count"][0].as_py()
-        table = FrequencyTable(counts, int(counts.sum()), counter.vocab_size, "smollm2", 1024)
-        table.save(str(tmp / "smollm2.parquet"))
-        log(f"demo freq: {table.n_tokens} tokens counted from {corpus}")
-        return {"source": str(corpus), "n_tokens": table.n_tokens}
-
-    return build_demo_asset("freq", build, cache, log) / "smollm2.parquet"
-
-
-def _model_name(model: str) -> str:
-    return Path(model.rstrip("/")).stem or model
-
-
-def _init_ray(address: str | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=False)
-
-
 def freq_build_command(args: argparse.Namespace) -> int:
     from pipelines.config import ConfigError
     from pipelines.io import InputError
@@ -142,7 +50,7 @@ def freq_build_command(args: argparse.Namespace) -> int:
         raise UserError("--max-tokens must be >= 1")
     start = time.perf_counter()
     try:
-        _init_ray(args.address)
+        connect_ray(args.address)
         table, docs = build_frequency_table(args.input, args.model, args.max_tokens, args.name,
                                             args.text_column, args.concurrency, args.batch_size)
     except (InputError, ConfigError, ValueError, OSError) as err:

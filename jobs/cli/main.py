@@ -1,4 +1,4 @@
-"""The ``curate`` command line. Each subcommand lives in its own module with a ``register``."""
+"""The ``curate`` command line: the parser, and the one place user errors become exit status 2."""
 
 from __future__ import annotations
 
@@ -7,13 +7,23 @@ import importlib
 import logging
 import sys
 
+from jobs.errors import UserError
+
+DESCRIPTION = "curate: distributed data curation for language-model corpora, on Ray."
+EPILOG = """examples:
+  curate run pipelines/nightly.yaml --output ./output
+  curate query "SELECT tokenizer, lang, premium FROM token_premium ORDER BY premium DESC LIMIT 5"
+  curate nightly pipelines/nightly.yaml --since 2026-11-01
+  curate report --output ./output"""
+
 # Modules that add subcommands; each defines ``register(subparsers)``.
-COMMAND_MODULES = ["jobs.run_cmd", "jobs.ops_cmds", "jobs.eval_cmd", "jobs.freq_cmd", "jobs.pawn_cmd",
-                   "jobs.sae_cmd", "jobs.sae_eval_cmd", "jobs.preselect_cmd"]
+COMMAND_MODULES = ["jobs.cli.run", "jobs.cli.ops", "jobs.cli.eval", "jobs.cli.freq", "jobs.cli.pawn",
+                   "jobs.cli.sae", "jobs.cli.eval_selection", "jobs.cli.preselect"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="curate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="curate", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
@@ -31,10 +41,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"curate: error: {err}", file=sys.stderr)
         return 2
 
-
-class UserError(Exception):
-    """An error the user can fix (bad config, missing input); printed without a traceback."""
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,7 +7,7 @@ import importlib
 import os
 from collections.abc import Callable
 
-from jobs.run_cmd import parse_date, today
+from jobs.cli.run import parse_date, today
 
 DEFAULT_OUTPUT = os.environ.get("CURATE_OUTPUT", "./output")
 
@@ -37,13 +37,13 @@ def _query(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=["table", "csv", "json"], default="table",
                    help="json: one object per line")
     p.add_argument("--date", type=parse_date, help="only this run date's partitions")
-    p.set_defaults(func=_lazy("jobs.query", "query_command"))
+    p.set_defaults(func=_lazy("jobs.ops.query", "query_command"))
 
 
 def _tables(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tables", help="list tables, partitions and row counts")
     _output(p)
-    p.set_defaults(func=_lazy("jobs.query", "tables_command"))
+    p.set_defaults(func=_lazy("jobs.ops.query", "tables_command"))
 
 
 def _report(sub: argparse._SubParsersAction) -> None:
@@ -52,7 +52,7 @@ def _report(sub: argparse._SubParsersAction) -> None:
     _output(p)
     p.add_argument("--columns", nargs="+", help="score columns to chart (default: float columns)")
     p.add_argument("--rebuild", action="store_true", help="rebuild even if it exists")
-    p.set_defaults(func=_lazy("jobs.report", "report_command"))
+    p.set_defaults(func=_lazy("jobs.ops.report", "report_command"))
 
 
 def _nightly(sub: argparse._SubParsersAction) -> None:
@@ -65,7 +65,7 @@ def _nightly(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", help="override input.url ({date} is substituted)")
     p.add_argument("--output", help="override output.url")
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else embedded Ray)")
-    p.set_defaults(func=_lazy("jobs.nightly", "nightly_command"))
+    p.set_defaults(func=_lazy("jobs.ops.nightly", "nightly_command"))
 
 
 def _schedule(sub: argparse._SubParsersAction) -> None:
@@ -77,7 +77,7 @@ def _schedule(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--print", choices=["systemd", "k8s"],
                    help="print a systemd timer or a Kubernetes CronJob instead of using cron")
     p.add_argument("--image", default="curate:latest", help="container image for --print k8s")
-    p.set_defaults(func=_lazy("jobs.schedule", "schedule_command"))
+    p.set_defaults(func=_lazy("jobs.ops.schedule", "schedule_command"))
 
 
 def _submit(sub: argparse._SubParsersAction) -> None:
@@ -90,7 +90,7 @@ def _submit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="run a night that already SUCCEEDED again")
     p.add_argument("--pip", nargs="?", const="requirements.lock", metavar="REQUIREMENTS",
                    help="install these requirements in the job (default file: requirements.lock)")
-    p.set_defaults(func=_lazy("jobs.submit", "submit_command"))
+    p.set_defaults(func=_lazy("jobs.ops.submit", "submit_command"))
 
 
 def _jobs(sub: argparse._SubParsersAction) -> None:
@@ -99,4 +99,4 @@ def _jobs(sub: argparse._SubParsersAction) -> None:
     p.add_argument("id", nargs="?", help="submission id (status, logs, stop)")
     p.add_argument("--address", help="Ray dashboard, e.g. http://head:8265 (default: RAY_ADDRESS)")
     p.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
-    p.set_defaults(func=_lazy("jobs.submit", "jobs_command"))
+    p.set_defaults(func=_lazy("jobs.ops.submit", "jobs_command"))

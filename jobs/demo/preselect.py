@@ -1,6 +1,6 @@
 """The offline PreSelect demo: a model family cut from the demo model, labels, a fastText scorer.
 
-``python -m jobs.preselect_family`` prepares, under ``<cache>/demo/``:
+``python -m jobs.demo.preselect`` prepares, under ``<cache>/demo/``:
 
 * ``family/<name>/``: the demo model's first k transformer blocks (+ final norm and the tied
   LM head) for each k in ``DEMO_LAYERS``; k = 30 is the demo model itself (its dir is reused);
@@ -14,7 +14,7 @@
   label``), ``model.bin`` (``curate preselect train``) and ``train.json`` (its report).
 
 Every step is cached: a finished directory holds a marker written last and is moved into place
-atomically (the helpers of ``jobs.demo_assets``), so a rerun does no work.
+atomically (the helpers of ``jobs.demo``), so a rerun does no work.
 """
 
 from __future__ import annotations
@@ -31,16 +31,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from jobs.demo_assets import (
-    Log,
-    _atomic_dir,
-    _demo_dir,
-    _locked,
-    is_complete,
-    prepare_demo_corpus,
-    prepare_demo_model,
-)
-from jobs.preselect_cmd import Family, label_documents, score_with_family, train_from_labels
+from jobs.demo.cache import Log, atomic_dir, demo_dir, is_complete, locked
+from jobs.demo.corpus import prepare_demo_corpus
+from jobs.demo.model import prepare_demo_model
+from jobs.train.preselect import Family, label_documents, score_with_family, train_from_labels
 
 #: Blocks kept per family member (the demo model has 30); the last is the demo model itself.
 #: Measured on the demo corpus (256 tokens): accuracy rises with k (k=6..30: .03 .04 .08 .11 .20
@@ -99,10 +93,10 @@ def prepare_member(demo: Path, model_dir: Path, layers: int, log: Log) -> Path:
     if is_complete(out):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(out.parent, out.name):
+    with locked(out.parent, out.name):
         if not is_complete(out):
             log(f"preselect family: saving the first {layers} of {total} blocks -> {out}")
-            with _atomic_dir(out, {"source": str(model_dir), "layers": layers}) as tmp:
+            with atomic_dir(out, {"source": str(model_dir), "layers": layers}) as tmp:
                 save_truncated(model_dir, layers, tmp)
     return out
 
@@ -150,14 +144,14 @@ def check_increasing(scores: dict[str, float], layers: dict[str, int]) -> None:
 
 def prepare_demo_family(cache: Path | None = None, log: Log = print) -> Path:
     """Build (or reuse) the demo family and its measured ``family.yaml``; return its path."""
-    demo = _demo_dir(cache)
+    demo = demo_dir(cache)
     path = demo / "family" / FAMILY_FILE
     if path.is_file():
         log(f"preselect family: cached at {path}")
         return path
     model_dir, corpus = prepare_demo_model(cache, log), prepare_demo_corpus(cache, log)
     (demo / "family").mkdir(exist_ok=True)
-    with _locked(demo / "family", FAMILY_FILE):
+    with locked(demo / "family", FAMILY_FILE):
         if path.is_file():
             return path
         members = {member_name(k): (prepare_member(demo, model_dir, k, log), k) for k in DEMO_LAYERS}
@@ -189,14 +183,14 @@ def prepare_demo_family(cache: Path | None = None, log: Log = print) -> Path:
 
 def prepare_demo_preselect(cache: Path | None = None, log: Log = print) -> Path:
     """Build (or reuse) the demo PreSelect scorer ``<cache>/demo/preselect/model.bin``."""
-    demo = _demo_dir(cache)
+    demo = demo_dir(cache)
     out = demo / "preselect"
     if is_complete(out):
         log(f"preselect demo: cached at {out / 'model.bin'}")
         return out / "model.bin"
     family_path = prepare_demo_family(cache, log)
     corpus = prepare_demo_corpus(cache, log)
-    with _locked(demo, "preselect"):
+    with locked(demo, "preselect"):
         if is_complete(out):
             return out / "model.bin"
         family = Family.model_validate(yaml.safe_load(family_path.read_text()))
@@ -204,7 +198,7 @@ def prepare_demo_preselect(cache: Path | None = None, log: Log = print) -> Path:
         pool = docs.filter(pa.array([not is_heldout(i) for i in docs.column("id").to_pylist()]))
         pool = pool.slice(0, DEMO_LABEL_DOCS)
         with tempfile.TemporaryDirectory(prefix="curate-preselect-demo-") as sample, \
-                _atomic_dir(out, {"family": str(family_path), "docs": pool.num_rows}) as tmp:
+                atomic_dir(out, {"family": str(family_path), "docs": pool.num_rows}) as tmp:
             pq.write_table(pool, Path(sample) / "sample.parquet")
             label_documents(family, sample, str(tmp / "labels.parquet"), max_tokens=DEMO_MAX_TOKENS, log=log)
             report = train_from_labels(str(tmp / "labels.parquet"), str(tmp / "model.bin"), **DEMO_TRAIN)
@@ -216,7 +210,7 @@ def prepare_demo_preselect(cache: Path | None = None, log: Log = print) -> Path:
 
 
 def main() -> None:
-    """``python -m jobs.preselect_family``: family, labels and the scorer, saying what is done."""
+    """``python -m jobs.demo.preselect``: family, labels and the scorer, saying what is done."""
     path = prepare_demo_preselect()
     print(f"preselect demo ready: {path}")
 

@@ -4,7 +4,7 @@ A labelled pool (``label`` = 1 for examples of the target task) and a few *other
 the task (the target) are scored by three methods, each "more like the target" = higher:
 
     sae_jaccard     J(e_i, proto),  proto = mean_j e(t_j),  e = mean-pooled SAE codes (MoNA)
-    sae_jaccard_max max_j J(e_i, e(t_j))   (nearest target example; see operators.sae_select)
+    sae_jaccard_max max_j J(e_i, e(t_j))   (nearest target example; see operators.sae.stage)
     cosine_hidden   cos(h̄_i, mean_j h̄(t_j)),  h̄ = mean-pooled raw layer-L states (same positions)
     bm25            max_j BM25(query = t_j, doc = x_i)   (per-example max; ``concat`` mode: one query
                     made of all target texts joined), bm25s with English stop words, no stemming
@@ -27,17 +27,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 BM25Mode = Literal["max", "concat"]
-DEMO_HARD_NEGATIVE_LANGS = ("deu_Latn", "fra_Latn", "ita_Latn", "spa_Latn")
-DEMO_N_TARGET = 8
-DEMO_N_HUMAN = 180
-DEMO_N_MACHINE = 60
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,14 +119,15 @@ def evaluate_selection(pool: pa.Table, target: pa.Table, model: str | Path, sae:
                        n: float = 0.05, max_tokens: int = 256, bm25_mode: BM25Mode = "max",
                        label_column: str = "label", skip_first: int = 1) -> SelectionEval:
     """Embed pool and target with the LM + SAE head (as the ``lm`` stage does); score; precision@n."""
-    from operators.sae_head import SAEHead, SAEHeadParams, embed_texts, engine_info, open_engine
-    from operators.sae_select import reference_rows, similarity
+    from operators.sae.embed import embed_texts, open_tap_engine
+    from operators.sae.head import SAEHead, SAEHeadParams
+    from operators.sae.stage import reference_rows, similarity
 
     pool_texts, target_texts = pool.column("text").to_pylist(), target.column("text").to_pylist()
     labels = np.asarray(pool.column(label_column).to_pylist(), dtype=np.int64)
-    engine = open_engine(str(model), layer, max_tokens=max_tokens)
+    engine = open_tap_engine(str(model), layer, max_tokens=max_tokens)
     head = SAEHead(SAEHeadParams(sae=str(sae), layer=layer, hidden_mean=True, skip_first=skip_first),
-                   engine_info(engine))
+                   engine.model_info())
     emb_pool, emb_target = embed_texts(engine, head, pool_texts), embed_texts(engine, head, target_texts)
     scores = {
         "sae_jaccard": similarity(emb_pool.idx, emb_pool.val, reference_rows(emb_target, "prototype")),
@@ -143,49 +139,3 @@ def evaluate_selection(pool: pa.Table, target: pa.Table, model: str | Path, sae:
     precision = {m: precision_at_n(s, labels, count) for m, s in scores.items()}
     precision["random"] = float(labels.mean())
     return SelectionEval(count, len(labels), int(labels.sum()), precision)
-
-
-# ---------------------------------------------------------------------------------------------
-# The demo pool
-# ---------------------------------------------------------------------------------------------
-
-
-def demo_pool_tables(corpus: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """(pool, target) from the demo corpus (see the module docstring); deterministic."""
-    rows = corpus.to_pylist()
-    english = sorted((r for r in rows if r["source"] == "parallel" and r["lang"] == "eng_Latn"),
-                     key=lambda r: r["id"])
-    target, positives = english[:DEMO_N_TARGET], english[DEMO_N_TARGET:]
-    positive_ids = {r["id"] for r in positives}
-    translations = sorted((r for r in rows if r["source"] == "parallel" and r["id"] in positive_ids
-                           and r["lang"] in DEMO_HARD_NEGATIVE_LANGS), key=lambda r: (r["lang"], r["id"]))
-
-    def first(source: str, count: int) -> list[dict]:
-        return sorted((r for r in rows if r["source"] == source), key=lambda r: r["id"])[:count]
-
-    negatives = translations + first("python-docs", DEMO_N_HUMAN) + first("smollm2-generated", DEMO_N_MACHINE)
-    pool = [{**r, "id": f"{r['id']}-{r['lang']}", "label": 1} for r in positives]
-    pool += [{**r, "id": f"{r['id']}-{r['lang']}", "label": 0} for r in negatives]
-    schema = pa.schema([("id", pa.string()), ("text", pa.string()), ("source", pa.string()),
-                        ("lang", pa.string()), ("label", pa.int8())])
-    return (pa.Table.from_pylist(sorted(pool, key=lambda r: r["id"]), schema=schema),
-            pa.Table.from_pylist(target, schema=schema))
-
-
-def build_demo_selection_pool(cache: Path | None = None, log: Any = print) -> tuple[Path, Path]:
-    """Write ``<cache>/demo/selection/{pool,target}.parquet`` from the demo corpus; return their paths."""
-    from jobs.demo_assets import _demo_dir, prepare_demo_corpus
-
-    corpus_dir = prepare_demo_corpus(cache, log)
-    corpus = pa.concat_tables(pq.read_table(p) for p in sorted(corpus_dir.glob("*.parquet")))
-    pool, target = demo_pool_tables(corpus)
-    out = _demo_dir(cache) / "selection"
-    out.mkdir(parents=True, exist_ok=True)
-    paths = out / "pool.parquet", out / "target.parquet"
-    for table, path in zip((pool, target), paths, strict=True):
-        tmp = path.with_suffix(".tmp")
-        pq.write_table(table, tmp)
-        tmp.replace(path)
-    log(f"demo selection pool: {pool.num_rows} rows ({sum(pool.column('label').to_pylist())} positives) "
-        f"at {paths[0]}; target {target.num_rows} rows at {paths[1]}")
-    return paths

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import yaml
 
-from jobs.cli import UserError
-from jobs.query import connect, is_local, views
+from jobs.errors import UserError
+from jobs.ops.query import connect, is_local, views
 from pipelines.config import ConfigError, PipelineConfig, load_config
 from pipelines.io import InputError, url_to_fs
 
@@ -230,8 +230,8 @@ def nightly_command(args: argparse.Namespace) -> int:
 
 def run_night(args: argparse.Namespace, run_date: str) -> str | None:
     """Run one night under its lock; returns the error, or None when it committed."""
-    from jobs.report import write_report
-    from jobs.run_cmd import format_summary
+    from jobs.ops.report import write_report
+    from jobs.ops.summary import format_summary
     from pipelines.runner import run_pipeline
 
     try:

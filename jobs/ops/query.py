@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from jobs.cli import UserError
+from jobs.errors import UserError
 from pipelines.commit import MANIFEST
 from pipelines.io import url_to_fs
 

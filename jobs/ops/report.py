@@ -24,8 +24,8 @@ from pathlib import Path
 import duckdb
 from matplotlib.figure import Figure
 
-from jobs.cli import UserError
-from jobs.query import connect, is_local, partitions, sql_ident, views
+from jobs.errors import UserError
+from jobs.ops.query import connect, is_local, partitions, sql_ident, views
 from pipelines.io import url_to_fs
 
 REPORT_NAME = "report.html"

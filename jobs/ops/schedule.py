@@ -24,10 +24,10 @@ from pathlib import Path
 
 import yaml
 
-from jobs.cli import UserError
+from jobs.errors import UserError
 from pipelines.config import ConfigError, load_config
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CRONTAB_FILE_ENV = "CURATE_CRONTAB_FILE"
 _AT = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)$")
 _MARKER = re.compile(r"# curate:([A-Za-z0-9_.-]+)\s*$")

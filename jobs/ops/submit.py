@@ -22,15 +22,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from jobs.cli import UserError
-from jobs.nightly import night_url, raw_input_url
+from jobs.errors import UserError
+from jobs.ops.nightly import night_url, raw_input_url
 from pipelines.config import ConfigError, load_config
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
 log = logging.getLogger("curate.submit")
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Never uploaded with the working_dir (Ray also honours .gitignore).
 EXCLUDES = [".venv", "venv", ".git", "output", "__pycache__", "*.pyc", ".pytest_cache",
             ".ruff_cache", ".mypy_cache", "*.egg-info", "build", "bench/results", "_staging"]

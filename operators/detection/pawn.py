@@ -24,14 +24,7 @@ x_0 … x_j, so e_{i-1} produced the distribution that scores x_i:
 the last row has no h_{t+1}: it is zeros. So is the h_{t+1} of the last row of a document
 truncated at ``max_tokens`` and of any row followed by padding (batches are right-padded).
 
-Feature cache (Parquet file/URL or a pyarrow Table, one row per document; other columns ignored):
-
-    metrics  list<list<float32>>  [T][5]  m_t as above, in the order of ``METRIC_NAMES``
-    hidden   list<list<float32>>  [T][H]  h_t = e_t as above (same T as metrics)
-    label    integer or bool              1 = machine-written, 0 = human-written
-
-(``fixed_size_list`` inner lists are accepted too.) Documents are truncated to their first
-``max_tokens`` (512) rows; documents with T = 0 are skipped in training.
+The feature cache it trains on is described in ``operators.detection.features``.
 """
 
 from __future__ import annotations
@@ -42,14 +35,12 @@ from dataclasses import asdict, dataclass
 
 import fsspec
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+MAX_TOKENS = 512  # rows per document the head reads (t/512 in the gate)
 METRIC_NAMES = ("entropy", "max_logprob", "logprob", "rank", "top_p")
 
 
@@ -181,93 +172,6 @@ def pad_batch(metrics: list[np.ndarray], hidden: list[np.ndarray],
         h_out[b, :n] = torch.tensor(np.asarray(h, dtype=np.float32)[:n])
         mask[b, :n] = True
     return m_out, h_out, mask
-
-
-def _ragged(column: pa.ChunkedArray | pa.Array, name: str) -> list[np.ndarray]:
-    """list<list<float>> column -> one float32 [T_i, width] array per row (null rows: T = 0)."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    lengths = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-    rows = pc.list_flatten(arr)                                      # list<float> [ΣT]
-    widths = pc.list_value_length(rows).fill_null(0).to_numpy(zero_copy_only=False)
-    if len(widths) and (widths != widths[0]).any():
-        raise ValueError(f"column {name!r}: inner lists have different lengths")
-    width = int(widths[0]) if len(widths) else 0
-    flat = pc.list_flatten(rows).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    values = flat.reshape(len(rows), width)
-    return np.split(values, np.cumsum(lengths)[:-1])
-
-
-def read_features(features: str | pa.Table) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
-    """The feature cache (see the module docstring) as (metrics [T_i,5], hidden [T_i,H], labels [N])."""
-    if not isinstance(features, pa.Table):
-        with fsspec.open(features, "rb") as f:
-            features = pq.read_table(f, columns=["metrics", "hidden", "label"])
-    metrics, hidden = _ragged(features["metrics"], "metrics"), _ragged(features["hidden"], "hidden")
-    labels = features["label"].to_numpy(zero_copy_only=False).astype(np.float32)
-    if any(m.shape[1] != len(METRIC_NAMES) for m in metrics if len(m)):
-        raise ValueError(f"metrics rows must have {len(METRIC_NAMES)} values {METRIC_NAMES}")
-    if not np.isin(labels, (0.0, 1.0)).all():
-        raise ValueError("label must be 0 (human) or 1 (machine-written)")
-    return metrics, hidden, labels
-
-
-# ---------------------------------------------------------------------------- training
-
-
-def _bce_smoothed(logits: torch.Tensor, labels: torch.Tensor, smoothing: float) -> torch.Tensor:
-    """BCE with logits against y' = y·(1 - ε) + ε/2 (ε = 0.2: y' = 0.8·y + 0.1)."""
-    return F.binary_cross_entropy_with_logits(logits, labels * (1.0 - smoothing) + smoothing / 2)
-
-
-def _train_step(head: PawnHead, opt: torch.optim.Optimizer, batch: list[torch.Tensor], y: torch.Tensor,
-                label_smoothing: float, max_grad_norm: float) -> tuple[float, int]:
-    """One AdamW step on (metrics, hidden, mask); returns (loss, number of correct predictions)."""
-    head.train()
-    logits = head(*batch)
-    loss = _bce_smoothed(logits, y, label_smoothing)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    nn.utils.clip_grad_norm_(head.parameters(), max_grad_norm)
-    opt.step()
-    return loss.item(), int(((logits > 0).float() == y).sum())
-
-
-def train_pawn(features: str | pa.Table, epochs: int = 5, lr: float = 1e-3, weight_decay: float = 0.01,
-               batch_size: int = 16, max_tokens: int = 512, seed: int = 0, device: str | torch.device = "cpu",
-               label_smoothing: float = 0.2, max_grad_norm: float = 1.0) -> tuple[PawnHead, list[dict]]:
-    """Train a ``PawnHead`` on cached features; returns the head (in eval mode) and per-epoch history.
-
-    BCE with logits, label smoothing 0.2, AdamW(lr, weight_decay), grad-norm clipping 1.0,
-    documents truncated to ``max_tokens``. History rows: {"epoch", "loss", "accuracy"} measured on
-    the training batches as they were trained (train mode). Seeded; global RNG state is restored.
-    """
-    metrics, hidden, labels = read_features(features)
-    docs = [i for i, m in enumerate(metrics) if len(m)]
-    if not docs:
-        raise ValueError("no document with scored tokens in the feature cache")
-    device = torch.device(device)
-    config = PawnConfig(hidden_size=hidden[docs[0]].shape[1])
-    history: list[dict] = []
-    cuda = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(seed)
-        head = PawnHead(config).to(device)
-        opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-        order_gen = torch.Generator().manual_seed(seed)
-        for epoch in range(1, epochs + 1):
-            order = [docs[i] for i in torch.randperm(len(docs), generator=order_gen).tolist()]
-            batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-            loss_sum, correct = 0.0, 0
-            for batch in batches:
-                tensors = pad_batch([metrics[i] for i in batch], [hidden[i] for i in batch], max_tokens)
-                y = torch.as_tensor(labels[batch], device=device)
-                loss, n_correct = _train_step(head, opt, [t.to(device) for t in tensors], y,
-                                              label_smoothing, max_grad_norm)
-                loss_sum += loss * len(batch)
-                correct += n_correct
-            history.append({"epoch": epoch, "loss": loss_sum / len(docs), "accuracy": correct / len(docs)})
-    head.eval()
-    return head, history
 
 
 # ---------------------------------------------------------------------------- persistence

@@ -5,7 +5,7 @@
       metrics: [logprob, entropy, rank]           # default: all the backend computes
       taps: [last]                                # hidden states heads may read (on device)
       cache_hidden: [last]                        # hidden states written out (PAWN training)
-      heads: [{kind: "operators.pawn:build_head", params: {path: pawn.safetensors}}]
+      heads: [{kind: pawn, params: {path: pawn.safetensors}}]  # or kind: "module:callable"
       observer: {name: smollm2_base, path: ...}   # Binoculars: xent of observer vs this model
       resources: {num_gpus: 1, batch_size: 256}
 
@@ -30,90 +30,20 @@ skip_reason). Heads add their own columns (``Head.output_schema``).
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from operators.base import StageConfig, StrictModel
+from operators.base import StageConfig
+from operators.lm.engine import DocResult, Engine, EngineSettings, open_engine
+from operators.lm.heads import Head, HeadSpec, Layer, resolve_head_factory
 from operators.lm.metrics import EXACT_METRICS, TOPK_METRICS, nll_sum
 from operators.lm.models import Encoded, ModelSpec
+from operators.lm.vllm_engine import VLLMOptions
 
-Layer = int | Literal["last"]
-#: Short names for head factories (``kind: pawn``); any "module:callable" path works too.
-HEAD_KINDS: dict[str, str] = {"pawn": "operators.pawn_head:build_head", "sae": "operators.sae_head:build_head"}
 _VLLM_EXACT_ALTERNATIVE = {"entropy": "entropy_topk", "top_p": "top_p_topk", "logp2": "logp2_topk"}
-
-
-class Head(Protocol):
-    """A small model that reads the LM's per-position metrics and hidden states inside the actor.
-
-    Tensors are on the LM's device, aligned on scored positions: ``metrics[k][b, j]`` is metric k
-    of token x_{j+1} (float32 [B, T]), ``hidden[L][b, j]`` layer L's state at x_j ([B, T, H], for
-    each L in ``layers``, HF ``hidden_states`` indexing, -1 = last), ``mask[b, j]`` True where
-    the position exists (right padding). Returns one list of B values per output column.
-    """
-
-    layers: list[int]
-
-    def output_schema(self) -> pa.Schema: ...
-
-    def __call__(self, metrics: dict[str, Any], hidden: dict[int, Any], mask: Any) -> dict[str, list]: ...
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a head factory learns about the LM it sits on."""
-
-    name: str
-    hidden_size: int
-    num_layers: int
-    vocab_size: int
-    device: str
-    dtype: Any
-
-
-class HeadSpec(StrictModel):
-    """A head: ``kind`` is a name in ``HEAD_KINDS`` or "module:callable"; the callable is called as
-    ``callable(params, model_info) -> Head`` inside the actor."""
-
-    kind: str
-    params: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("kind")
-    @classmethod
-    def _importable(cls, kind: str) -> str:
-        resolve_head_factory(kind)
-        return kind
-
-
-def resolve_head_factory(kind: str) -> Any:
-    """Import the factory a head ``kind`` names; ValueError with the reason if it cannot."""
-    target = HEAD_KINDS.get(kind, kind)
-    module_name, _, attr = target.partition(":")
-    if not attr:
-        raise ValueError(f"head kind {kind!r}: not in {sorted(HEAD_KINDS)} and not 'module:callable'")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"head kind {kind!r}: cannot import {target}: {err}") from None
-
-
-class VLLMOptions(StrictModel):
-    """Engine settings for ``backend: vllm`` (ignored by the torch backend)."""
-
-    gpu_memory_utilization: float | None = Field(
-        None, gt=0, le=1, description="Share of GPU memory (of RAM on CPU); default 0.3 CPU, 0.85 GPU.")
-    top_k: int = Field(20, ge=1, le=1000, description="Prompt logprobs kept per position (the estimates use them).")
-    max_num_seqs: int = Field(64, gt=0)
-    max_num_batched_tokens: int | None = Field(None, gt=0)
-    enforce_eager: bool | None = Field(None, description="Default: True on CPU (no compile), False on GPU.")
-    tensor_parallel_size: int = Field(1, ge=1)
-    kv_cache_gib: float | None = Field(None, gt=0, description="Fixed KV-cache size instead of the share.")
-    multiprocessing: bool = Field(False, description="Run vLLM's engine core in its own process.")
 
 
 class LMStageConfig(StageConfig):
@@ -176,6 +106,13 @@ class LMStageConfig(StageConfig):
         return LMOperator(self)
 
 
+def engine_settings(cfg: LMStageConfig) -> EngineSettings:
+    """What the engine of an ``lm`` stage loads and computes."""
+    return EngineSettings(model=cfg.model, observer=cfg.observer, max_tokens=cfg.max_tokens,
+                          metrics=cfg.metric_names, layers=set(cfg.taps) | set(cfg.cache_hidden),
+                          max_batch_tokens=cfg.max_batch_tokens, cpu_threads=cfg.cpu_threads, vllm=cfg.vllm)
+
+
 def hidden_column(model: str, layer: Layer) -> str:
     return f"{model}__hidden_{layer}"
 
@@ -186,29 +123,13 @@ class LMOperator:
     def __init__(self, cfg: LMStageConfig) -> None:
         self.cfg = cfg
         self.name = cfg.model.name
-        if cfg.model.backend == "vllm":
-            from operators.lm.vllm_engine import VLLMEngine
-
-            self.engine: Any = VLLMEngine(cfg.model, max_tokens=cfg.max_tokens, metrics=cfg.metric_names,
-                                          options=cfg.vllm)
-            self.heads: list[Head] = []
-        else:
-            import torch
-
-            from operators.lm.torch_engine import TorchEngine
-
-            if cfg.cpu_threads:
-                torch.set_num_threads(cfg.cpu_threads)
-            factories = [(resolve_head_factory(h.kind), h.params) for h in cfg.heads]
-            self.engine = TorchEngine(cfg.model, max_tokens=cfg.max_tokens, metrics=cfg.metric_names,
-                                      layers=set(cfg.taps) | set(cfg.cache_hidden), observer=cfg.observer,
-                                      max_batch_tokens=cfg.max_batch_tokens)
-            info = ModelInfo(self.name, self.engine.hidden_size, self.engine.num_layers,
-                             self.engine.head.vocab_size, self.engine.device, self.engine.model.dtype)
-            self.heads = [factory(params, info) for factory, params in factories]
-            head_layers = {layer for h in self.heads for layer in h.layers}
-            if head_layers:  # heads' layers are tapped too
-                self.engine.add_taps(head_layers)
+        factories = [(resolve_head_factory(h.kind), h.params) for h in cfg.heads]
+        self.engine: Engine = open_engine(engine_settings(cfg))
+        info = self.engine.model_info() if factories else None
+        self.heads: list[Head] = [factory(params, info) for factory, params in factories]
+        head_layers = {layer for h in self.heads for layer in h.layers}
+        if head_layers:  # heads' layers are tapped too
+            self.engine.add_taps(head_layers)
         self.cache_layers = {layer: self._resolve(layer) for layer in cfg.cache_hidden}
 
     def _resolve(self, layer: Layer) -> int:
@@ -239,11 +160,10 @@ class LMOperator:
             raise KeyError(f"lm stage {self.cfg.stage_name!r}: no column {self.cfg.text_column!r} "
                            f"(columns: {batch.column_names}); add the stage that makes it first")
         docs = self.engine.encode(batch.column(self.cfg.text_column).to_pylist())
-        results = self.engine.score(docs, self.heads, set(self.cache_layers.values())) \
-            if self.cfg.model.backend == "torch" else self.engine.score(docs)
+        results = self.engine.score(docs, self.heads, set(self.cache_layers.values()))
         return self.to_table(docs, results)
 
-    def to_table(self, docs: list[Encoded], results: list[Any]) -> pa.Table:
+    def to_table(self, docs: list[Encoded], results: list[DocResult | None]) -> pa.Table:
         """Arrow columns from encoded documents and their results (None = skipped)."""
         schema, m = self.output_schema(), self.name
         cols: dict[str, list] = {f.name: [] for f in schema}

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from operators.lm.engine import DocResult
+from operators.lm.heads import Head, ModelInfo
 from operators.lm.metrics import EXACT_METRICS, chunk_rows, chunks, cross_entropy, token_metrics
 from operators.lm.models import (
     PROBE_TEXT,
@@ -42,18 +43,9 @@ from operators.lm.models import (
 )
 
 if TYPE_CHECKING:
-    from operators.lm.stage import Head
+    from operators.lm.engine import EngineSettings
 
 log = logging.getLogger("curate.lm")
-
-
-@dataclass
-class DocResult:
-    """One scored document: per-position arrays (row j scores x_{j+1}) and head outputs."""
-
-    metrics: dict[str, np.ndarray]                             # name -> [n] float32
-    hidden: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> [n, H] float32
-    heads: dict[str, Any] = field(default_factory=dict)        # head column -> value
 
 
 def plan_batches(lengths: list[int], max_batch_tokens: int) -> list[list[int]]:
@@ -208,6 +200,17 @@ class TorchEngine:
         # logits rows per chunk: [rows, V] float32 buffers of 128 MiB on CPU, 512 MiB on GPU
         self.rows = chunk_rows(self.head.vocab_size, 1 << (27 if self.device.startswith("cuda") else 25))
         self._scratch: tuple[torch.Tensor, ...] | None = None
+
+    @classmethod
+    def from_settings(cls, s: EngineSettings) -> TorchEngine:
+        if s.cpu_threads:
+            torch.set_num_threads(s.cpu_threads)
+        return cls(s.model, max_tokens=s.max_tokens, metrics=s.metrics, layers=s.layers,
+                   observer=s.observer, max_batch_tokens=s.max_batch_tokens)
+
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(self.spec.name, self.hidden_size, self.num_layers, self.head.vocab_size,
+                         self.device, self.model.dtype)
 
     def resolve_layer(self, layer: int | str) -> int:
         """HF ``hidden_states`` index: "last" and -1 are the final (normed) layer n; 0 the embeddings."""

@@ -26,16 +26,33 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from pydantic import Field
 
+from operators.base import StrictModel
+from operators.lm.engine import DocResult
+from operators.lm.heads import ModelInfo
 from operators.lm.metrics import TOPK_METRICS, topk_metrics
 from operators.lm.models import Encoded, ModelSpec, TextEncoder, check_tokenizer_fits, load_tokenizer
-from operators.lm.torch_engine import DocResult
 
 if TYPE_CHECKING:
-    from operators.lm.stage import VLLMOptions
+    from operators.lm.engine import EngineSettings
 
 log = logging.getLogger("curate.lm")
 CPU_MEMORY_SHARE, GPU_MEMORY_SHARE = 0.3, 0.85
+
+
+class VLLMOptions(StrictModel):
+    """Engine settings for ``backend: vllm`` (ignored by the torch backend)."""
+
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="Share of GPU memory (of RAM on CPU); default 0.3 CPU, 0.85 GPU.")
+    top_k: int = Field(20, ge=1, le=1000, description="Prompt logprobs kept per position (the estimates use them).")
+    max_num_seqs: int = Field(64, gt=0)
+    max_num_batched_tokens: int | None = Field(None, gt=0)
+    enforce_eager: bool | None = Field(None, description="Default: True on CPU (no compile), False on GPU.")
+    tensor_parallel_size: int = Field(1, ge=1)
+    kv_cache_gib: float | None = Field(None, gt=0, description="Fixed KV-cache size instead of the share.")
+    multiprocessing: bool = Field(False, description="Run vLLM's engine core in its own process.")
 
 
 def vllm_environment(options: VLLMOptions) -> None:
@@ -87,14 +104,30 @@ class VLLMEngine:
         self.spec, self.metrics, self.top_k = spec, metrics, options.top_k
         self.tokenizer = load_tokenizer(spec)
         self.encoder = TextEncoder(self.tokenizer, max_tokens)
-        self.llm = LLM(**engine_kwargs(spec, max_tokens, options, torch.cuda.is_available()))
+        self.on_gpu = torch.cuda.is_available()
+        self.llm = LLM(**engine_kwargs(spec, max_tokens, options, self.on_gpu))
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
         check_tokenizer_fits(self.tokenizer, self.vocab_size, spec)
         self.params = SamplingParams(max_tokens=1, prompt_logprobs=options.top_k, detokenize=False,
                                      flat_logprobs=True)
 
+    @classmethod
+    def from_settings(cls, s: EngineSettings) -> VLLMEngine:
+        if s.observer is not None or s.layers:
+            raise ValueError("backend 'vllm' has no hidden-state taps or observer; use backend: torch")
+        return cls(s.model, max_tokens=s.max_tokens, metrics=s.metrics, options=s.vllm or VLLMOptions())
+
+    def model_info(self) -> ModelInfo:
+        config = self.llm.llm_engine.model_config
+        return ModelInfo(self.spec.name, config.get_hidden_size(), config.hf_text_config.num_hidden_layers,
+                         self.vocab_size, "cuda" if self.on_gpu else "cpu", config.dtype)
+
     def resolve_layer(self, layer: Any) -> int:
         raise ValueError("backend 'vllm' has no hidden-state taps; use backend: torch")
+
+    def add_taps(self, layers: set) -> None:
+        if layers:
+            raise ValueError("backend 'vllm' has no hidden-state taps; use backend: torch")
 
     def encode(self, texts: list[str | None]) -> list[Encoded]:
         return self.encoder.encode(texts)

@@ -20,12 +20,12 @@ Columns, for a head named ``<name>`` (default ``sae``):
     <name>__sae_val       list<float32>   their values (> 0)
     <name>__hidden_mean   list<float32>   (1 / |P|) Σ_{t ∈ P} h_t, [H]; only with hidden_mean: true
 
-In a pipeline (kind ``operators.sae_head:build_head``; the short name ``sae`` resolves where this
+In a pipeline (kind ``operators.sae.head:build_head``; the short name ``sae`` resolves where this
 module has been imported, e.g. through ``operators.registry``)::
 
     - op: lm
       model: {name: smollm2, path: ...}
-      heads: [{kind: "operators.sae_head:build_head", params: {sae: DIR_OR_URL, layer: 15, name: sae}}]
+      heads: [{kind: "operators.sae.head:build_head", params: {sae: DIR_OR_URL, layer: 15, name: sae}}]
 
 Outside Ray, ``embed_texts`` runs the same head through a ``TorchEngine`` (target examples,
 evaluation) and ``collect_activations`` gathers the pooled positions' states (SAE training).
@@ -34,8 +34,6 @@ evaluation) and ``collect_activations`` gathers the pooled positions' states (SA
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -45,10 +43,10 @@ import torch
 from pydantic import Field
 
 from operators.base import StrictModel
-from operators.lm.stage import HEAD_KINDS, ModelInfo
-from operators.sae import SparseAutoencoder, load_sae, to_sparse
-
-HEAD_KINDS.setdefault("sae", "operators.sae_head:build_head")
+from operators.lm.heads import ModelInfo
+from operators.sae.io import load_sae
+from operators.sae.math import to_sparse
+from operators.sae.model import SparseAutoencoder
 
 #: Elements of one [rows, d_sae] code buffer (64 MiB in float32): bounds memory for wide SAEs.
 CODE_BUFFER = 1 << 24
@@ -188,75 +186,3 @@ class SAEHead:
 def build_head(params: dict, info: ModelInfo) -> SAEHead:
     """Head factory for the ``lm`` stage: ``kind: sae`` (params validated as ``SAEHeadParams``)."""
     return SAEHead(SAEHeadParams.model_validate(params), info)
-
-
-# ---------------------------------------------------------------------------------------------
-# Outside Ray: the same head through a TorchEngine
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Embeddings:
-    """Sample embeddings of n texts (rows of skipped texts are empty / zeros, ``ok`` False)."""
-
-    idx: list[np.ndarray]
-    val: list[np.ndarray]
-    hidden_mean: np.ndarray | None  # [n, H]
-    ok: np.ndarray  # [n] bool: the engine scored the text
-    d_sae: int
-
-
-def open_engine(model: Any, layer: int, max_tokens: int = 1024, max_batch_tokens: int = 8192) -> Any:
-    """A ``TorchEngine`` for ``model`` (a ``ModelSpec`` or a local path) tapping ``layer``."""
-    from operators.lm.models import ModelSpec
-    from operators.lm.torch_engine import TorchEngine
-
-    spec = model if isinstance(model, ModelSpec) else ModelSpec(name="lm", path=str(model))
-    return TorchEngine(spec, max_tokens=max_tokens, metrics=(), layers={layer},
-                       max_batch_tokens=max_batch_tokens)
-
-
-def engine_info(engine: Any) -> ModelInfo:
-    return ModelInfo(engine.spec.name, engine.hidden_size, engine.num_layers, engine.head.vocab_size,
-                     engine.device, engine.model.dtype)
-
-
-def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
-def embed_texts(engine: Any, head: SAEHead, texts: Sequence[str | None], batch: int = 64) -> Embeddings:
-    """Embed ``texts`` with ``head`` exactly as the ``lm`` stage does (same engine, same head)."""
-    name, hidden_size = head.params.name, engine.hidden_size
-    idx, val, means, ok = [], [], [], []
-    for part in _chunks(list(texts), batch):
-        for result in engine.score(engine.encode(list(part)), [head]):
-            ok.append(result is not None)
-            heads = result.heads if result is not None else {}
-            idx.append(np.asarray(heads.get(idx_column(name), []), dtype=np.int32))
-            val.append(np.asarray(heads.get(val_column(name), []), dtype=np.float32))
-            if head.params.hidden_mean:
-                means.append(np.asarray(heads.get(hidden_mean_column(name), np.zeros(hidden_size)), np.float32))
-    hidden = np.stack(means) if means else None
-    return Embeddings(idx, val, hidden, np.array(ok, dtype=bool), head.d_sae)
-
-
-def collect_activations(engine: Any, texts: Sequence[str | None], layer: int, max_rows: int,
-                        skip_first: int = 1, batch: int = 64) -> torch.Tensor:
-    """Layer-``layer`` states [N ≤ max_rows, H] of the pooled positions (t ≥ skip_first) of ``texts``,
-    in order, stopping once ``max_rows`` are gathered (cap documents with the engine's max_tokens)."""
-    resolved = engine.resolve_layer(layer)
-    parts, total = [], 0
-    for part in _chunks(list(texts), batch):
-        for result in engine.score(engine.encode(list(part)), cache_layers={resolved}):
-            if result is None:
-                continue
-            rows = result.hidden[resolved][skip_first:]
-            parts.append(rows[: max_rows - total])
-            total += len(parts[-1])
-            if total >= max_rows:
-                return torch.from_numpy(np.concatenate(parts))
-    if not parts:
-        raise ValueError("no activations collected: every text was empty or shorter than 2 tokens")
-    return torch.from_numpy(np.concatenate(parts))

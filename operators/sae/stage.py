@@ -1,7 +1,7 @@
 """SAE selection as a pipeline stage: similarity of every document to a target task, then the top n%.
 
 Ma et al., "Task-Specific Data Selection for Instruction Tuning via Monosemantic Neuronal
-Activations". The ``lm`` stage's SAE head (``operators.sae_head``) gives every document a sparse
+Activations". The ``lm`` stage's SAE head (``operators.sae.head``) gives every document a sparse
 embedding e_i (mean-pooled SAE codes). This stage
 
 * ``build`` (once per actor): embeds the target examples (``target``: a Parquet of texts of the
@@ -22,13 +22,12 @@ Prototype vs max. A mean-pooled code's support grows with the document's length 
 d_sae 2304, k 32: ~330 active latents for a sentence, ~1,400 for a 200-token doc), and the mean of
 several diverse target examples is spread thin over the union of their supports. J to such a
 prototype then favours long, dense documents over short on-task ones; ``max`` compares like with
-like (measured on the demo pool: docs/sae.md).
+like (measured on the demo pool: README, "SAE selection").
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from typing import Literal
 
 import fsspec
@@ -37,47 +36,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from operators.base import Resources, StageConfig, StrictModel
+from operators.base import Resources, StageConfig
 from operators.lm.models import ModelSpec
-from operators.preselect_stage import select_documents
-from operators.sae import generalized_jaccard_many, prototype
-from operators.sae_head import (
-    Embeddings,
-    SAEHead,
-    SAEHeadParams,
-    embed_texts,
-    engine_info,
-    idx_column,
-    open_engine,
-    val_column,
-)
+from operators.sae.embed import Embeddings, embed_texts, open_tap_engine
+from operators.sae.head import SAEHead, SAEHeadParams, idx_column, val_column
+from operators.sae.math import generalized_jaccard_many, prototype
+from operators.selection import TopPercentPolicy, select_documents
 
 log = logging.getLogger("curate.sae")
 DEFAULT_STAGE = "sae_select"
 Aggregate = Literal["prototype", "max"]
-
-
-def top_percent_mask(scores: np.ndarray, percent: float) -> np.ndarray:
-    """Keep the ⌈percent · N / 100⌉ highest of the N non-NaN scores (ties: earlier row first)."""
-    scores = np.asarray(scores, dtype=np.float64)
-    valid = np.flatnonzero(~np.isnan(scores))
-    n_keep = math.ceil(round(percent * valid.size / 100, 9))
-    order = valid[np.argsort(-scores[valid], kind="stable")]
-    mask = np.zeros(scores.shape, dtype=bool)
-    mask[order[:n_keep]] = True
-    return mask
-
-
-class TopPercentPolicy(StrictModel):
-    """Keep the best ``percent`` % of the scored documents (by count)."""
-
-    percent: float = Field(5.0, gt=0, le=100)
-
-    def describe(self) -> str:
-        return f"top_percent({self.percent:g})"
-
-    def mask(self, scores: np.ndarray, n_chars: np.ndarray) -> np.ndarray:
-        return top_percent_mask(scores, self.percent)
 
 
 def read_texts(url: str, column: str = "text") -> list[str]:
@@ -141,8 +109,8 @@ class SAESelectConfig(StageConfig):
         return TopPercentPolicy(percent=self.top_percent)
 
     def build(self) -> SAESimilarity:
-        engine = open_engine(self.model, self.head.layer, self.max_tokens)
-        head = SAEHead(self.head, engine_info(engine))
+        engine = open_tap_engine(self.model, self.head.layer, self.max_tokens)
+        head = SAEHead(self.head, engine.model_info())
         texts = read_texts(self.target, self.target_text_column)
         refs = reference_rows(embed_texts(engine, head, texts), self.aggregate, self.target)
         log.info("sae_select: %d target texts -> %d reference row(s) (%s), %d active latents of %d",

@@ -138,7 +138,7 @@ def test_tokenizer_that_does_not_match_its_model_fails_naming_the_model(tmp_path
     """A model dir whose tokenizer came from another model (49 152 ids for 32 logits)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from jobs.demo_assets import prepare_demo_model
+    from jobs.demo.model import prepare_demo_model
 
     model_dir = tmp_path / "mismatched"
     LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

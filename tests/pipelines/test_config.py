@@ -75,8 +75,5 @@ def test_config_hash_is_stable_and_sensitive():
     assert a.config_hash() == b.config_hash() != c.config_hash()
 
 
-def test_default_pipeline_validates():
-    from jobs.freq_cmd import prepare_demo_freq
-
-    prepare_demo_freq(log=lambda _msg: None)  # validation checks the DC-PDD table exists (seconds to build)
+def test_default_pipeline_validates(demo_freq_table):
     assert load_config("pipelines/nightly.yaml").name == "nightly"

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import yaml
 from conftest import tiny_pipeline
 
-from jobs.cli import main
+from jobs.cli.main import main
 from pipelines.commit import MANIFEST
 
 

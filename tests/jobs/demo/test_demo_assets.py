@@ -9,17 +9,10 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
-from jobs.demo_assets import (
-    MARKER,
-    N_HUMAN,
-    N_MACHINE,
-    SCHEMA,
-    DemoAssets,
-    doc_id,
-    greedy_next_token,
-    parallel_sentences,
-    prepare_demo_assets,
-)
+from jobs.demo.assets import DemoAssets, prepare_demo_assets
+from jobs.demo.cache import MARKER
+from jobs.demo.corpus import N_HUMAN, N_MACHINE, SCHEMA, doc_id, parallel_sentences
+from jobs.demo.model import greedy_next_token
 
 
 @pytest.fixture(scope="session")

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jobs.cli import main
-from jobs.evaluate import (
+from jobs.cli.main import main
+from jobs.eval.roc import (
     auroc,
     average_ranks,
     best_balanced_accuracy,

@@ -9,13 +9,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from jobs.selection_eval import (
-    bm25_scores,
-    cosine_to_mean,
-    demo_pool_tables,
-    n_of,
-    precision_at_n,
-)
+from jobs.demo.selection import demo_pool_tables
+from jobs.eval.selection import bm25_scores, cosine_to_mean, n_of, precision_at_n
 
 torch.set_num_threads(1)
 
@@ -88,9 +83,10 @@ def test_eval_finds_an_exact_copy_of_the_target(tmp_path, capsys):
     """Every method must rank a verbatim copy of the single target example first (J = 1, cos = 1)."""
     import pyarrow.parquet as pq
 
-    from jobs.cli import main
-    from jobs.demo_assets import prepare_demo_model
-    from operators.sae import SAEConfig, SparseAutoencoder, save_sparsify
+    from jobs.cli.main import main
+    from jobs.demo.model import prepare_demo_model
+    from operators.sae.io import save_sparsify
+    from operators.sae.model import SAEConfig, SparseAutoencoder
 
     model = prepare_demo_model(log=lambda _msg: None)
     gen = torch.Generator().manual_seed(0)

@@ -12,12 +12,13 @@ import pytest
 import yaml
 from conftest import tiny_pipeline, write_shard
 
-from jobs import nightly
-from jobs.cli import UserError, main
-from jobs.nightly import LockHeld, acquire_lock, lock_path, release_lock, run_lock
-from jobs.query import query
+from jobs.ops import nightly
+from jobs.cli.main import main
+from jobs.errors import UserError
+from jobs.ops.nightly import LockHeld, acquire_lock, lock_path, release_lock, run_lock
+from jobs.ops.query import query
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 NIGHTS = ["2026-05-01", "2026-05-02", "2026-05-03", "2026-05-04"]
 
 
@@ -86,7 +87,7 @@ def test_lock_held_by_another_process_then_stale_after_it_dies(tmp_path, caplog)
     path = tmp_path / "_locks" / "tiny-2026-05-01.lock"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; "
-         "from jobs.nightly import acquire_lock; acquire_lock(Path(sys.argv[1])); "
+         "from jobs.ops.nightly import acquire_lock; acquire_lock(Path(sys.argv[1])); "
          "print('held', flush=True); time.sleep(120)", str(path)],
         cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:

@@ -10,8 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.cli import UserError, main
-from jobs.query import connect, list_tables, query, views
+from jobs.cli.main import main
+from jobs.errors import UserError
+from jobs.ops.query import connect, list_tables, query, views
 from pipelines.commit import RunLayout, commit_run
 from pipelines.io import write_parquet
 

@@ -15,8 +15,8 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
-from jobs.cli import main
-from jobs.report import report_path, score_columns, write_report
+from jobs.cli.main import main
+from jobs.ops.report import report_path, score_columns, write_report
 from pipelines.commit import RunLayout, commit_run
 from pipelines.io import write_parquet
 from pipelines.runner import RUNS_SCHEMA

@@ -23,9 +23,10 @@ import pytest
 import yaml
 from conftest import tiny_pipeline
 
-from jobs import submit
-from jobs.cli import UserError, main
-from jobs.query import query
+from jobs.ops import submit
+from jobs.cli.main import main
+from jobs.errors import UserError
+from jobs.ops.query import query
 
 VENV_BIN = Path(sys.executable).parent
 DATE = "2026-04-05"
@@ -74,7 +75,7 @@ def test_entrypoint_and_runtime_env():
         "pipelines/nightly.yaml"
 
 
-def test_relative_output_is_refused(capsys):
+def test_relative_output_is_refused(capsys, demo_freq_table):
     nightly = str(submit.PROJECT_ROOT / "pipelines" / "nightly.yaml")  # output: ./output
     assert main(["submit", nightly, "--address", "http://127.0.0.1:1"]) == 2
     assert "output.url './output' is relative" in capsys.readouterr().err

@@ -1,7 +1,7 @@
-"""PreSelect labels and training (jobs/preselect_cmd.py, jobs/preselect_family.py).
+"""PreSelect labels and training (jobs/train/preselect.py, jobs/demo/preselect.py).
 
 The end-to-end tests use the real demo family (the demo model cut to 10, 15, 20 and 30 blocks,
-``python -m jobs.preselect_family``) on a real local Ray.
+``python -m jobs.demo.preselect``) on a real local Ray.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import pytest
 import yaml
 from conftest import write_shard
 
-from jobs.cli import UserError, main
-from jobs.preselect_cmd import Family, clip_text, label_frame, load_family
-from jobs.preselect_family import human_docs, is_heldout, prepare_demo_family
+from jobs.cli.main import main
+from jobs.demo.preselect import human_docs, is_heldout, prepare_demo_family
+from jobs.errors import UserError
+from jobs.train.preselect import Family, clip_text, label_frame, load_family
 
 # ------------------------------------------------------------------------ labels, by hand
 
@@ -104,7 +105,7 @@ def test_demo_family_scores_increase_with_depth(family_path):
 
 
 def test_label_cli_end_to_end(tmp_path, family_path, local_ray, capsys):
-    from jobs.demo_assets import prepare_demo_corpus
+    from jobs.demo.corpus import prepare_demo_corpus
 
     docs = human_docs(prepare_demo_corpus(log=lambda _: None))
     pool = [r for r in docs.to_pylist() if not is_heldout(r["id"])][:11]

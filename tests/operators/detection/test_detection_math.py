@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from operators.detection import (
+from operators.detection.math import (
     binoculars_score,
     cross_entropy_per_position,
     integer_rank,

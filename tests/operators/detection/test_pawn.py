@@ -12,17 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from operators.pawn import (
-    PawnConfig,
-    PawnHead,
-    _bce_smoothed,
-    count_parameters,
-    load_pawn,
-    pad_batch,
-    read_features,
-    save_pawn,
-    train_pawn,
-)
+from operators.detection.features import read_features
+from operators.detection.pawn import PawnConfig, PawnHead, count_parameters, load_pawn, pad_batch, save_pawn
+from operators.detection.train import bce_smoothed, train_pawn
 
 H = 8
 
@@ -116,9 +108,9 @@ def test_pad_batch_truncates():
 
 def test_label_smoothed_bce_by_hand():
     # logit 0, y = 1 → y' = 0.9: -(0.9 ln ½ + 0.1 ln ½) = ln 2
-    assert _bce_smoothed(torch.tensor([0.0]), torch.tensor([1.0]), 0.2).item() == pytest.approx(math.log(2))
+    assert bce_smoothed(torch.tensor([0.0]), torch.tensor([1.0]), 0.2).item() == pytest.approx(math.log(2))
     # logit ln 3 (σ = 3/4), y = 0 → y' = 0.1: -(0.1 ln ¾ + 0.9 ln ¼)
-    got = _bce_smoothed(torch.tensor([math.log(3)]), torch.tensor([0.0]), 0.2).item()
+    got = bce_smoothed(torch.tensor([math.log(3)]), torch.tensor([0.0]), 0.2).item()
     assert got == pytest.approx(-(0.1 * math.log(0.75) + 0.9 * math.log(0.25)), rel=1e-6)
 
 

@@ -18,11 +18,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.cli import main
-from jobs.pawn_cmd import demo_documents, prepare_demo_pawn
-from jobs.preselect_family import prepare_member
-from operators.pawn import load_pawn, pad_batch, read_features
-from operators.pawn_head import features_from_documents
+from jobs.cli.main import main
+from jobs.demo.pawn import demo_documents, prepare_demo_pawn
+from jobs.demo.preselect import prepare_member
+from operators.detection.features import features_from_documents, read_features
+from operators.detection.pawn import load_pawn, pad_batch
 from pipelines.config import parse_config
 from pipelines.runner import run_pipeline
 
@@ -46,7 +46,7 @@ def demo_pawn():
 @pytest.fixture(scope="module")
 def detection_run(demo_pawn, local_ray, tmp_path_factory):
     """One pipeline run over 20 unseen demo docs: lm (+ PAWN head, observer, hidden cache) -> scores."""
-    from jobs.demo_assets import prepare_demo_assets
+    from jobs.demo.assets import prepare_demo_assets
 
     assets = prepare_demo_assets(log=lambda _msg: None)
     root = tmp_path_factory.mktemp("detect")
@@ -63,7 +63,7 @@ def detection_run(demo_pawn, local_ray, tmp_path_factory):
         "stages": [
             {"op": "lm", "model": model, "observer": {"name": "smollm2_l20", "path": str(observer)},
              "max_tokens": MAX_TOKENS, "cache_hidden": ["last"], "resources": CPU,
-             "heads": [{"kind": "operators.pawn_head:build_head", "params": {"path": str(demo_pawn[0])}}]},
+             "heads": [{"kind": "operators.detection.head:build_head", "params": {"path": str(demo_pawn[0])}}]},
             {"op": "scores", "model": "smollm2", "binoculars": True, "resources": CPU},
         ]})
     result = run_pipeline(cfg, "2025-01-01")

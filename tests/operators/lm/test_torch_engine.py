@@ -15,7 +15,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from jobs.demo_assets import prepare_demo_gguf
+from jobs.demo.model import prepare_demo_gguf
 from operators.lm import stage as lm_stage
 from operators.lm.models import SKIP_EMPTY, SKIP_SHORT, ModelSpec
 from operators.lm.stage import LMStageConfig
@@ -40,7 +40,7 @@ WORDS = ["<unk>", "<s>", "</s>", "the", "a", "cat", "dog", "sat", "on", "mat", "
 
 @pytest.fixture(scope="session")
 def demo_model() -> Path:
-    from jobs.demo_assets import prepare_demo_model
+    from jobs.demo.model import prepare_demo_model
 
     return prepare_demo_model(log=lambda _msg: None)
 

@@ -26,7 +26,7 @@ TOP_K = 20
 
 @pytest.fixture(scope="session")
 def demo_model() -> Path:
-    from jobs.demo_assets import prepare_demo_model
+    from jobs.demo.model import prepare_demo_model
 
     return prepare_demo_model(log=lambda _msg: None)
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from operators.membership import (
+from operators.membership.math import (
     FrequencyTable,
     dcpdd_alpha,
     dcpdd_score,

@@ -23,9 +23,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from jobs.cli import main
-from jobs.demo_assets import python_doc_pool
-from operators.membership import FrequencyTable
+from jobs.cli.main import main
+from jobs.demo.corpus import python_doc_pool
+from operators.membership.math import FrequencyTable
 from pipelines.config import parse_config
 from pipelines.runner import run_pipeline
 

@@ -1,4 +1,4 @@
-"""PreSelect math (operators/preselect.py): expectations are worked out by hand in comments."""
+"""PreSelect math (operators/preselect/math.py): expectations are worked out by hand in comments."""
 
 from __future__ import annotations
 
@@ -13,18 +13,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from operators.preselect import (
+from operators.preselect.math import (
     bits_per_char,
     choose_labels,
-    load_scorer,
     normalize_column_for_fasttext,
     normalize_for_fasttext,
     predictive_strength,
-    score_texts,
-    select_threshold,
-    select_top_fraction_by_chars,
-    train_scorer,
 )
+from operators.preselect.scorer import load_scorer, score_texts, train_scorer
+from operators.selection import select_threshold, select_top_fraction_by_chars
 
 # ---------------------------------------------------------------------------------------------
 # S(d)

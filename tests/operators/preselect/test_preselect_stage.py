@@ -1,4 +1,4 @@
-"""PreSelect stage (operators/preselect_stage.py): scoring in actors, global selection, the table.
+"""PreSelect stage (operators/preselect/stage.py): scoring in actors, global selection, the table.
 
 The scorer is a real fastText model trained here on two vocabularies ("good clear useful" → 1,
 "bad noisy spam" → 0), seeded, single-threaded and in a fresh process, so its scores are
@@ -20,14 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import write_shard
 
-from jobs.preselect_cmd import train_isolated
-from operators import preselect_stage
-from operators.preselect_stage import (
-    PreSelectConfig,
-    ThresholdPolicy,
-    TopFractionCharsPolicy,
-    select_documents,
-)
+from jobs.train.preselect import train_isolated
+from operators.preselect.stage import PreSelectConfig
+from operators.selection import SELECTED_SCHEMA, ThresholdPolicy, TopFractionCharsPolicy, select_documents
 from pipelines.config import ConfigError, parse_config
 from pipelines.runner import run_pipeline
 from pipelines.stage_runner import StageRunner
@@ -74,7 +69,7 @@ def test_top_fraction_by_hand_ties_nan_and_text_length():
     assert out.column("n_chars").to_pylist() == [4, 2, 4]
     assert set(out.column("policy").to_pylist()) == {"top_fraction_chars(0.5)"}
     assert set(out.column("operator").to_pylist()) == {"preselect"}
-    assert out.schema == preselect_stage.SELECTED_SCHEMA
+    assert out.schema == SELECTED_SCHEMA
 
 
 def test_threshold_by_hand_uses_n_chars_column_and_skips_nulls():
@@ -155,11 +150,23 @@ def test_pipeline_scores_and_selects_globally(tmp_path: Path, scorer_path, local
 class _Probe(StageRunner):
     """The real stage runner, plus the actor's pid and its scorer-load count on every row."""
 
+    def __init__(self, stage: PreSelectConfig) -> None:
+        import operators.preselect.stage as stage_module
+
+        real_load, self.loads = stage_module.load_scorer, 0
+
+        def counting_load(*args, **kwargs):
+            self.loads += 1
+            return real_load(*args, **kwargs)
+
+        stage_module.load_scorer = counting_load  # this actor's process only
+        super().__init__(stage)
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = super().__call__(batch)
         n = out.num_rows
         return out.append_column("pid", pa.array([os.getpid()] * n)).append_column(
-            "loads", pa.array([preselect_stage.scorer_loads()] * n))
+            "loads", pa.array([self.loads] * n))
 
 
 def test_scorer_loaded_once_per_actor(scorer_path, local_ray):

@@ -1,4 +1,4 @@
-"""SAE codes and generalized Jaccard (operators/sae.py): expectations worked out by hand."""
+"""SAE codes and generalized Jaccard (operators/sae/model.py): expectations worked out by hand."""
 
 from __future__ import annotations
 
@@ -13,21 +13,17 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from safetensors.torch import save_file
 
-from operators.sae import (
-    SAEConfig,
-    SparseAutoencoder,
+from operators.sae.io import load_sae, load_saelens, load_sparsify, save_sparsify
+from operators.sae.math import (
     from_sparse,
     generalized_jaccard,
     generalized_jaccard_many,
-    load_sae,
-    load_saelens,
-    load_sparsify,
     mean_pooled_code,
     prototype,
-    save_sparsify,
     to_sparse,
-    train_topk_sae,
 )
+from operators.sae.model import SAEConfig, SparseAutoencoder
+from operators.sae.train import train_topk_sae
 
 # Hand-built SAE: d_in = 2, d_sae = 3.
 W_ENC = torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, 1.0]])  # [d_in, d_sae]

@@ -19,18 +19,13 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from operators.lm.stage import ModelInfo, resolve_head_factory
-from operators.preselect_stage import select_documents
-from operators.sae import (
-    SAEConfig,
-    SparseAutoencoder,
-    from_sparse,
-    generalized_jaccard,
-    load_sparsify,
-    save_sparsify,
-)
-from operators.sae_head import SAEHeadParams, build_head, mean_codes, pooled_mask
-from operators.sae_select import SAESelectConfig, SAESimilarity, TopPercentPolicy, top_percent_mask
+from operators.lm.heads import ModelInfo, resolve_head_factory
+from operators.sae.head import SAEHeadParams, build_head, mean_codes, pooled_mask
+from operators.sae.io import load_sparsify, save_sparsify
+from operators.sae.math import from_sparse, generalized_jaccard
+from operators.sae.model import SAEConfig, SparseAutoencoder
+from operators.sae.stage import SAESelectConfig, SAESimilarity
+from operators.selection import TopPercentPolicy, select_documents, top_percent_mask
 
 torch.set_num_threads(1)
 LAYER = 3
@@ -69,7 +64,7 @@ def test_mean_codes_pool_only_masked_positions_after_skip_first():
 
 
 def test_mean_codes_in_chunks_equals_one_shot(monkeypatch):
-    import operators.sae_head as sae_head
+    import operators.sae.head as sae_head
 
     sae, h, mask = random_sae(8, d_sae=16, k=3), torch.randn(3, 7, 8), torch.rand(3, 7) > 0.3
     whole = mean_codes(sae, h, mask)
@@ -145,7 +140,7 @@ def test_head_params_and_missing_sae(tmp_path):
 
 @pytest.fixture(scope="module")
 def demo_model() -> Path:
-    from jobs.demo_assets import prepare_demo_model
+    from jobs.demo.model import prepare_demo_model
 
     return prepare_demo_model(log=lambda _msg: None)
 
@@ -164,9 +159,9 @@ TOPICS = ["The cat sat on the mat and purred.", "def add(a, b):\n    return a + 
 
 @pytest.mark.slow
 def test_head_and_selection_through_the_pipeline(tmp_path, demo_model, tiny_sae, local_ray):
-    from jobs.cli import main
-    from operators.sae_head import collect_activations, open_engine
-    from operators.sae_select import read_texts
+    from jobs.cli.main import main
+    from operators.sae.embed import collect_activations, open_tap_engine
+    from operators.sae.stage import read_texts
 
     # 40 documents + one of a single token, which the LM skips (null embedding, null score)
     texts = [f"{TOPICS[i % 5]} Note {i}: {'more words ' * (i % 4)}".strip() for i in range(40)] + ["Hello"]
@@ -178,7 +173,7 @@ def test_head_and_selection_through_the_pipeline(tmp_path, demo_model, tiny_sae,
     head = {"sae": str(tiny_sae), "layer": LAYER, "name": "sae", "hidden_mean": True}
     pipeline = {"name": "sae", "input": {"url": str(corpus)}, "output": {"url": str(tmp_path / "out")},
                 "stages": [{"op": "lm", "model": model, "max_tokens": 32, "metrics": ["logprob"],
-                            "keep_positions": False, "heads": [{"kind": "operators.sae_head:build_head", "params": head}],
+                            "keep_positions": False, "heads": [{"kind": "operators.sae.head:build_head", "params": head}],
                             "resources": {"batch_size": 64, "num_cpus": 0.75}},
                            {"op": "sae_select", "target": str(tmp_path / "target.parquet"), "model": model,
                             "head": head, "max_tokens": 32, "resources": {"batch_size": 64, "num_cpus": 0.75}}]}
@@ -190,7 +185,7 @@ def test_head_and_selection_through_the_pipeline(tmp_path, demo_model, tiny_sae,
 
     # consistent with a direct encode of the same states (layer 3, positions 1 … n-2)
     sae = load_sparsify(tiny_sae, layer=LAYER)
-    engine = open_engine(str(demo_model), LAYER, max_tokens=32)
+    engine = open_tap_engine(str(demo_model), LAYER, max_tokens=32)
     for i in (0, 1, 7):
         h = collect_activations(engine, [texts[i]], LAYER, max_rows=10_000)
         want = sae.encode(h).mean(0).numpy()
@@ -232,7 +227,7 @@ def test_sae_select_config_validation(tmp_path, demo_model):
 
 @pytest.mark.slow
 def test_curate_sae_train_reports_fvu_and_dead_share(tmp_path, demo_model, capsys):
-    from jobs.cli import main
+    from jobs.cli.main import main
 
     pq.write_table(pa.table({"text": [f"{t} Example {i}." for i in range(6) for t in TOPICS]}),
                    tmp_path / "corpus.parquet")

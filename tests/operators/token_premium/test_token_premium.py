@@ -11,8 +11,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from operators.token_premium import TokenCounter, premium, premium_table
-from operators.tokenizers import Counted, TiktokenCounter, TokenizerSpec, load_tokenizer, split_chars
+from operators.token_premium.math import premium, premium_table
+from operators.token_premium.stage import TokenCounter
+from operators.token_premium.tokenizers import (
+    Counted,
+    TiktokenCounter,
+    TokenizerSpec,
+    load_tokenizer,
+    split_chars,
+)
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +144,7 @@ def test_tiktoken_counter_matches_the_per_token_definition(cl100k, text):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from jobs.demo_assets import prepare_demo_model
+    from jobs.demo.model import prepare_demo_model
 
     return load_tokenizer(TokenizerSpec(name="s", kind="hf", path=str(prepare_demo_model(log=lambda _m: None))))
 

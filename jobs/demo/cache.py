@@ -1,0 +1,95 @@
+"""The demo cache: where assets live, and how each is built once (a lock, an atomic directory, a marker written last)."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+Log = Callable[[str], Any]
+
+MARKER = ".complete.json"
+
+
+class DemoAssetError(RuntimeError):
+    """A demo asset could not be prepared; the message says why and what to do."""
+
+
+# ---------------------------------------------------------------- cache layout and atomic writes
+
+
+def cache_root() -> Path:
+    """``$CURATE_CACHE`` or ``~/.cache/curate``."""
+    return Path(os.environ.get("CURATE_CACHE") or Path.home() / ".cache" / "curate").expanduser()
+
+
+def demo_dir(cache: Path | None) -> Path:
+    demo = Path(cache or cache_root()) / "demo"
+    demo.mkdir(parents=True, exist_ok=True)
+    return demo
+
+
+def is_complete(path: Path) -> bool:
+    """True when ``path`` is a finished asset directory (its marker exists)."""
+    return (path / MARKER).is_file()
+
+
+@contextlib.contextmanager
+def locked(demo: Path, name: str) -> Iterator[None]:
+    """Serialise preparation of one asset across processes (a second caller waits, then reuses)."""
+    with open(demo / f".{name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path, meta: dict[str, Any]) -> Iterator[Path]:
+    """Yield a temp dir next to ``final``; on success write the marker and move it into place."""
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a killed run (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the assets are meant to be shared read-only
+    try:
+        yield tmp
+        for path in tmp.iterdir():
+            path.chmod(0o644)  # some writers (safetensors) make their files private
+        (tmp / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)  # an unfinished or outdated copy: it has no marker
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def build_once(name: str, build: Callable[[Path], dict[str, Any]], cache: Path | None = None,
+               log: Log = print) -> Path:
+    """``<cache>/demo/<name>/``, built once. ``build(tmp_dir)`` fills a temp dir and returns the
+    metadata for its marker; the dir then moves into place atomically. A lock makes a concurrent
+    caller wait and reuse the result."""
+    demo = demo_dir(cache)
+    out = demo / name
+    if is_complete(out):
+        log(f"demo {name}: cached at {out}")
+        return out
+    with locked(demo, name):
+        if not is_complete(out):
+            meta: dict[str, Any] = {}
+            with atomic_dir(out, meta) as tmp:  # the marker is written after the body: meta is filled
+                meta.update(build(tmp))
+            log(f"demo {name}: ready at {out}")
+    return out

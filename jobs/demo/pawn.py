@@ -1,0 +1,135 @@
+"""The demo PAWN head: trained on the demo corpus's human and machine-written docs, evaluated on a held-out split."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+DEMO_MODEL = "smollm2"
+DEMO_MAX_TOKENS = 256
+DEMO_DOCS_PER_CLASS = 80
+HOLDOUT = 0.3
+ZERO_SHOT = ("ppl", "mean_entropy", "mean_log_rank", "binoculars")
+
+
+# ---------------------------------------------------------------------------- the demo head
+
+
+def stratified_holdout(labels: np.ndarray, fraction: float = HOLDOUT, seed: int = 0) -> np.ndarray:
+    """Boolean mask of held-out rows: round(fraction · n_c) of each class c, chosen by a seeded shuffle."""
+    rng = np.random.default_rng(seed)
+    held = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        held[rng.permutation(rows)[: round(fraction * len(rows))]] = True
+    return held
+
+
+def demo_documents(corpus: Path, per_class: int = DEMO_DOCS_PER_CLASS) -> pa.Table:
+    """The first ``per_class`` human (label 0) and machine-written (label 1) English docs, by id."""
+    import polars as pl
+
+    frame = (pl.read_parquet(corpus / "*.parquet")
+             .filter(pl.col("source").is_in(["python-docs", "smollm2-generated"]))
+             .sort("id").group_by("label", maintain_order=True).head(per_class).sort("label", "id"))
+    return frame.select("id", "text", "label").to_arrow()
+
+
+def score_documents(docs: pa.Table, model_dir: Path, max_tokens: int, batch_rows: int = 16,
+                    log: Any = print) -> pa.Table:
+    """Run the lm operator (last hidden state cached) and the scores operator over ``docs`` in-process."""
+    from operators.lm.stage import LMStageConfig
+    from operators.scores import ScoresConfig
+
+    lm = LMStageConfig(model={"name": DEMO_MODEL, "path": str(model_dir)}, max_tokens=max_tokens,
+                       cache_hidden=["last"]).build()
+    scores = ScoresConfig(model=DEMO_MODEL, zlib=False).build()
+    parts, start = [], time.perf_counter()
+    for first in range(0, docs.num_rows, batch_rows):
+        batch = docs.slice(first, batch_rows)
+        cols = lm.process(batch)
+        for name in cols.column_names:
+            batch = batch.append_column(cols.field(name), cols.column(name))
+        cols = scores.process(batch)
+        for name in cols.column_names:
+            batch = batch.append_column(cols.field(name), cols.column(name))
+        parts.append(batch)
+        log(f"demo pawn: scored {min(first + batch_rows, docs.num_rows)}/{docs.num_rows} docs "
+            f"({time.perf_counter() - start:.0f} s)")
+    return pa.concat_tables(parts)
+
+
+def heldout_eval(head: Any, test_features: pa.Table, scored_test: pa.Table) -> dict[str, dict]:
+    """AUROC etc. of PAWN and of every zero-shot score present, on the same held-out documents."""
+    from jobs.eval.roc import evaluate_score
+    from operators.detection.features import read_features
+    from operators.detection.pawn import pad_batch
+
+    metrics, hidden, labels = read_features(test_features)
+    probs = []
+    for first in range(0, len(metrics), 16):
+        batch = pad_batch(metrics[first:first + 16], hidden[first:first + 16])
+        probs += head.predict_proba(*batch).tolist()
+    y = scored_test.column("label").to_numpy().astype(int)
+    if not np.array_equal(labels.astype(int), y):
+        raise RuntimeError("feature rows and scored rows are not aligned")
+    results = {"pawn_score": evaluate_score("pawn_score", probs, y)[0].as_dict()}
+    for name in ZERO_SHOT:
+        column = f"{DEMO_MODEL}__{name}"
+        if column in scored_test.column_names:
+            values = scored_test.column(column).cast(pa.float64()).fill_null(float("nan")).to_numpy()
+            results[column] = evaluate_score(column, values, y)[0].as_dict()
+    return results
+
+
+def prepare_demo_pawn(cache: Path | None = None, log: Any = print, seed: int = 0,
+                      per_class: int = DEMO_DOCS_PER_CLASS, epochs: int = 5) -> Path:
+    """Train (once) a PAWN head on the demo corpus; return ``<cache>/demo/pawn`` (head + eval.json)."""
+    from jobs.demo.assets import build_demo_asset
+    from operators.detection.pawn import save_pawn
+
+    def build(tmp: Path, model_dir: Path, corpus: Path) -> dict:
+        start = time.perf_counter()
+        report = _train_demo(model_dir, corpus, seed, per_class, epochs, log)
+        report["seconds"] = round(time.perf_counter() - start, 1)
+        save_pawn(report.pop("head"), str(tmp))
+        (tmp / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+        return {"seed": seed, "per_class": per_class, "epochs": epochs}
+
+    out = build_demo_asset("pawn", build, cache, log)
+    log(format_demo_eval(json.loads((out / "eval.json").read_text())))
+    return out
+
+
+def _train_demo(model_dir: Path, corpus: Path, seed: int, per_class: int, epochs: int,
+                log: Any) -> dict:
+    from operators.detection.features import features_from_documents
+    from operators.detection.train import train_pawn
+
+    docs = demo_documents(corpus, per_class)
+    held = stratified_holdout(docs.column("label").to_numpy(), HOLDOUT, seed)
+    log(f"demo pawn: {docs.num_rows} docs ({int(held.sum())} held out), scoring with {model_dir.name} "
+        f"(max {DEMO_MAX_TOKENS} tokens)")
+    scored = score_documents(docs, model_dir, DEMO_MAX_TOKENS, log=log)
+    train, test = scored.filter(pa.array(~held)), scored.filter(pa.array(held))
+    head, history = train_pawn(features_from_documents(train, DEMO_MODEL), epochs=epochs, seed=seed)
+    log(f"demo pawn: trained {epochs} epochs, last train loss {history[-1]['loss']:.3f}")
+    results = heldout_eval(head, features_from_documents(test, DEMO_MODEL), test)
+    return {"head": head, "model": str(model_dir), "max_tokens": DEMO_MAX_TOKENS, "seed": seed,
+            "n_train": train.num_rows, "n_test": test.num_rows, "history": history,
+            "heldout": results}
+
+
+def format_demo_eval(report: dict) -> str:
+    """Held-out AUROC of PAWN and the zero-shot scores, best first."""
+    rows = [f"demo PAWN head: {report['n_train']} train / {report['n_test']} held-out docs "
+            f"(max {report['max_tokens']} tokens)",
+            f"{'score':<28}{'direction':>10}{'AUROC':>8}{'TPR@5%FPR':>11}"]
+    for r in sorted(report["heldout"].values(), key=lambda r: -r["auroc"]):
+        rows.append(f"{r['score']:<28}{r['direction']:>10}{r['auroc']:>8.3f}{r['tpr_at_fpr']:>11.3f}")
+    return "\n".join(rows)

@@ -1,0 +1,86 @@
+"""The engine contract every ``lm`` backend meets, and the table that picks a backend.
+
+An engine loads one causal LM (plus, optionally, a Binoculars observer) and scores encoded
+documents in one forward pass each: per-position metrics, hidden-state taps and the heads that read
+them all come from that pass. ``operators.lm.torch_engine`` and ``operators.lm.vllm_engine``
+implement it; the ``lm`` stage sees only this protocol.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from operators.lm.heads import Head, Layer, ModelInfo
+    from operators.lm.models import Encoded, ModelSpec
+
+
+@dataclass
+class DocResult:
+    """One scored document: per-position arrays (row j scores x_{j+1}) and head outputs."""
+
+    metrics: dict[str, np.ndarray]                             # name -> [n] float32
+    hidden: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> [n, H] float32
+    heads: dict[str, Any] = field(default_factory=dict)        # head column -> value
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What an engine loads and computes; the ``lm`` stage derives it from its config."""
+
+    model: ModelSpec
+    max_tokens: int = 1024
+    metrics: tuple[str, ...] = ()
+    layers: set[Layer] = field(default_factory=set)      # tapped from the start (heads may add more)
+    observer: ModelSpec | None = None                    # Binoculars observer (same tokenizer)
+    max_batch_tokens: int = 8192
+    cpu_threads: int | None = None
+    vllm: Any = None                                     # VLLMOptions for backend 'vllm'
+
+
+class Engine(Protocol):
+    """One loaded model that scores documents; every backend implements exactly this."""
+
+    spec: ModelSpec
+
+    @classmethod
+    def from_settings(cls, settings: EngineSettings) -> Engine:
+        """Load the model(s) ``settings`` name."""
+        ...
+
+    def model_info(self) -> ModelInfo:
+        """What heads learn about the model (sizes, device, dtype)."""
+        ...
+
+    def resolve_layer(self, layer: Layer) -> int:
+        """HF ``hidden_states`` index of ``layer`` ("last" and -1 = n); ValueError if out of range."""
+        ...
+
+    def add_taps(self, layers: set[Layer]) -> None:
+        """Keep these layers' hidden states on the device during ``score`` (heads and caching read them)."""
+        ...
+
+    def encode(self, texts: list[str | None]) -> list[Encoded]:
+        """Token ids per text (BOS first where the tokenizer adds one), cut to ``max_tokens``."""
+        ...
+
+    def score(self, docs: list[Encoded], heads: list[Head] | None = None,
+              cache_layers: set[int] | None = None) -> list[DocResult | None]:
+        """One DocResult per scored document (None for skipped ones), in input order."""
+        ...
+
+
+#: ``model.backend`` -> the engine class ("module:Class"), imported only when used.
+BACKENDS: dict[str, str] = {"torch": "operators.lm.torch_engine:TorchEngine",
+                            "vllm": "operators.lm.vllm_engine:VLLMEngine"}
+
+
+def open_engine(settings: EngineSettings) -> Engine:
+    """Load the engine of ``settings.model.backend``."""
+    module_name, _, cls_name = BACKENDS[settings.model.backend].partition(":")
+    engine_cls = getattr(importlib.import_module(module_name), cls_name)
+    return engine_cls.from_settings(settings)

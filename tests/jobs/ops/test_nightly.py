@@ -12,9 +12,9 @@ import pytest
 import yaml
 from conftest import tiny_pipeline, write_shard
 
-from jobs.ops import nightly
 from jobs.cli.main import main
 from jobs.errors import UserError
+from jobs.ops import nightly
 from jobs.ops.nightly import LockHeld, acquire_lock, lock_path, release_lock, run_lock
 from jobs.ops.query import query
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.ops import schedule
 from jobs.cli.main import main
 from jobs.errors import UserError
+from jobs.ops import schedule
 
 ADDRESS = "http://head:8265"
 OTHER_LINE = "15 4 * * * /usr/local/bin/backup --all"

@@ -23,9 +23,9 @@ import pytest
 import yaml
 from conftest import tiny_pipeline
 
-from jobs.ops import submit
 from jobs.cli.main import main
 from jobs.errors import UserError
+from jobs.ops import submit
 from jobs.ops.query import query
 
 VENV_BIN = Path(sys.executable).parent

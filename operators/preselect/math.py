@@ -13,11 +13,11 @@ L_i(d) is the normalised loss of model i on d; we use bits per character,
 Ties (s_i == s_j or L_i(d) == L_j(d)) count 0 but stay in the C(N, 2) denominator, so a tie
 in the benchmark scores makes S == 1 unreachable. Documents with S == 1 become positives,
 an equal number of lowest-S documents negatives, and a fastText classifier trained on them
-scores the whole corpus. The selection policies at the end of this module take the
-*global* score column of a run (never a batch).
+scores the whole corpus; the selection policies (``operators.selection``) take the *global*
+score column of a run (never a batch).
 
-Module order: the S statistic and labels; text normalisation; the fastText scorer
-(train / load / score); selection policies.
+This module holds the S statistic, the labels and the text normalisation; the fastText scorer
+(train / load / score) is ``operators.preselect.scorer``.
 """
 
 from __future__ import annotations

@@ -20,8 +20,9 @@ Two SAE families are read:
 All decode with x̂ = z W_dec + b_dec. Weights are held in one layout (W_enc [d_in, d_sae],
 W_dec [d_sae, d_in]); loaders convert and check every shape at load time.
 
-Module order: the model; loaders and ``save_sparsify``; pooling and sparse storage;
-generalized Jaccard; a minimal TopK trainer.
+This module is the model. Loading and saving live in ``operators.sae.io``, pooling and the
+Jaccard similarity in ``operators.sae.math``, training in ``operators.sae.train``, the ``lm``
+head in ``operators.sae.head`` and the ``sae_select`` stage in ``operators.sae.stage``.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from jobs.demo.model import prepare_demo_gguf
-from operators.lm import stage as lm_stage
+from operators.lm import heads as lm_heads
 from operators.lm.models import SKIP_EMPTY, SKIP_SHORT, ModelSpec
 from operators.lm.stage import LMStageConfig
 from operators.lm.torch_engine import restore_linears, route_linears_to_onednn
@@ -66,7 +66,7 @@ class MeanHead:
 
     layers = [-1]
 
-    def __init__(self, params: dict, info: lm_stage.ModelInfo) -> None:
+    def __init__(self, params: dict, info: lm_heads.ModelInfo) -> None:
         self.prefix, self.hidden_size = params["prefix"], info.hidden_size
 
     def output_schema(self) -> pa.Schema:
@@ -84,7 +84,7 @@ class MeanHead:
 @pytest.fixture(scope="module")
 def op(demo_model):
     """One loaded operator serves most checks: taps, cached states, a head, small max_tokens."""
-    lm_stage.HEAD_KINDS["test_mean"] = f"{__name__}:MeanHead"
+    lm_heads.HEAD_KINDS["test_mean"] = f"{__name__}:MeanHead"
     cfg = LMStageConfig(model={"name": "smol", "path": str(demo_model)}, max_tokens=64, taps=[0],
                         cache_hidden=[5, "last"], max_batch_tokens=256,
                         heads=[{"kind": "test_mean", "params": {"prefix": "probe"}}])

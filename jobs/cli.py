@@ -7,6 +7,10 @@ import importlib
 import logging
 import sys
 
+from jobs.errors import UserError
+
+__all__ = ["UserError", "build_parser", "main"]
+
 # Modules that add subcommands; each defines ``register(subparsers)``.
 COMMAND_MODULES = ["jobs.run_cmd", "jobs.ops_cmds", "jobs.eval_cmd", "jobs.freq_cmd", "jobs.pawn_cmd",
                    "jobs.sae_cmd", "jobs.sae_eval_cmd", "jobs.preselect_cmd"]
@@ -30,10 +34,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"curate: error: {err}", file=sys.stderr)
         return 2
-
-
-class UserError(Exception):
-    """An error the user can fix (bad config, missing input); printed without a traceback."""
 
 
 if __name__ == "__main__":

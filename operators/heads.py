@@ -85,7 +85,8 @@ def _head_tag(value: Any) -> str:
 
 
 HeadSpec = Annotated[
-    Annotated[PawnHeadSpec, Tag("pawn")] | Annotated[SAEHeadSpec, Tag("sae")]
+    Annotated[PawnHeadSpec, Tag("pawn")]
+    | Annotated[SAEHeadSpec, Tag("sae")]
     | Annotated[CustomHeadSpec, Tag("custom")],
     Discriminator(_head_tag),
 ]

@@ -25,7 +25,7 @@ import polars as pl
 import pyarrow as pa
 from pydantic import Field
 
-from operators.base import Resources, StageConfig, StrictModel
+from operators.base import MiB, Resources, StageConfig, StrictModel
 from operators.preselect import (
     load_scorer,
     normalize_column_for_fasttext,
@@ -88,8 +88,12 @@ class PreSelectConfig(StageConfig):
     model: str = Field(description="fastText .bin trained by `curate preselect train`: path or fsspec URL.")
     selection: SelectionPolicy = TopFractionCharsPolicy()
     cpu_only: ClassVar[bool] = True
+    default_memory: ClassVar[int] = 384 * MiB
     resources: Resources = Resources(num_cpus=1, concurrency=1, batch_size=4096)
 
+
+    def provides(self) -> list[str]:
+        return [self.score_column]
 
     @property
     def score_column(self) -> str:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from datetime import UTC, date, datetime
 
 from jobs.cli import UserError
 from pipelines.config import ConfigError, load_config
 from pipelines.io import InputError
-from pipelines.runner import RunResult, run_pipeline
+from pipelines.runner import RunFailed, RunResult, run_pipeline
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,6 +41,11 @@ def run_command(args: argparse.Namespace) -> int:
         result = run_pipeline(cfg, args.date)
     except (ConfigError, InputError) as err:
         raise UserError(str(err)) from None
+    except RunFailed as err:  # recorded as failed in `runs`, nothing committed: no traceback, exit 1
+        if getattr(err, "result", None) is not None:
+            print(format_summary(err.result))  # type: ignore[attr-defined]
+        print(f"curate: error: run failed, nothing committed: {err}", file=sys.stderr)
+        return 1
     print(format_summary(result))
     from jobs.report import write_report  # lazy: matplotlib is slow to import
 

@@ -18,13 +18,13 @@ Per document the stage adds ``n_bytes``, ``n_chars`` and, per tokenizer ``<t>``,
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import polars as pl
 import pyarrow as pa
 from pydantic import Field
 
-from operators.base import StageConfig
+from operators.base import MiB, RunFailed, StageConfig
 from operators.tokenizers import TokenizerSpec, load_tokenizer
 
 PREMIUM_SCHEMA = pa.schema([
@@ -48,6 +48,17 @@ class TokenCountsConfig(StageConfig):
     ref_lang: str = "eng_Latn"
     max_unk_share: float = Field(0.10, ge=0, le=1)
     lang_column: str = "lang"
+    #: Measured (bench/stage_memory.py): 444 MiB peak USS with three tokenizers (an HF one, cl100k,
+    #: o200k); Ray Data asks for 1.25x that. Per tokenizer on top of the worker's own ~190 MiB.
+    default_memory: ClassVar[int] = 192 * MiB
+    tokenizer_memory: ClassVar[int] = 128 * MiB
+
+    def memory_bytes(self) -> int:
+        return self.resources.memory or self.default_memory + self.tokenizer_memory * len(self.tokenizers)
+
+    def provides(self) -> list[str]:
+        cols = ["n_bytes", "n_chars"]
+        return cols + [f"{kind}__{t.name}" for t in self.tokenizers for kind in ("tokens", "fallback_chars")]
 
     def build(self) -> TokenCounter:
         return TokenCounter(self.tokenizers)
@@ -56,6 +67,10 @@ class TokenCountsConfig(StageConfig):
         docs = ctx.scan_documents()
         if self.lang_column not in docs.collect_schema().names():
             return {"token_premium": PREMIUM_SCHEMA.empty_table()}
+        present = docs.select(pl.col(self.lang_column).drop_nulls().unique()).collect().to_series().to_list()
+        if present and self.ref_lang not in present:
+            raise RunFailed(f"{self.stage_name}.ref_lang: {self.ref_lang!r} is not in the data, so every "
+                            f"premium would be null; languages present: {sorted(present)}")
         table = premium_table(docs, [t.name for t in self.tokenizers], self.ref_lang,
                               self.max_unk_share, self.lang_column)
         if table.num_rows:

@@ -50,7 +50,7 @@ class TokenCountsConfig(StageConfig):
     lang_column: str = "lang"
     #: Measured (bench/stage_memory.py): 444 MiB peak USS with three tokenizers (an HF one, cl100k,
     #: o200k); Ray Data asks for 1.25x that. Per tokenizer on top of the worker's own ~190 MiB.
-    default_memory: ClassVar[int] = 192 * MiB
+    default_memory: ClassVar[int] = 256 * MiB
     tokenizer_memory: ClassVar[int] = 128 * MiB
 
     def memory_bytes(self) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -82,9 +84,9 @@ def test_default_pipeline_and_test_configs_fit_two_cores_and_24_gib():
     assert shortfalls(heavy, machine) == []
 
 
-def test_memory_is_declared_so_ray_data_stops_warning(tmp_path, local_ray):
-    """Ray Data's high-memory detector warns when an actor's USS passes what it requested (0 B when
-    nothing is declared). With the measured defaults the LM actor requests enough: no warning."""
+def test_stage_actors_reserve_their_memory_and_ray_data_stops_warning(tmp_path, local_ray):
+    """While the lm actor lives, Ray's free ``memory`` is lower by what the stage declares (Ray places
+    actors by it), and Ray Data's high-memory detector, run every 0.2 s, has nothing to report."""
     from ray.data import DataContext
 
     from jobs.demo_assets import prepare_demo_model
@@ -94,6 +96,7 @@ def test_memory_is_declared_so_ray_data_stops_warning(tmp_path, local_ray):
         id=[f"d{i}" for i in range(24)],
         text=[f"Some text to score, number {i}, with a few more words." for i in range(24)],
     )
+    model = {"name": "smol", "path": str(prepare_demo_model(log=lambda _m: None))}
     raw = {
         "name": "mem",
         "input": {"url": str(tmp_path / "in")},
@@ -101,7 +104,7 @@ def test_memory_is_declared_so_ray_data_stops_warning(tmp_path, local_ray):
         "stages": [
             {
                 "op": "lm",
-                "model": {"name": "smol", "path": str(prepare_demo_model(log=lambda _m: None))},
+                "model": model,
                 "max_tokens": 32,
                 "cpu_threads": 1,
                 "resources": {"num_cpus": 0.25, "batch_size": 4},
@@ -109,7 +112,17 @@ def test_memory_is_declared_so_ray_data_stops_warning(tmp_path, local_ray):
         ],
     }
     cfg = parse_config(raw)
-    assert cfg.stages[0].memory_bytes() > 1024 * (1 << 20)  # overhead + the 513 MiB of float32 weights
+    declared = cfg.stages[0].memory_bytes()
+    assert declared > 1024 * (1 << 20)  # overhead + the 513 MiB of float32 weights
+
+    total = local_ray.cluster_resources()["memory"]
+    lowest = [total]
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            lowest[0] = min(lowest[0], local_ray.available_resources().get("memory", total))
+            time.sleep(0.02)
 
     detector = DataContext.get_current().issue_detectors_config.high_memory_detector_config
     messages: list[str] = []
@@ -119,10 +132,15 @@ def test_memory_is_declared_so_ray_data_stops_warning(tmp_path, local_ray):
     before = detector.detection_time_interval_s
     detector.detection_time_interval_s = 0.2  # check every 0.2 s instead of every 30 s
     logger.addHandler(handler)
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
     try:
         result = run_pipeline(cfg, "2026-02-01")
     finally:
+        done.set()
+        thread.join()
         logger.removeHandler(handler)
         detector.detection_time_interval_s = before
     assert result.status == "committed" and result.rows_out == 24
+    assert total - lowest[0] >= declared  # the actor held its declared memory
     assert not [m for m in messages if "memory" in m], messages

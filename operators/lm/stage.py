@@ -196,8 +196,9 @@ class LMStageConfig(StageConfig):
         return LMOperator(self)
 
 
-#: Measured (README "Resources"): an lm actor's USS beyond its weights, SmolLM2-135M on CPU, torch
-#: backend, batch 32 x 256 tokens: imports (torch, transformers), activations and logits buffers.
+#: An lm actor's RAM beyond its weights. Measured (bench/stage_memory.py): SmolLM2-135M (513 MiB of
+#: float32 weights) on CPU, batch 32, peaks at 969 MiB USS; Ray Data wants 1.25x = 1211 MiB, and
+#: 768 MiB + the weights leaves room for longer documents.
 LM_ACTOR_OVERHEAD = 768 * MiB
 #: A PAWN head on the LM's device (its weights and per-batch features), measured the same way.
 PAWN_HEAD_MEMORY = 64 * MiB

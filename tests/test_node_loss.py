@@ -197,6 +197,7 @@ def test_worker_node_lost_mid_run(tmp_path, cluster):
     rc = finish(proc, log, timeout=120)
 
     part = out / "documents" / "run_date=2026-05-05"
+    print(f"node loss: the run {'committed' if rc == 0 else 'failed'} (driver exit {rc})")
     if rc == 0:  # every row exactly once
         ids = pq.read_table(part, columns=["id"]).column("id").to_pylist()
         assert len(ids) == n and len(set(ids)) == n

@@ -6,10 +6,25 @@ where it runs: the pipeline builder wraps it in a Ray Data actor stage sized by 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Protocol
+import re
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MiB = 1 << 20
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_bytes(value: int | float | str) -> int:
+    """Bytes from an int or a size string: ``936MiB``, ``1.5GiB``, ``512M`` (binary units)."""
+    if isinstance(value, int | float):
+        return int(value)
+    m = _SIZE.match(value)
+    if not m:
+        raise ValueError(f"not a size: {value!r} (bytes, or a number with KiB/MiB/GiB/TiB)")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()[:1]])
 
 
 class StrictModel(BaseModel):
@@ -27,6 +42,29 @@ class Resources(StrictModel):
         1, description="Actors in the pool: a fixed size, or (min, max) to autoscale."
     )
     batch_size: int = Field(256, gt=0, description="Rows per batch handed to the operator.")
+    memory: int | None = Field(
+        None, gt=0, description="Bytes of RAM reserved per actor (or '2GiB'); default: the stage's measured "
+        "need (``StageConfig.memory_bytes``).")
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        return parse_bytes(value) if isinstance(value, str) else value
+
+    @field_validator("concurrency")
+    @classmethod
+    def _pool_size(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        low, high = (value, value) if isinstance(value, int) else value
+        if low < 1:
+            raise ValueError("an actor pool needs at least 1 actor: use n >= 1, or [min, max] with min >= 1")
+        if high < low:
+            raise ValueError(f"[min, max] with max < min: {list(value)}")  # type: ignore[arg-type]
+        return value
+
+    @property
+    def min_actors(self) -> int:
+        """Actors that must run at once (the pool size, or its minimum)."""
+        return self.concurrency if isinstance(self.concurrency, int) else self.concurrency[0]
 
 
 class Operator(Protocol):
@@ -41,17 +79,54 @@ class Operator(Protocol):
         ...
 
 
+class Need(NamedTuple):
+    """A column a stage reads that an earlier stage must make, and the config field that asks for it.
+
+    ``columns`` are alternatives (any one will do). With ``prefix`` the field's value is a column
+    prefix (a model name, ``<prefix>__<suffix>``): the plan check then lists, as the valid
+    choices, the prefixes whose columns of the same suffix earlier stages make.
+    """
+
+    columns: tuple[str, ...]
+    field: str
+    value: Any
+    hint: str = ""
+    prefix: bool = False
+
+
+class PlanError(ValueError):
+    """A stage's reference that the rest of the plan does not satisfy (raised by ``bind``)."""
+
+    def __init__(self, field: str, value: Any, message: str, choices: list[str] | None = None) -> None:
+        self.field, self.value, self.choices = field, value, choices
+        super().__init__(message)
+
+
+class RunFailed(RuntimeError):
+    """The night cannot commit a meaningful result (error budget passed, a whole-run check failed).
+
+    The run is recorded as ``failed`` with this message and commits no table.
+    """
+
+
+#: Base columns every batch has after the read (see ``pipelines.io.read_shard``).
+BASE_COLUMNS = ("id", "text", "source_file", "source_row")
+
+
 class StageConfig(StrictModel):
     """Config of one pipeline stage. Subclasses set ``op`` as a Literal and implement ``build``."""
 
     op: str
     name: str | None = Field(None, description="Stage name in summaries; defaults to the op.")
     resources: Resources = Resources()
+    max_quarantine_share: float | None = Field(
+        None, ge=0, le=1, description="Fail the run when this stage quarantines more than this share "
+        "of the rows it receives (default: only the run's budget applies).")
 
-    #: Columns the stage reads; the plan checks that an earlier stage or the input provides them.
-    requires: ClassVar[tuple[str, ...]] = ("text",)
     #: True for operators that never use a GPU: asking for one is a config error.
     cpu_only: ClassVar[bool] = False
+    #: RAM one actor uses, measured on the demo data (README "Resources"); ``resources.memory`` overrides.
+    default_memory: ClassVar[int] = 512 * MiB
 
     @model_validator(mode="after")
     def _no_gpu_for_cpu_only(self) -> StageConfig:
@@ -62,6 +137,22 @@ class StageConfig(StrictModel):
     @property
     def stage_name(self) -> str:
         return self.name or self.op
+
+    def requires(self) -> list[Need]:
+        """Columns made by earlier stages that this stage reads (``text`` and input columns aside)."""
+        return []
+
+    def provides(self) -> list[str]:
+        """Columns this stage adds to every row (those known from the config)."""
+        return []
+
+    def bind(self, earlier: list[StageConfig]) -> StageConfig:
+        """Resolve references to earlier stages (raise ``PlanError``); returns the stage to run."""
+        return self
+
+    def memory_bytes(self) -> int:
+        """RAM reserved per actor: ``resources.memory``, else the stage's measured default."""
+        return self.resources.memory or self.default_memory
 
     def build(self) -> Operator:
         """Construct the operator (called once inside each actor)."""

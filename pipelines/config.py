@@ -1,7 +1,9 @@
 """Typed, validated pipeline definitions.
 
 A pipeline is a YAML file: input, output, Ray settings and a list of stages. It is validated before
-Ray starts; an error names the field path and the bad value, and unknown keys are errors.
+Ray starts, field by field and then as a whole plan (``pipelines.plan``: every column a stage reads
+is made by an earlier stage); an error names the field path and the bad value, and unknown keys
+are errors.
 ``${VAR}`` and ``${VAR:-default}`` in string values are expanded from the environment.
 """
 
@@ -19,9 +21,14 @@ from pydantic import Field, ValidationError, field_validator
 
 from operators.base import StrictModel
 from operators.registry import STAGE_CONFIGS
+from pipelines.plan import plan_errors
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _DEFAULTS = {"CURATE_CACHE": str(Path.home() / ".cache" / "curate")}
+
+
+#: The run's default error budget: stops a night where most rows fail, lets a few bad rows through.
+DEFAULT_MAX_QUARANTINE_SHARE = 0.5
 
 
 class ConfigError(ValueError):
@@ -36,6 +43,8 @@ class InputConfig(StrictModel):
     id_column: str = "id"
     max_text_bytes: int = Field(10_000_000, gt=0, description="Longer documents are quarantined.")
     read_batch_rows: int = Field(1024, gt=0, description="Rows per block when reading a shard.")
+    columns: list[str] = Field(default_factory=list, description="Stage-made columns the shards already "
+                               "carry (e.g. an earlier run's lm columns): the plan check counts them as made.")
 
 
 class OutputConfig(StrictModel):
@@ -51,6 +60,9 @@ class RayConfig(StrictModel):
     address: str | None = None
     num_cpus: int | None = Field(None, gt=0, description="Embedded Ray only; default: all cores.")
     object_store_memory: int | None = Field(None, gt=0)
+    resource_wait_s: float = Field(
+        600, ge=0, description="On a cluster you address: how long to wait for it to scale up to what the "
+        "stages reserve (CPUs, GPUs, memory) before the run fails.")
 
 
 def _stage_union() -> Any:
@@ -68,6 +80,10 @@ class PipelineConfig(StrictModel):
     output: OutputConfig = OutputConfig()
     ray: RayConfig = RayConfig()
     stages: list[_stage_union()] = Field(default_factory=list)  # type: ignore[valid-type]
+    max_quarantine_share: float = Field(
+        DEFAULT_MAX_QUARANTINE_SHARE, ge=0, le=1,
+        description="Error budget: the run fails, committing nothing, when more than this share of its "
+        "rows is quarantined.")
 
     @field_validator("stages")
     @classmethod
@@ -117,9 +133,18 @@ def parse_config(raw: dict, source: str = "<config>") -> PipelineConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping, got {type(raw).__name__}")
     try:
-        return PipelineConfig.model_validate(expand_env(raw))
+        cfg = PipelineConfig.model_validate(expand_env(raw))
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source)) from None
+    return check_plan(cfg, source)
+
+
+def check_plan(cfg: PipelineConfig, source: str = "<config>") -> PipelineConfig:
+    """Raise ``ConfigError`` listing every broken cross-stage reference; else the bound config."""
+    bound, errors = plan_errors(cfg.stages, cfg.input.columns)
+    if errors:
+        raise ConfigError("\n".join(f"{source}: {e}" for e in errors))
+    return cfg.model_copy(update={"stages": bound})
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> PipelineConfig:

@@ -24,12 +24,16 @@ import pyarrow.compute as pc
 import ray
 from ray.data import ActorPoolStrategy
 
-from operators.base import StageConfig
+from operators.base import RunFailed, StageConfig
+from pipelines.budget import check_budget
 from pipelines.commit import RunLayout, clear_stale_staging, code_version, commit_run, recover
-from pipelines.config import ConfigError, PipelineConfig
-from pipelines.finalize import FinalizeContext
+from pipelines.config import ConfigError, PipelineConfig, check_plan
+from pipelines.finalize import FinalizeContext, scan_staged
 from pipelines.io import batch_key, is_process_local, list_shards, read_shard, write_parquet
+from pipelines.resources import READ_CPUS, WRITER_CPUS, check_resources, shortfalls
 from pipelines.stage_runner import SECONDS_PREFIX, StageRunner
+
+__all__ = ["RunFailed", "RunResult", "check_cpu_budget", "run_pipeline"]
 
 log = logging.getLogger("curate.run")
 READ_STAGE = "read"
@@ -90,33 +94,23 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None,
              object_store_memory=object_store_memory, log_to_driver=True)
 
 
-#: CPUs reserved by the read tasks and by the writer actor; stages get the rest of the cluster.
-READ_CPUS = 0.25
-WRITER_CPUS = 0.25
-
-
-def check_cpu_budget(cfg: PipelineConfig, cluster_cpus: float, autoscaling: bool = False) -> None:
+def check_cpu_budget(cfg: PipelineConfig, cluster_cpus: float, autoscaling: bool = False,
+                     cluster_gpus: float | None = None, cluster_memory: float | None = None) -> None:
     """Fail before running when the stages' actor pools cannot all start (Ray Data would hang).
 
-    Every stage's pool needs ``num_cpus × min pool size`` at once, plus the read task and writer.
-    On a cluster that may autoscale (``autoscaling``) this only warns.
+    Every stage's pool needs ``num_cpus × min pool size`` at once, plus the read task and writer;
+    likewise GPUs and memory when the cluster's are given (``pipelines.resources``). On a cluster
+    that may autoscale (``autoscaling``) this only warns; ``run_pipeline`` then waits for it.
     """
-    needed = READ_CPUS + WRITER_CPUS
-    parts = []
-    for i, stage in enumerate(cfg.stages):
-        r = stage.resources
-        size = r.concurrency if isinstance(r.concurrency, int) else r.concurrency[0]
-        needed += r.num_cpus * size
-        parts.append(f"stages[{i}] {stage.stage_name}: {r.num_cpus:g} × {size}")
-    if needed > cluster_cpus + 1e-9:
-        message = (
-            f"the stages reserve {needed:g} CPUs (read + writer {READ_CPUS + WRITER_CPUS:g}; "
-            f"{'; '.join(parts)}) but the Ray cluster has {cluster_cpus:g}: every stage's actors run at "
-            f"once, so lower stages[*].resources.num_cpus or concurrency, or raise ray.num_cpus")
+    cluster = {"CPU": cluster_cpus}
+    cluster |= {"GPU": cluster_gpus} if cluster_gpus is not None else {}
+    cluster |= {"memory": cluster_memory} if cluster_memory is not None else {}
+    missing = shortfalls(cfg, cluster, keys=tuple(cluster))
+    if missing:
         if autoscaling:
-            log.warning("%s (continuing: the cluster may scale up)", message)
+            log.warning("%s (continuing: the cluster may scale up)", "\n".join(missing))
             return
-        raise ConfigError(message)
+        raise ConfigError("\n".join(missing))
 
 
 def _read_shards(batch: pa.Table, input_cfg: dict) -> pa.Table:
@@ -169,7 +163,7 @@ def _resources(stage: StageConfig) -> dict:
     pool = (ActorPoolStrategy(size=r.concurrency) if isinstance(r.concurrency, int)
             else ActorPoolStrategy(min_size=r.concurrency[0], max_size=r.concurrency[1]))
     return {"batch_size": r.batch_size, "compute": pool, "num_cpus": r.num_cpus,
-            "num_gpus": r.num_gpus or None}
+            "num_gpus": r.num_gpus or None, "memory": stage.memory_bytes()}
 
 
 def execute(ds: ray.data.Dataset, layout: RunLayout, write_batch_rows: int) -> list[dict]:
@@ -201,7 +195,9 @@ def stage_stats(rows: list[dict], stage_names: list[str]) -> list[StageStats]:
 
 
 def run_pipeline(cfg: PipelineConfig, run_date: str) -> RunResult:
-    """Run ``cfg`` for ``run_date`` and commit its tables atomically. Raises on failure."""
+    """Run ``cfg`` for ``run_date`` and commit its tables atomically. Raises on failure (``RunFailed``
+    when the error budget or a whole-run check says the night must not commit; see ``pipelines.budget``)."""
+    cfg = check_plan(cfg)  # loaded configs are checked already; this covers ones built in code
     started = time.perf_counter()
     run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     layout = RunLayout.for_url(cfg.output.url, run_date, run_id)
@@ -212,10 +208,11 @@ def run_pipeline(cfg: PipelineConfig, run_date: str) -> RunResult:
         shards = list_shards(cfg.input.url)
         log.info("run %s: %d shard(s) from %s", run_id, len(shards), cfg.input.url)
         init_ray(cfg)
-        check_cpu_budget(cfg, ray.cluster_resources().get("CPU", 0.0),
-                         autoscaling=bool(cfg.ray.address or os.environ.get("RAY_ADDRESS")))
+        check_resources(cfg, ray.cluster_resources,
+                        addressed=bool(cfg.ray.address or os.environ.get("RAY_ADDRESS")))
         stats_rows = execute(build_dataset(cfg, shards, layout), layout, cfg.output.write_batch_rows)
         result.stages = stage_stats(stats_rows, [s.stage_name for s in cfg.stages])
+        check_budget(cfg, result.stages, lambda: quarantine_examples(layout))
         _finalize(cfg, layout)
         manifests = commit_run(layout, {"pipeline": cfg.name, "config_hash": cfg.config_hash(),
                                         "code_version": code_version()})
@@ -223,11 +220,23 @@ def run_pipeline(cfg: PipelineConfig, run_date: str) -> RunResult:
         result.status = "committed"
     except BaseException as err:
         result.status, result.error = "failed", f"{type(err).__name__}: {err}"
+        if isinstance(err, RunFailed):  # a whole-run verdict: nothing of this run may be committed
+            err.result = result  # type: ignore[attr-defined]
+            clear_stale_staging(layout)
         raise
     finally:
         result.seconds = round(time.perf_counter() - started, 2)
         write_run_row(cfg, layout, result)
     return result
+
+
+def quarantine_examples(layout: RunLayout, n: int = 3) -> list[str]:
+    """Up to ``n`` distinct quarantine reasons staged by this run (its quarantine table is not committed)."""
+    staged = scan_staged(layout, ["quarantine"])
+    if "quarantine_reason" not in staged.collect_schema().names():
+        return []
+    reasons = staged.select("quarantine_reason").unique(maintain_order=True).head(n).collect()
+    return [r[:300] for r in reasons.to_series().to_list() if r]
 
 
 def _finalize(cfg: PipelineConfig, layout: RunLayout) -> None:

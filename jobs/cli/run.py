@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from datetime import UTC, date, datetime
 
 from jobs.errors import UserError
 from jobs.ops.summary import format_summary
 from pipelines.config import ConfigError, load_config
 from pipelines.io import InputError
-from pipelines.runner import run_pipeline
+from pipelines.runner import RunFailed, run_pipeline
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,6 +42,11 @@ def run_command(args: argparse.Namespace) -> int:
         result = run_pipeline(cfg, args.date)
     except (ConfigError, InputError) as err:
         raise UserError(str(err)) from None
+    except RunFailed as err:  # recorded as failed in `runs`, nothing committed: no traceback, exit 1
+        if getattr(err, "result", None) is not None:
+            print(format_summary(err.result))  # type: ignore[attr-defined]
+        print(f"curate: error: run failed, nothing committed: {err}", file=sys.stderr)
+        return 1
     print(format_summary(result))
     from jobs.ops.report import write_report
 

@@ -30,17 +30,19 @@ skip_reason). Heads add their own columns (``Head.output_schema``).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
-from operators.base import StageConfig
+from operators.base import MiB, Need, StageConfig
 from operators.lm.engine import DocResult, Engine, EngineSettings, open_engine
-from operators.lm.heads import Head, HeadSpec, Layer, resolve_head_factory
+from operators.lm.heads import Head, HeadSpec, Layer, PawnHeadSpec, SAEHeadSpec, resolve_head_factory
 from operators.lm.metrics import EXACT_METRICS, TOPK_METRICS, nll_sum
-from operators.lm.models import Encoded, ModelSpec
+from operators.lm.models import Encoded, ModelSpec, is_local_path
 from operators.lm.vllm_engine import VLLMOptions
 
 _VLLM_EXACT_ALTERNATIVE = {"entropy": "entropy_topk", "top_p": "top_p_topk", "logp2": "logp2_topk"}
@@ -57,7 +59,8 @@ class LMStageConfig(StageConfig):
     metrics: list[str] | None = Field(None, description="Per-position metrics; default all of the backend's.")
     taps: list[Layer] = Field(default_factory=list, description="Hidden layers kept on device for heads.")
     cache_hidden: list[Layer] = Field(default_factory=list, description="Hidden layers written out.")
-    heads: list[HeadSpec] = Field(default_factory=list)
+    heads: list[HeadSpec] = Field(default_factory=list, description="kind pawn / sae (typed params) or "
+                                  "module:callable (free params).")
     keep_positions: bool = Field(True, description="False: only per-document scalars.")
     max_batch_tokens: int = Field(8192, gt=0, description="Padded tokens per forward pass (B·T).")
     cpu_threads: int | None = Field(
@@ -67,6 +70,36 @@ class LMStageConfig(StageConfig):
     @property
     def stage_name(self) -> str:
         return self.name or f"lm_{self.model.name}"
+
+    def requires(self) -> list[Need]:
+        if self.text_column == "text":
+            return []
+        return [Need((self.text_column,), "text_column", self.text_column,
+                     "a stage before this one that makes it, e.g. lowercase_text for text_lower")]
+
+    def provides(self) -> list[str]:
+        """The columns of ``LMOperator.output_schema`` (custom heads' columns are known only when built)."""
+        m, cols = self.model.name, []
+        if self.keep_positions:
+            cols += [f"{m}__token_ids", *(f"{m}__{k}" for k in self.metric_names)]
+            cols += [f"{m}__xent"] if self.observer is not None else []
+        cols += [hidden_column(m, layer) for layer in self.cache_hidden]
+        cols += [f"{m}__nll_sum"] + ([f"{m}__xent_sum"] if self.observer is not None else [])
+        cols += [f"{m}__n_scored", f"{m}__truncated", f"{m}__skip_reason"]
+        return cols + [c for h in self.heads for c in h.columns()]
+
+    @property
+    def sae_heads(self) -> list[SAEHeadSpec]:
+        return [h for h in self.heads if isinstance(h, SAEHeadSpec)]
+
+    def memory_bytes(self) -> int:
+        """``resources.memory``, else the measured actor overhead + the weights in RAM + PAWN heads."""
+        if self.resources.memory:
+            return self.resources.memory
+        on_gpu = bool(self.resources.num_gpus)
+        weights = sum(model_ram_bytes(m, on_gpu) for m in (self.model, self.observer) if m is not None)
+        pawn = sum(PAWN_HEAD_MEMORY for h in self.heads if isinstance(h, PawnHeadSpec))
+        return LM_ACTOR_OVERHEAD + weights + pawn
 
     @property
     def metric_names(self) -> tuple[str, ...]:
@@ -106,6 +139,39 @@ class LMStageConfig(StageConfig):
         return LMOperator(self)
 
 
+#: An lm actor's RAM beyond its weights. Measured (bench/stage_memory.py): SmolLM2-135M (513 MiB of
+#: float32 weights) on CPU, batch 32, peaks at 969 MiB USS; Ray Data wants 1.25x = 1211 MiB, and
+#: 768 MiB + the weights leaves room for longer documents.
+LM_ACTOR_OVERHEAD = 768 * MiB
+#: A PAWN head on the LM's device (its weights and per-batch features), measured the same way.
+PAWN_HEAD_MEMORY = 64 * MiB
+#: Weights of a model we cannot size on disk (a Hub id not in the local cache): a 1B model in bf16.
+UNSIZED_MODEL_BYTES = 2048 * MiB
+
+
+def model_file_bytes(spec: ModelSpec) -> int:
+    """Bytes of a local model's weight files (safetensors / bin / gguf); a flat guess otherwise."""
+    if not is_local_path(spec.path):
+        return UNSIZED_MODEL_BYTES
+    local = Path(spec.path).expanduser()
+    if local.is_file():
+        return local.stat().st_size
+    files = [p for pattern in ("*.safetensors", "*.bin", "*.gguf") for p in local.glob(pattern)]
+    return sum(p.stat().st_size for p in files) or UNSIZED_MODEL_BYTES
+
+
+def model_ram_bytes(spec: ModelSpec, on_gpu: bool) -> int:
+    """Host RAM the weights take: their size on disk, doubled when 16-bit weights run in float32 on CPU."""
+    size = model_file_bytes(spec)
+    config = Path(spec.path).expanduser() / "config.json" if is_local_path(spec.path) else None
+    stored = ""
+    if config is not None and config.is_file():
+        meta = json.loads(config.read_text())
+        stored = str(meta.get("torch_dtype") or meta.get("dtype") or "")
+    upcast = not on_gpu and spec.dtype in ("auto", "float32") and stored in ("bfloat16", "float16")
+    return 2 * size if upcast else size
+
+
 def engine_settings(cfg: LMStageConfig) -> EngineSettings:
     """What the engine of an ``lm`` stage loads and computes."""
     return EngineSettings(model=cfg.model, observer=cfg.observer, max_tokens=cfg.max_tokens,
@@ -123,7 +189,9 @@ class LMOperator:
     def __init__(self, cfg: LMStageConfig) -> None:
         self.cfg = cfg
         self.name = cfg.model.name
-        factories = [(resolve_head_factory(h.kind), h.params) for h in cfg.heads]
+        factories = [(resolve_head_factory(h.kind),
+                      h.params.model_dump() if isinstance(h.params, BaseModel) else h.params)
+                     for h in cfg.heads]
         self.engine: Engine = open_engine(engine_settings(cfg))
         info = self.engine.model_info() if factories else None
         self.heads: list[Head] = [factory(params, info) for factory, params in factories]

@@ -23,7 +23,7 @@ from typing import Annotated, ClassVar, Literal
 import pyarrow as pa
 from pydantic import Field
 
-from operators.base import Resources, StageConfig
+from operators.base import MiB, Resources, StageConfig
 from operators.preselect.math import normalize_column_for_fasttext
 from operators.preselect.scorer import load_scorer, score_normalized
 from operators.selection import ThresholdPolicy, TopFractionCharsPolicy, select_documents
@@ -40,7 +40,11 @@ class PreSelectConfig(StageConfig):
     model: str = Field(description="fastText .bin trained by `curate preselect train`: path or fsspec URL.")
     selection: SelectionPolicy = TopFractionCharsPolicy()
     cpu_only: ClassVar[bool] = True
+    default_memory: ClassVar[int] = 384 * MiB
     resources: Resources = Resources(num_cpus=1, concurrency=1, batch_size=4096)
+
+    def provides(self) -> list[str]:
+        return [self.score_column]
 
 
     @property

@@ -40,26 +40,14 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import torch
-from pydantic import Field
 
-from operators.base import StrictModel
-from operators.lm.heads import ModelInfo
+from operators.lm.heads import ModelInfo, SAEHeadParams
 from operators.sae.io import load_sae
 from operators.sae.math import to_sparse
 from operators.sae.model import SparseAutoencoder
 
 #: Elements of one [rows, d_sae] code buffer (64 MiB in float32): bounds memory for wide SAEs.
 CODE_BUFFER = 1 << 24
-
-
-class SAEHeadParams(StrictModel):
-    """Parameters of the SAE head (``params`` of a ``kind: sae`` head)."""
-
-    sae: str = Field(description="SAE directory or fsspec URL: sparsify (layers.<L>/ or flat) or SAELens.")
-    layer: int = Field(description="HF hidden_states index of the residual stream the SAE reads.")
-    name: str = Field("sae", pattern=r"^[A-Za-z][A-Za-z0-9_]*$", description="Column prefix.")
-    hidden_mean: bool = Field(False, description="Also write the mean-pooled raw state (cosine baseline).")
-    skip_first: int = Field(1, ge=0, description="Leading positions left out of the mean (attention sink).")
 
 
 def idx_column(name: str) -> str:

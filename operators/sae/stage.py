@@ -5,8 +5,9 @@ Activations". The ``lm`` stage's SAE head (``operators.sae.head``) gives every d
 embedding e_i (mean-pooled SAE codes). This stage
 
 * ``build`` (once per actor): embeds the target examples (``target``: a Parquet of texts of the
-  target task) with the *same* engine and head — same ``model``, ``head`` params and
-  ``max_tokens`` as the ``lm`` stage (use YAML anchors) — and averages them into the prototype
+  target task) with the *same* engine and head as the ``lm`` stage it names (``lm``: that stage's
+  name; ``head``: its SAE head's name when it has several) — its model, head params and
+  ``max_tokens``, resolved when the plan is checked — and averages them into the prototype
       proto = (1 / |X_t|) Σ_{x ∈ X_t} e(x);
 * ``process`` (per batch): ``sae_similarity`` = generalized Jaccard to the prototype,
       J(e_i, proto) = Σ_k min(e_ik, proto_k) / Σ_k max(e_ik, proto_k);
@@ -28,18 +29,19 @@ like (measured on the demo pool: README, "SAE selection").
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import ClassVar, Literal
 
 import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import Field
+from pydantic import Field, PrivateAttr, model_validator
 
-from operators.base import Resources, StageConfig
-from operators.lm.models import ModelSpec
+from operators.base import MiB, Need, PlanError, Resources, StageConfig
+from operators.lm.heads import SAEHeadParams
+from operators.lm.stage import LM_ACTOR_OVERHEAD, LMStageConfig, model_ram_bytes
 from operators.sae.embed import Embeddings, embed_texts, open_tap_engine
-from operators.sae.head import SAEHead, SAEHeadParams, idx_column, val_column
+from operators.sae.head import SAEHead, idx_column, val_column
 from operators.sae.math import generalized_jaccard_many, prototype
 from operators.selection import TopPercentPolicy, select_documents
 
@@ -89,15 +91,64 @@ class SAESelectConfig(StageConfig):
     """Score documents by SAE similarity to a target task; select the top n% of the run."""
 
     op: Literal["sae_select"] = "sae_select"
+    default_memory: ClassVar[int] = 128 * MiB  # beyond its model: the target's codes and a batch
     target: str = Field(description="Parquet (file, dir or fsspec URL) of target-task examples.")
     target_text_column: str = "text"
-    model: ModelSpec = Field(description="The lm stage's model: the target is embedded with it.")
-    head: SAEHeadParams = Field(description="The lm stage's SAE head params (sae, layer, name, …).")
-    max_tokens: int = Field(1024, ge=2, description="As the lm stage's max_tokens.")
+    lm: str = Field(description="Name of the earlier lm stage whose SAE head embeds the documents "
+                    "(its stage name, e.g. lm_smollm2); the target is embedded with the same model, "
+                    "head and max_tokens.")
+    head: str | None = Field(None, description="That stage's SAE head (its params.name) when it has several.")
     top_percent: float = Field(5.0, gt=0, le=100)
     aggregate: Aggregate = Field("prototype", description="prototype: J to the target mean; max: to the "
                                  "nearest target example.")
     resources: Resources = Resources(num_cpus=1, concurrency=1, batch_size=1024)
+
+    _lm: LMStageConfig | None = PrivateAttr(None)
+    _head: SAEHeadParams | None = PrivateAttr(None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_fields(cls, data: object) -> object:
+        if isinstance(data, dict):
+            moved = [k for k in ("model", "max_tokens") if k in data] + (
+                ["head"] if isinstance(data.get("head"), dict) else [])
+            if moved:
+                raise ValueError(f"sae_select no longer repeats the lm stage's {moved}: name that stage "
+                                 "with `lm: <stage name>` (and `head: <SAE head name>` if it has several)")
+        return data
+
+    def requires(self) -> list[Need]:
+        head = self._head.name if self._head is not None else (self.head or "sae")
+        return [Need((idx_column(head), val_column(head)), "lm", self.lm,
+                     f"the SAE head {head!r} of lm stage {self.lm!r}")]
+
+    def provides(self) -> list[str]:
+        return [self.score_column]
+
+    def bind(self, earlier: list[StageConfig]) -> SAESelectConfig:
+        """Resolve ``lm`` and ``head`` to the earlier lm stage's model, SAE head and max_tokens."""
+        lms = {s.stage_name: s for s in earlier if isinstance(s, LMStageConfig) and s.sae_heads}
+        lm = lms.get(self.lm)
+        if lm is None:
+            raise PlanError("lm", self.lm, "is not an earlier lm stage with an SAE head "
+                            "(kind: sae); name it by its stage name", sorted(lms))
+        heads = {h.params.name: h.params for h in lm.sae_heads}
+        if self.head is None and len(heads) > 1:
+            raise PlanError("head", None, f"lm stage {self.lm!r} has several SAE heads; name one",
+                            sorted(heads))
+        head = heads.get(self.head) if self.head is not None else next(iter(heads.values()))
+        if head is None:
+            raise PlanError("head", self.head, f"is not an SAE head of lm stage {self.lm!r}", sorted(heads))
+        bound = self.model_copy()
+        bound._lm, bound._head = lm, head
+        return bound
+
+    def memory_bytes(self) -> int:
+        """Its own copy of the lm stage's model (the target is embedded in this actor)."""
+        if self.resources.memory:
+            return self.resources.memory
+        weights = model_ram_bytes(self._lm.model, on_gpu=False) if self._lm is not None else 0
+        return LM_ACTOR_OVERHEAD + weights + self.default_memory
 
     @property
     def score_column(self) -> str:
@@ -109,13 +160,15 @@ class SAESelectConfig(StageConfig):
         return TopPercentPolicy(percent=self.top_percent)
 
     def build(self) -> SAESimilarity:
-        engine = open_tap_engine(self.model, self.head.layer, self.max_tokens)
-        head = SAEHead(self.head, engine.model_info())
+        if self._lm is None or self._head is None:
+            raise RuntimeError("sae_select is not bound to its lm stage: build it through a pipeline config")
+        engine = open_tap_engine(self._lm.model, self._head.layer, self._lm.max_tokens)
+        head = SAEHead(self._head, engine.model_info())
         texts = read_texts(self.target, self.target_text_column)
         refs = reference_rows(embed_texts(engine, head, texts), self.aggregate, self.target)
         log.info("sae_select: %d target texts -> %d reference row(s) (%s), %d active latents of %d",
                  len(texts), len(refs), self.aggregate, int((refs.max(axis=0) > 0).sum()), refs.shape[1])
-        return SAESimilarity(refs, self.head.name, self.score_column)
+        return SAESimilarity(refs, self._head.name, self.score_column)
 
     def finalize(self, ctx) -> dict[str, pa.Table]:
         return {"selected": select_documents(ctx.scan_documents(), self.score_column, self.stage_name,

@@ -17,12 +17,13 @@ Per document the stage adds ``n_bytes``, ``n_chars`` and, per tokenizer ``<t>``,
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
+import polars as pl
 import pyarrow as pa
 from pydantic import Field
 
-from operators.base import StageConfig
+from operators.base import MiB, RunFailed, StageConfig
 from operators.token_premium.math import PREMIUM_SCHEMA, premium_table
 from operators.token_premium.tokenizers import TokenizerSpec, load_tokenizer
 
@@ -35,6 +36,17 @@ class TokenCountsConfig(StageConfig):
     ref_lang: str = "eng_Latn"
     max_unk_share: float = Field(0.10, ge=0, le=1)
     lang_column: str = "lang"
+    #: Measured (bench/stage_memory.py): 444 MiB peak USS with three tokenizers (an HF one, cl100k,
+    #: o200k); Ray Data asks for 1.25x that. Per tokenizer on top of the worker's own ~190 MiB.
+    default_memory: ClassVar[int] = 256 * MiB
+    tokenizer_memory: ClassVar[int] = 128 * MiB
+
+    def memory_bytes(self) -> int:
+        return self.resources.memory or self.default_memory + self.tokenizer_memory * len(self.tokenizers)
+
+    def provides(self) -> list[str]:
+        cols = ["n_bytes", "n_chars"]
+        return cols + [f"{kind}__{t.name}" for t in self.tokenizers for kind in ("tokens", "fallback_chars")]
 
     def build(self) -> TokenCounter:
         return TokenCounter(self.tokenizers)
@@ -43,6 +55,10 @@ class TokenCountsConfig(StageConfig):
         docs = ctx.scan_documents()
         if self.lang_column not in docs.collect_schema().names():
             return {"token_premium": PREMIUM_SCHEMA.empty_table()}
+        present = docs.select(pl.col(self.lang_column).drop_nulls().unique()).collect().to_series().to_list()
+        if present and self.ref_lang not in present:
+            raise RunFailed(f"{self.stage_name}.ref_lang: {self.ref_lang!r} is not in the data, so every "
+                            f"premium would be null; languages present: {sorted(present)}")
         table = premium_table(docs, [t.name for t in self.tokenizers], self.ref_lang,
                               self.max_unk_share, self.lang_column)
         if table.num_rows:

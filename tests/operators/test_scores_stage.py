@@ -138,7 +138,9 @@ def test_lowercase_text_stage():
 
 
 def _pipeline(stage: dict) -> dict:
-    return {"name": "t", "input": {"url": "/tmp/in"}, "stages": [stage]}
+    """A scores-only pipeline whose input already carries the lm columns of model ``m``."""
+    lm_columns = [f"m__{c}" for c in ("token_ids", "logprob", "entropy", "logp2", "rank", "n_scored")]
+    return {"name": "t", "input": {"url": "/tmp/in", "columns": lm_columns}, "stages": [stage]}
 
 
 def test_config_errors_name_the_field(tmp_path):

@@ -175,8 +175,8 @@ def test_head_and_selection_through_the_pipeline(tmp_path, demo_model, tiny_sae,
                 "stages": [{"op": "lm", "model": model, "max_tokens": 32, "metrics": ["logprob"],
                             "keep_positions": False, "heads": [{"kind": "operators.sae.head:build_head", "params": head}],
                             "resources": {"batch_size": 64, "num_cpus": 0.75}},
-                           {"op": "sae_select", "target": str(tmp_path / "target.parquet"), "model": model,
-                            "head": head, "max_tokens": 32, "resources": {"batch_size": 64, "num_cpus": 0.75}}]}
+                           {"op": "sae_select", "target": str(tmp_path / "target.parquet"), "lm": "lm_smol",
+                            "resources": {"batch_size": 64, "num_cpus": 0.75}}]}
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(pipeline))
     assert main(["run", str(tmp_path / "p.yaml"), "--date", "2026-03-04"]) == 0
 
@@ -212,17 +212,15 @@ def test_head_and_selection_through_the_pipeline(tmp_path, demo_model, tiny_sae,
 
 
 def test_sae_select_config_validation(tmp_path, demo_model):
-    head = {"sae": "x", "layer": 3}
-    cfg = SAESelectConfig(target="t.parquet", model={"name": "smol", "path": str(demo_model)}, head=head)
+    cfg = SAESelectConfig(target="t.parquet", lm="lm_smol")
     assert cfg.score_column == "sae_similarity" and cfg.policy.describe() == "top_percent(5)"
-    named = SAESelectConfig(name="code", target="t", model={"name": "smol", "path": str(demo_model)},
-                            head=head, top_percent=2.5)
+    named = SAESelectConfig(name="code", target="t", lm="lm_smol", top_percent=2.5)
     assert named.score_column == "code_similarity" and named.policy.describe() == "top_percent(2.5)"
     assert named.aggregate == "prototype"
     with pytest.raises(ValidationError, match="aggregate"):
-        SAESelectConfig(target="t", model={"name": "smol", "path": str(demo_model)}, head=head, aggregate="mean")
+        SAESelectConfig(target="t", lm="lm_smol", aggregate="mean")
     with pytest.raises(ValidationError, match="top_percent"):
-        SAESelectConfig(target="t", model={"name": "smol", "path": str(demo_model)}, head=head, top_percent=0)
+        SAESelectConfig(target="t", lm="lm_smol", top_percent=0)
 
 
 @pytest.mark.slow

@@ -60,6 +60,21 @@ from operators.membership.math import (
 )
 
 log = logging.getLogger("curate.scores")
+
+#: Which way each score points, from its definition (the table above): "higher" means a higher
+#: score says positive (member of the training data, or machine-written), "lower" the opposite.
+#: Keyed by the column's suffix after ``<model>__`` (``pawn_score``: the PAWN head's default
+#: column, P(machine-written)). ``curate eval`` reports every score in this direction.
+SCORE_DIRECTIONS: dict[str, Literal["higher", "lower"]] = {
+    "ppl": "lower", "mink": "higher", "minkpp": "higher", "minkpp_topk": "higher", "zlib": "lower",
+    "dcpdd": "higher", "mean_entropy": "lower", "mean_log_rank": "lower", "binoculars": "lower",
+    "lowercase": "lower", "pawn_score": "higher",
+}
+
+
+def score_direction(column: str) -> Literal["higher", "lower"] | None:
+    """The registered direction of a score column (``M__ppl`` -> "lower"), or None if unknown."""
+    return SCORE_DIRECTIONS.get(column.split("__", 1)[-1])
 _PREFIX = r"^[A-Za-z][A-Za-z0-9_]*$"
 #: Exact metric -> the vLLM backend's estimate of it (used when the exact column is absent).
 _ESTIMATES = {"entropy": "entropy_topk", "logp2": "logp2_topk"}

@@ -30,8 +30,17 @@ Lowercase needs a second LM pass over lower(text), which doubles the model cost:
 ``smollm2_lower``, reading ``text_column: text_lower``) scores it, and ``lowercase.model`` names
 that second prefix here.
 
-With the vLLM backend the stage reads the top-k estimates ``entropy_topk`` / ``logp2_topk`` when
-the exact columns are absent.
+No silent estimates. The vLLM backend gives only top-k estimates of the entropy and of E[ln²p]
+(``entropy_topk`` / ``logp2_topk``), and Min-K%++ from them is a different number: on Zipf-like
+logits (V = 49,152, k = 20) σ is off by 7–22% on average (README, "Min-K%++ from top-k
+estimates"). The stage reads them only with ``allow_topk_estimates: true``, and then names what it
+computes from them for what it is:
+
+    M__minkpp_topk          Min-K%++ with μ, σ from the top-k estimates            higher ⇒ member
+    M__mean_entropy_topk    mean of the top-k entropy estimate                     lower ⇒ machine
+
+(in place of ``M__minkpp`` / ``M__mean_entropy``). Without it, a plan whose lm stage gives only
+estimates fails before Ray starts.
 """
 
 from __future__ import annotations
@@ -60,6 +69,21 @@ from operators.membership.math import (
 )
 
 log = logging.getLogger("curate.scores")
+
+#: Which way each score points, from its definition (the table above): "higher" means a higher
+#: score says positive (member of the training data, or machine-written), "lower" the opposite.
+#: Keyed by the column's suffix after ``<model>__`` (``pawn_score``: the PAWN head's default
+#: column, P(machine-written)). ``curate eval`` reports every score in this direction.
+SCORE_DIRECTIONS: dict[str, Literal["higher", "lower"]] = {
+    "ppl": "lower", "mink": "higher", "minkpp": "higher", "minkpp_topk": "higher", "zlib": "lower",
+    "dcpdd": "higher", "mean_entropy": "lower", "mean_log_rank": "lower", "binoculars": "lower",
+    "lowercase": "lower", "pawn_score": "higher", "mean_entropy_topk": "lower",
+}
+
+
+def score_direction(column: str) -> Literal["higher", "lower"] | None:
+    """The registered direction of a score column (``M__ppl`` -> "lower"), or None if unknown."""
+    return SCORE_DIRECTIONS.get(column.split("__", 1)[-1])
 _PREFIX = r"^[A-Za-z][A-Za-z0-9_]*$"
 #: Exact metric -> the vLLM backend's estimate of it (used when the exact column is absent).
 _ESTIMATES = {"entropy": "entropy_topk", "logp2": "logp2_topk"}
@@ -109,6 +133,9 @@ class ScoresConfig(StageConfig):
     lowercase: LowercaseOptions = LowercaseOptions()
     vocab_size: int | None = Field(
         None, gt=0, description="V of the model's logits, for mean_log_rank; default: from the ranks.")
+    allow_topk_estimates: bool = Field(
+        False, description="Read the vLLM top-k estimates (entropy_topk, logp2_topk) and write "
+                           "M__minkpp_topk / M__mean_entropy_topk instead of the exact scores.")
     cpu_only: ClassVar[bool] = True
     default_memory: ClassVar[int] = 384 * MiB  # measured: 215 MiB peak USS, plus a DC-PDD table
     resources: Resources = Resources(num_cpus=1, concurrency=1, batch_size=256)
@@ -122,9 +149,15 @@ class ScoresConfig(StageConfig):
         m = self.model
 
         def lm(metric: str, field: str = "model", value: object = m, hint: str = "") -> Need:
-            columns = (f"{m}__{metric}",) + ((f"{m}__{_ESTIMATES[metric]}",) if metric in _ESTIMATES else ())
-            return Need(columns, field, value, hint or f"an earlier lm stage with model.name {m!r} that "
-                        f"computes {metric!r} (with keep_positions: true)", prefix=field == "model")
+            if metric in _ESTIMATES and self.allow_topk_estimates:
+                return Need((f"{m}__{_ESTIMATES[metric]}",), "allow_topk_estimates", True,
+                            f"an lm stage for {m!r} with backend: vllm (its top-k estimates); with exact "
+                            "metrics leave allow_topk_estimates false")
+            hint = hint or (f"an earlier lm stage with model.name {m!r} that computes {metric!r} exactly "
+                            "(backend: torch; with keep_positions: true)" + (
+                                f"; vLLM's {_ESTIMATES[metric]!r} estimate is used only with "
+                                "allow_topk_estimates: true" if metric in _ESTIMATES else ""))
+            return Need((f"{m}__{metric}",), field, value, hint, prefix=field == "model")
 
         needs = [lm("logprob"), lm("entropy"), lm("logp2"), lm("rank")]
         if self.dcpdd is not None:
@@ -138,11 +171,16 @@ class ScoresConfig(StageConfig):
                               "lowercase_text stage", prefix=True))
         return needs
 
-    def provides(self) -> list[str]:
-        names = ["ppl", "mink", "minkpp"] + (["zlib"] if self.zlib else [])
-        names += (["dcpdd"] if self.dcpdd is not None else []) + ["mean_entropy", "mean_log_rank"]
+    def score_names(self) -> list[str]:
+        """Column suffixes this stage writes (``_topk`` for scores made from top-k estimates)."""
+        est = "_topk" if self.allow_topk_estimates else ""
+        names = ["ppl", "mink", f"minkpp{est}"] + (["zlib"] if self.zlib else [])
+        names += (["dcpdd"] if self.dcpdd is not None else []) + [f"mean_entropy{est}", "mean_log_rank"]
         names += (["binoculars"] if self.binoculars else []) + (["lowercase"] if self.lowercase.enabled else [])
-        return [f"{self.model}__{n}" for n in names]
+        return names
+
+    def provides(self) -> list[str]:
+        return [f"{self.model}__{n}" for n in self.score_names()]
 
     def build(self) -> ScoreOperator:
         return ScoreOperator(self)
@@ -166,14 +204,7 @@ class ScoreOperator:
         return pa.schema([(self.col(s), pa.float64()) for s in self.score_names()])
 
     def score_names(self) -> list[str]:
-        cfg = self.cfg
-        names = ["ppl", "mink", "minkpp"]
-        names += ["zlib"] if cfg.zlib else []
-        names += ["dcpdd"] if cfg.dcpdd is not None else []
-        names += ["mean_entropy", "mean_log_rank"]
-        names += ["binoculars"] if cfg.binoculars else []
-        names += ["lowercase"] if cfg.lowercase.enabled else []
-        return names
+        return self.cfg.score_names()
 
     def col(self, suffix: str, model: str | None = None) -> str:
         return f"{model or self.cfg.model}__{suffix}"
@@ -208,14 +239,16 @@ class ScoreOperator:
             "ppl": lambda d: perplexity(d["logprob"]),
             "mink": lambda d: min_k_prob(d["logprob"], k),
             "minkpp": lambda d: min_k_plus_plus(d["logprob"], d["entropy"], d["logp2"], k),
+            "mean_entropy": lambda d: mean_entropy(d["entropy"]),
         }
+        if cfg.allow_topk_estimates:  # the same formulas on the estimates, under their own names
+            scorers["minkpp_topk"], scorers["mean_entropy_topk"] = scorers["minkpp"], scorers["mean_entropy"]
         if cfg.zlib:
             scorers["zlib"] = lambda d: zlib_ratio(d["logprob"], d["text"])
         if self.table is not None:
             table, a = self.table, cfg.dcpdd.a  # type: ignore[union-attr]
             scorers["dcpdd"] = lambda d: dcpdd_score(scored_ids(d["token_ids"], len(d["logprob"])),
                                                      d["logprob"], table, a)
-        scorers["mean_entropy"] = lambda d: mean_entropy(d["entropy"])
         scorers["mean_log_rank"] = lambda d: mean_log_rank(d["rank"], vocab) if vocab else math.nan
         if cfg.binoculars:
             scorers["binoculars"] = lambda d: binoculars_score(d["logprob"], d["xent"])
@@ -244,7 +277,20 @@ class ScoreOperator:
 
     def _column(self, batch: pa.Table, metric: str, model: str | None = None, hint: str = "") -> str:
         """The column holding ``metric`` (or its vLLM estimate); a clear error naming what is missing."""
-        for name in (self.col(metric, model), self.col(_ESTIMATES.get(metric, ""), model)):
+        if metric in _ESTIMATES and model is None:
+            exact, estimate = self.col(metric), self.col(_ESTIMATES[metric])
+            if self.cfg.allow_topk_estimates:
+                if estimate in batch.column_names:
+                    return estimate
+                raise KeyError(f"column {estimate!r} not found: allow_topk_estimates: true reads the vLLM "
+                               f"top-k estimates; for exact metrics ({exact!r}) set it false")
+            if exact in batch.column_names:
+                return exact
+            if estimate in batch.column_names:
+                raise KeyError(f"column {exact!r} not found, only the top-k estimate {estimate!r}: Min-K%++ "
+                               "from estimates is a different number; set allow_topk_estimates: true to "
+                               "write it as M__minkpp_topk, or use backend: torch")
+        for name in (self.col(metric, model),):
             if name in batch.column_names:
                 return name
         lm = [c.split("__")[0] for c in batch.column_names if "__" in c and not c.startswith("__")]

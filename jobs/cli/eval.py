@@ -25,25 +25,39 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label", default="label", help="label column (default: label)")
     p.add_argument("--fpr", type=float, default=0.05, help="report the TPR at this FPR (default 0.05)")
     p.add_argument("--output", help="directory for eval.json and roc.png (default: print only)")
+    p.add_argument("--direction", action="append", default=[], metavar="COLUMN=higher|lower",
+                   help="direction of a score without a registered one (repeatable); registered: "
+                        "each score's definition (operators/scores.py SCORE_DIRECTIONS)")
+    p.add_argument("--best-direction", action="store_true",
+                   help="EXPLORATORY: pick each score's direction after seeing the labels (AUROC ≥ 0.5)")
     p.set_defaults(func=eval_command)
 
 
 def run_eval(input_url: str, scores: list[str] | None = None, output: str | None = None,
-             label: str = "label", max_fpr: float = 0.05) -> list:
-    """Evaluate, print the table, and write ``eval.json`` + ``roc.png`` under ``output``."""
-    from jobs.eval.roc import evaluate_table, format_results, plot_roc
+             label: str = "label", max_fpr: float = 0.05, directions: dict[str, str] | None = None,
+             best: bool = False) -> list:
+    """Evaluate, print the table, and write ``eval.json`` + ``roc.png`` under ``output``.
+
+    Each score is reported in its own direction (registered or ``directions``), fixed before the
+    labels are seen; ``best`` is the exploratory alternative."""
+    from jobs.eval.roc import evaluate_table, format_results, plot_roc, score_columns
 
     table = read_table(input_url, [label, *scores] if scores else None)
     try:
-        results, curves = evaluate_table(table, scores, label, max_fpr)
+        results, curves = evaluate_table(table, scores, label, max_fpr, directions, best)
     except ValueError as err:
         raise UserError(f"{input_url}: {err}") from None
     print(format_results(results))
+    if not scores and not best:
+        skipped = sorted(set(score_columns(table.schema, label, best=True)) - {r.score for r in results})
+        if skipped:
+            print(f"not evaluated (no registered direction; use --direction COLUMN=higher|lower): {skipped}")
     if output:
         fs, root = url_to_fs(output)
         fs.makedirs(root, exist_ok=True)
         with fs.open(f"{root}/eval.json", "w") as f:
             json.dump({"input": input_url, "label": label, "n_rows": table.num_rows,
+                       "direction": "best (exploratory)" if best else "registered / given",
                        "scores": [r.as_dict() for r in results]}, f, indent=2)
         with tempfile.TemporaryDirectory() as tmp:
             png = plot_roc(curves, results, Path(tmp) / "roc.png", title=f"ROC: {label}")
@@ -54,8 +68,14 @@ def run_eval(input_url: str, scores: list[str] | None = None, output: str | None
 
 def eval_command(args: argparse.Namespace) -> int:
     scores = [c.strip() for c in args.scores.split(",") if c.strip()] if args.scores else None
+    directions = {}
+    for item in args.direction:
+        column, _, way = item.partition("=")
+        if way not in ("higher", "lower"):
+            raise UserError(f"--direction {item!r}: expected COLUMN=higher or COLUMN=lower")
+        directions[column] = way
     try:
-        run_eval(args.input, scores, args.output, args.label, args.fpr)
+        run_eval(args.input, scores, args.output, args.label, args.fpr, directions, args.best_direction)
     except InputError as err:
         raise UserError(str(err)) from None
     return 0

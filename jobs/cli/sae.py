@@ -6,7 +6,7 @@
 2. Run them through the LM engine (``TorchEngine``, documents cut at ``--max-tokens``) and keep the
    layer-L states of the positions the SAE head pools (t ≥ ``--skip-first``), up to ``--max-rows``.
 3. Train a TopK SAE (``operators.sae.train_topk_sae``) and save it in the sparsify layout under
-   ``DIR/layers.<L>/`` (``cfg.json``, ``sae.safetensors``, plus ``train_stats.json``).
+   ``DIR/layers.<L-1>/`` (sparsify names the output of block L-1, HF hidden_states[L]; ``cfg.json``, ``sae.safetensors``, plus ``train_stats.json``).
 4. Print the held-out FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖² and the share of dead latents.
 """
 
@@ -28,8 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = ssub.add_parser("train", help="train a TopK SAE on a model's layer-L residual stream")
     t.add_argument("--input", required=True, help="Parquet corpus (file, dir or fsspec URL)")
     t.add_argument("--model", required=True, help="HF model dir (or .gguf / Hub id)")
-    t.add_argument("--layer", required=True, type=int, help="HF hidden_states index")
-    t.add_argument("--output", required=True, help="directory; the SAE goes to OUTPUT/layers.<L>/")
+    t.add_argument("--layer", required=True, type=int, help="HF hidden_states index, 0 ≤ L < number of blocks")
+    t.add_argument("--output", required=True, help="directory; the SAE goes to OUTPUT/layers.<L-1>/ (sparsify: output of block L-1)")
     defaults = TrainSettings(layer=0)
     for flag, kind in (("d_sae", int), ("k", int), ("epochs", int), ("lr", float), ("batch_size", int),
                        ("max_rows", int), ("max_tokens", int), ("skip_first", int), ("seed", int),

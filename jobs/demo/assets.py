@@ -34,11 +34,12 @@ class DemoAssets:
 
 
 def build_demo_asset(name: str, build: Callable[[Path, Path, Path], dict[str, Any]],
-                     cache: Path | None = None, log: Log = print) -> Path:
+                     cache: Path | None = None, log: Log = print, version: int = 1) -> Path:
     """``<cache>/demo/<name>/``, built once from the demo model and corpus (prepared first):
-    ``build(tmp_dir, model_dir, corpus_dir)`` fills the directory and returns its marker's metadata."""
+    ``build(tmp_dir, model_dir, corpus_dir)`` fills the directory and returns its marker's metadata.
+    A cached copy of another ``version`` is rebuilt."""
     return build_once(name, lambda tmp: build(tmp, prepare_demo_model(cache, log), prepare_demo_corpus(cache, log)),
-                      cache, log)
+                      cache, log, version)
 
 
 # ---------------------------------------------------------------- entry points

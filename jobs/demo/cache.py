@@ -35,9 +35,17 @@ def demo_dir(cache: Path | None) -> Path:
     return demo
 
 
-def is_complete(path: Path) -> bool:
-    """True when ``path`` is a finished asset directory (its marker exists)."""
-    return (path / MARKER).is_file()
+def is_complete(path: Path, version: int = 1) -> bool:
+    """True when ``path`` is a finished asset directory (its marker exists) of this ``version``
+    (a marker without one is version 1)."""
+    if not (path / MARKER).is_file():
+        return False
+    if version == 1:
+        return True
+    try:
+        return json.loads((path / MARKER).read_text()).get("asset_version", 1) == version
+    except (OSError, ValueError):
+        return False
 
 
 @contextlib.contextmanager
@@ -77,18 +85,19 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def build_once(name: str, build: Callable[[Path], dict[str, Any]], cache: Path | None = None,
-               log: Log = print) -> Path:
+               log: Log = print, version: int = 1) -> Path:
     """``<cache>/demo/<name>/``, built once. ``build(tmp_dir)`` fills a temp dir and returns the
     metadata for its marker; the dir then moves into place atomically. A lock makes a concurrent
-    caller wait and reuse the result."""
+    caller wait and reuse the result. A cached copy of another ``version`` is rebuilt (bump it when
+    what the asset means changes)."""
     demo = demo_dir(cache)
     out = demo / name
-    if is_complete(out):
+    if is_complete(out, version):
         log(f"demo {name}: cached at {out}")
         return out
     with locked(demo, name):
-        if not is_complete(out):
-            meta: dict[str, Any] = {}
+        if not is_complete(out, version):
+            meta: dict[str, Any] = {"asset_version": version} if version != 1 else {}
             with atomic_dir(out, meta) as tmp:  # the marker is written after the body: meta is filled
                 meta.update(build(tmp))
             log(f"demo {name}: ready at {out}")

@@ -15,6 +15,8 @@ DEMO_MAX_TOKENS = 256
 DEMO_DOCS_PER_CLASS = 80
 HOLDOUT = 0.3
 ZERO_SHOT = ("ppl", "mean_entropy", "mean_log_rank", "binoculars")
+#: 2: trained with the real h_{t+1} of the last row (the engine keeps the last token's state)
+ASSET_VERSION = 2
 
 
 # ---------------------------------------------------------------------------- the demo head
@@ -101,7 +103,7 @@ def prepare_demo_pawn(cache: Path | None = None, log: Any = print, seed: int = 0
         (tmp / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
         return {"seed": seed, "per_class": per_class, "epochs": epochs}
 
-    out = build_demo_asset("pawn", build, cache, log)
+    out = build_demo_asset("pawn", build, cache, log, ASSET_VERSION)
     log(format_demo_eval(json.loads((out / "eval.json").read_text())))
     return out
 

@@ -16,8 +16,11 @@ For a threshold t, TPR(t) = |{s_i ≥ t, y_i = 1}| / P and FPR(t) = |{s_i ≥ t,
                        you could actually use). α = 0.05 by default.
 * ``best_balanced_accuracy``  max_t ½·(TPR(t) + 1 - FPR(t)).
 
-``evaluate_score`` picks the direction whose AUROC is ≥ 0.5 (``higher`` on an exact 0.5) and reports
-every metric in that direction. Missing scores (null/NaN) are left out and counted.
+``evaluate_score`` reports every metric in the score's own direction, fixed before the labels are
+seen: given, or from the registry of score definitions (``operators.scores.SCORE_DIRECTIONS``). A
+score worse than chance therefore shows AUROC < 0.5. ``best=True`` (``--best-direction``) instead
+picks the direction whose AUROC is ≥ 0.5 after looking at the labels: exploratory only, and
+labelled so. Missing scores (null/NaN) are left out and counted.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from numpy.typing import ArrayLike
+
+from operators.scores import score_direction
 
 #: The false-positive rate at which ``evaluate_score`` reports the TPR.
 DEFAULT_FPR = 0.05
@@ -101,7 +106,7 @@ def best_balanced_accuracy(fpr: ArrayLike, tpr: ArrayLike) -> float:
 
 @dataclass(frozen=True)
 class ScoreEval:
-    """One score's separation of the labels, in its better direction."""
+    """One score's separation of the labels, in its direction."""
 
     score: str
     direction: str          # "higher" or "lower" means positive
@@ -112,54 +117,78 @@ class ScoreEval:
     n_pos: int
     n_neg: int
     n_missing: int          # rows whose score was null/NaN (left out)
+    direction_from: str = "registry"  # "registry", "given", or "best (exploratory)": chosen after the labels
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def evaluate_score(name: str, scores: ArrayLike, labels: ArrayLike,
-                   max_fpr: float = DEFAULT_FPR) -> tuple[ScoreEval, tuple[np.ndarray, np.ndarray]]:
-    """Metrics of one score and its ROC curve (fpr, tpr) in the direction with AUROC ≥ 0.5."""
+def evaluate_score(name: str, scores: ArrayLike, labels: ArrayLike, max_fpr: float = DEFAULT_FPR,
+                   direction: str | None = None,
+                   best: bool = False) -> tuple[ScoreEval, tuple[np.ndarray, np.ndarray]]:
+    """Metrics of one score and its ROC curve (fpr, tpr) in its direction: ``direction`` if given,
+    else the registered one (``score_direction(name)``; ValueError if there is none). AUROC may be
+    below 0.5. ``best=True`` is the exploratory alternative: the direction with AUROC ≥ 0.5."""
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     y = np.asarray(labels).reshape(-1)
     if s.size != y.size:
         raise ValueError(f"{name}: scores ({s.size}) and labels ({y.size}) have different lengths")
+    if best:
+        source = "best (exploratory)"
+    elif direction is not None:
+        source = "given"
+    else:
+        direction, source = score_direction(name), "registry"
+        if direction is None:
+            raise ValueError(f"{name}: no registered direction; give one (--direction {name}=higher|lower) "
+                             "or use --best-direction (exploratory)")
+    if not best and direction not in ("higher", "lower"):
+        raise ValueError(f"{name}: direction must be 'higher' or 'lower', not {direction!r}")
     ok = ~np.isnan(s)
     s, y = s[ok], y[ok]
     area = auroc(s, y)
-    direction = "higher" if area >= 0.5 else "lower"
+    if best:
+        direction = "higher" if area >= 0.5 else "lower"
     if direction == "lower":
         s, area = -s, 1.0 - area
     fpr, tpr, _ = roc_curve(s, y)
     result = ScoreEval(name, direction, area, tpr_at_fpr(fpr, tpr, max_fpr), max_fpr,
                        best_balanced_accuracy(fpr, tpr), int((y == 1).sum()), int((y == 0).sum()),
-                       int((~ok).sum()))
+                       int((~ok).sum()), source)
     return result, (fpr, tpr)
 
 
-def score_columns(schema: pa.Schema, label: str = "label") -> list[str]:
-    """Every floating-point column except the label: the default scores to evaluate."""
-    return [f.name for f in schema if pa.types.is_floating(f.type) and f.name != label]
+def score_columns(schema: pa.Schema, label: str = "label", directions: dict[str, str] | None = None,
+                  best: bool = False) -> list[str]:
+    """The default scores to evaluate: floating-point columns other than the label that have a
+    direction (given or registered); with ``best``, every floating-point column."""
+    floats = [f.name for f in schema if pa.types.is_floating(f.type) and f.name != label]
+    return [c for c in floats if best or c in (directions or {}) or score_direction(c) is not None]
 
 
 def evaluate_table(table: pa.Table, scores: list[str] | None = None, label: str = "label",
-                   max_fpr: float = DEFAULT_FPR) -> tuple[list[ScoreEval], dict]:
+                   max_fpr: float = DEFAULT_FPR, directions: dict[str, str] | None = None,
+                   best: bool = False) -> tuple[list[ScoreEval], dict]:
     """``evaluate_score`` for each score column of ``table`` against ``label`` (rows without a label
-    are left out). Returns the results and the ROC curves by score name."""
+    are left out), each in its given (``directions``) or registered direction, or with ``best`` the
+    exploratory best one. Returns the results and the ROC curves by score name."""
+    directions = directions or {}
     if label not in table.column_names:
         raise ValueError(f"no {label!r} column (1 = member / machine-written, 0 = not)")
-    scores = scores or score_columns(table.schema, label)
+    scores = scores or score_columns(table.schema, label, directions, best)
     missing = [c for c in scores if c not in table.column_names]
     if missing:
         raise ValueError(f"score columns not found: {missing}; have {table.column_names}")
     if not scores:
-        raise ValueError("no score columns (floating-point columns other than the label)")
+        raise ValueError("no score columns (floating-point columns other than the label with a registered "
+                         "or given direction)")
     table = table.filter(pc.is_valid(table.column(label)))
     y = table.column(label).to_numpy(zero_copy_only=False).astype(np.int64)
     results, curves = [], {}
     for name in scores:
         col = table.column(name).cast(pa.float64()).fill_null(math.nan)
-        result, curve = evaluate_score(name, col.to_numpy(zero_copy_only=False), y, max_fpr)
+        result, curve = evaluate_score(name, col.to_numpy(zero_copy_only=False), y, max_fpr,
+                                       directions.get(name), best)
         results.append(result)
         curves[name] = curve
     return results, curves
@@ -174,8 +203,12 @@ def format_results(results: list[ScoreEval]) -> str:
             f"{'bal.acc':>9}{'pos':>6}{'neg':>6}{'missing':>9}")
     rows = [head, "-" * len(head)]
     for r in sorted(results, key=lambda r: -r.auroc):
-        rows.append(f"{r.score:<28}{r.direction:>10}{r.auroc:>8.3f}{r.tpr_at_fpr:>14.3f}"
+        mark = "*" if r.direction_from.startswith("best") else " "
+        rows.append(f"{r.score:<28}{r.direction + mark:>10}{r.auroc:>8.3f}{r.tpr_at_fpr:>14.3f}"
                     f"{r.balanced_accuracy:>9.3f}{r.n_pos:>6}{r.n_neg:>6}{r.n_missing:>9}")
+    if any(r.direction_from.startswith("best") for r in results):
+        rows.append("* EXPLORATORY: direction picked after seeing the labels (--best-direction); "
+                    "AUROC is never below 0.5 this way")
     return "\n".join(rows)
 
 

@@ -50,10 +50,14 @@ class SAETrainReport:
 
 
 def train_sae(input_url: str, model: str, output: str | Path, s: TrainSettings, log: Log = print) -> SAETrainReport:
-    """Collect activations through the LM engine, train, save (sparsify layout), report."""
+    """Collect activations through the LM engine, train, save (sparsify layout), report.
+
+    ``s.layer`` is the HF ``hidden_states`` index; sparsify names the output of block L-1, so the
+    SAE is written to ``<output>/layers.<L-1>/``."""
     import torch
 
     from operators.sae.embed import collect_activations, open_tap_engine
+    from operators.sae.head import check_sae_layer
     from operators.sae.io import save_sparsify
     from operators.sae.stage import read_texts
     from operators.sae.train import train_topk_sae
@@ -62,6 +66,7 @@ def train_sae(input_url: str, model: str, output: str | Path, s: TrainSettings, 
     random.Random(s.seed).shuffle(texts)
     start = time.perf_counter()
     engine = open_tap_engine(model, s.layer, max_tokens=s.max_tokens)
+    check_sae_layer(s.layer, engine.num_layers, f"model {model!r}")
     log(f"sae train: collecting up to {s.max_rows} layer-{s.layer} activations from {len(texts)} texts")
     acts = collect_activations(engine, texts, s.layer, s.max_rows, s.skip_first)
     del engine

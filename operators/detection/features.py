@@ -3,11 +3,11 @@
 Feature cache (Parquet file/URL or a pyarrow Table, one row per document; other columns ignored):
 
     metrics  list<list<float32>>  [T][5]  m_t (``operators.detection.pawn``), in the order of ``METRIC_NAMES``
-    hidden   list<list<float32>>  [T][H]  h_t = e_t (same T as metrics)
+    hidden   list<list<float32>>  [T+1][H]  e_0 … e_T: e_t made row t, e_{t+1} read it (older caches: [T][H])
     label    integer or bool              1 = machine-written, 0 = human-written
 
 (``fixed_size_list`` inner lists are accepted too.) Documents are truncated to their first
-``max_tokens`` (512) rows; documents with T = 0 are skipped in training.
+``max_tokens`` (512) metric rows (+ 1 hidden row); documents with T = 0 are skipped in training.
 """
 
 from __future__ import annotations
@@ -64,10 +64,12 @@ def features_from_documents(table: pa.Table, model: str, layer: str | int = "las
         if rows[-1] is None:
             raise ValueError(f"row {i}: the five metric lists differ in length")
     hidden = pc.list_slice(table.column(f"{model}__hidden_{layer}").combine_chunks().fill_null([]),
-                           0, max_tokens)
+                           0, max_tokens + 1)
     lengths = [len(r) for r in rows]
     hidden_lengths = pc.list_value_length(hidden).to_numpy(zero_copy_only=False)
-    bad = [i for i, (a, b) in enumerate(zip(lengths, hidden_lengths, strict=True)) if a != b]
+    # e_0 … e_T for T metric rows (T + 1), the same T for a cut or old cache; skipped rows: 0 and 0
+    bad = [i for i, (a, b) in enumerate(zip(lengths, hidden_lengths, strict=True))
+           if b not in (a, a + 1) or (a == 0) != (b == 0)]
     if bad:
         raise ValueError(f"row {bad[0]}: {lengths[bad[0]]} metric rows but {hidden_lengths[bad[0]]} hidden rows")
     metrics = _nested([r.astype(np.float32) for r in rows])

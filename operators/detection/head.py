@@ -16,7 +16,9 @@ Miralles-González et al. 2025 (PAWN; the head and its math are in ``operators.d
   ``hidden`` [T][H], ``label``) that ``train_pawn`` / ``curate pawn train`` read.
 
 Both use the engine's alignment, which is PAWN's: row t of the metrics scores x_{t+1}, row t of the
-hidden states is e_t, the state that predicted it.
+hidden states is e_t, the state that predicted it, and row t + 1 is e_{t+1}, the state after reading
+x_{t+1} that the gate also reads. The engine keeps every token's state, so the hidden states have
+one row more than the metrics and the last scored row's e_{t+1} is real, not zeros.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ class PawnLMHead:
                            "(leave the lm stage's `metrics` unset, or list them)")
         n = self.max_tokens
         m = torch.stack([metrics[k][:, :n] for k in METRIC_NAMES], dim=-1)   # [B,T,5]
-        h = hidden[LAST][:, :n]                                              # [B,T,H]
+        h = hidden[LAST][:, :n + 1]                                          # [B,T+1,H]: e_0 … e_T
         keep = mask[:, :n]                                                   # [B,T]
         p = self.head.predict_proba(m, h, keep)                              # [B]
         return {self.column: [float(x) if ok else None

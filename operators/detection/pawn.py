@@ -20,9 +20,10 @@ x_0 … x_j, so e_{i-1} produced the distribution that scores x_i:
     hidden[t]  = e_t = h_t       the state that made that prediction
     h_{t+1}    = hidden[t+1]     = e_{t+1}, the state after reading the scored token x_{t+1}
 
-``hidden`` has the same T rows as ``metrics`` (the engine's e_0 … e_{n-1}; e_n is not kept), so
-the last row has no h_{t+1}: it is zeros. So is the h_{t+1} of the last row of a document
-truncated at ``max_tokens`` and of any row followed by padding (batches are right-padded).
+``hidden`` has T + 1 rows for T metric rows (the engine keeps e_0 … e_n, every token's state), so
+every scored row has its real h_{t+1}, the last one and the last of a document cut at
+``max_tokens`` included. A feature cache written before the engine kept the last state has T
+rows; there the last row's h_{t+1} is zeros (as it is for rows of padding).
 
 The feature cache it trains on is described in ``operators.detection.features``.
 """
@@ -104,14 +105,18 @@ class PawnHead(nn.Module):
         self.aggregate_nn = MLP(w, 1, w)
 
     def forward(self, metrics: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """metrics [B,T,5], hidden [B,T,H], mask [B,T] bool (True = real token, right-padded) -> logits [B]."""
+        """metrics [B,T,5], hidden [B,T+1,H] (e_0 … e_T; or [B,T,H], then the last h_{t+1} is zeros),
+        mask [B,T] bool (True = real scored row, right-padded) -> logits [B]."""
         B, T, _ = metrics.shape
         dtype = self.metrics_nn.fc_in.weight.dtype
         mask = mask.bool()
         pad = ~mask.unsqueeze(-1)                                         # [B,T,1]
         m = metrics.to(dtype).masked_fill(pad, 0.0)                       # [B,T,5]
-        h = hidden.to(dtype).masked_fill(pad, 0.0)                        # [B,T,H]
-        h_next = F.pad(h[:, 1:], (0, 0, 0, 1))                            # [B,T,H], zeros after the last row
+        full = hidden.to(dtype)
+        if full.shape[1] == T:                                            # no e_T: zeros after the last row
+            full = F.pad(full, (0, 0, 0, 1))
+        h = full[:, :T].masked_fill(pad, 0.0)                             # [B,T,H]  h_t
+        h_next = full[:, 1:T + 1].masked_fill(pad, 0.0)                   # [B,T,H]  h_{t+1}
         pos = torch.arange(T, device=m.device, dtype=dtype) / self.config.position_scale
         pos = pos.view(1, T, 1).expand(B, T, 1)                           # [B,T,1]
         gate = self.gate_nn(torch.cat([h, h_next, pos], dim=-1))          # [B,T,W]
@@ -153,9 +158,11 @@ def count_parameters(module: nn.Module) -> int:
 
 def pad_batch(metrics: list[np.ndarray], hidden: list[np.ndarray],
               max_tokens: int = 512) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-pad per-document arrays [T_i,5] / [T_i,H] to metrics [B,T,5], hidden [B,T,H], mask [B,T].
+    """Right-pad per-document arrays [T_i,5] / [T_i+1,H] (or [T_i,H]: no e_{T_i}) to metrics [B,T,5],
+    hidden [B,T+1,H], mask [B,T].
 
-    Each document is truncated to its first ``max_tokens`` rows; T = the longest after that.
+    Each document is truncated to its first ``max_tokens`` metric rows (and ``max_tokens`` + 1
+    hidden rows); T = the longest after that. Missing hidden rows are zeros.
     """
     if len(metrics) != len(hidden):
         raise ValueError("metrics and hidden have different numbers of documents")
@@ -163,13 +170,15 @@ def pad_batch(metrics: list[np.ndarray], hidden: list[np.ndarray],
     B, T = len(metrics), max(lengths, default=0)
     H = hidden[0].shape[-1] if hidden else 0
     m_out = torch.zeros(B, T, len(METRIC_NAMES))
-    h_out = torch.zeros(B, T, H)
+    h_out = torch.zeros(B, T + 1, H)
     mask = torch.zeros(B, T, dtype=torch.bool)
     for b, (m, h, n) in enumerate(zip(metrics, hidden, lengths, strict=True)):
-        if len(h) != len(m):
-            raise ValueError(f"document {b}: {len(m)} metric rows but {len(h)} hidden rows")
+        if len(h) not in (len(m), len(m) + 1):
+            raise ValueError(f"document {b}: {len(m)} metric rows but {len(h)} hidden rows "
+                             f"(expected {len(m) + 1}, or {len(m)})")
         m_out[b, :n] = torch.tensor(np.asarray(m, dtype=np.float32)[:n])
-        h_out[b, :n] = torch.tensor(np.asarray(h, dtype=np.float32)[:n])
+        rows = np.asarray(h, dtype=np.float32)[:n + 1]
+        h_out[b, :len(rows)] = torch.tensor(rows)
         mask[b, :n] = True
     return m_out, h_out, mask
 

@@ -21,9 +21,10 @@ if TYPE_CHECKING:
 
 @dataclass
 class DocResult:
-    """One scored document: per-position arrays (row j scores x_{j+1}) and head outputs."""
+    """One scored document of n tokens: metrics row j scores x_{j+1} (n - 1 rows); hidden row j is
+    the state at x_j (n rows, the last token's included); head outputs."""
 
-    metrics: dict[str, np.ndarray]                             # name -> [n] float32
+    metrics: dict[str, np.ndarray]                             # name -> [n-1] float32
     hidden: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> [n, H] float32
     heads: dict[str, Any] = field(default_factory=dict)        # head column -> value
 

@@ -30,10 +30,12 @@ HEAD_KINDS: dict[str, str] = {"pawn": "operators.detection.head:build_head",
 class Head(Protocol):
     """A small model that reads the LM's per-position metrics and hidden states inside the actor.
 
-    Tensors are on the LM's device, aligned on scored positions: ``metrics[k][b, j]`` is metric k
-    of token x_{j+1} (float32 [B, T]), ``hidden[L][b, j]`` layer L's state at x_j ([B, T, H], for
-    each L in ``layers``, HF ``hidden_states`` indexing, -1 = last), ``mask[b, j]`` True where
-    the position exists (right padding). Returns one list of B values per output column.
+    Tensors are on the LM's device, right-padded. ``metrics[k][b, j]`` is metric k of token
+    x_{j+1} (float32 [B, T-1]) and ``mask[b, j]`` (bool [B, T-1]) is True where that scored
+    position exists. ``hidden[L][b, j]`` is layer L's state at token x_j ([B, T, H], for each L in
+    ``layers``, HF ``hidden_states`` indexing, -1 = last) for every token, the last one included:
+    row j made prediction j, row j + 1 is the state after reading the scored token, and
+    ``token_mask(mask)`` marks the real tokens. Returns one list of B values per output column.
     """
 
     layers: list[int]
@@ -41,6 +43,14 @@ class Head(Protocol):
     def output_schema(self) -> pa.Schema: ...
 
     def __call__(self, metrics: dict[str, Any], hidden: dict[int, Any], mask: Any) -> dict[str, list]: ...
+
+
+def token_mask(mask: Any) -> Any:
+    """Real tokens [B, T] from the scored-position mask [B, T-1] of documents with ≥ 2 tokens:
+    token 0 always, token j ≥ 1 where position j - 1 is scored (x_j is its target)."""
+    import torch
+
+    return torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,10 @@ Output columns, prefixed by the model's name ``<m>`` (row j of every list scores
                                                 vllm: logprob, max_logprob, rank (exact) and
                                                 entropy_topk, top_p_topk, logp2_topk (estimates)
     <m>__xent                list<float32>      with an observer: -Σ softmax(obs)·log softmax(<m>)
-    <m>__hidden_<L>          list<list<float32>> for each ``cache_hidden`` layer ([n][H])
+    <m>__hidden_<L>          list<list<float32>> for each ``cache_hidden`` layer: [n_scored + 1][H],
+                                                row j = layer L's state at token x_j, every token
+                                                (row j made metrics row j; the last row is the
+                                                state after the last token)
     <m>__nll_sum             float64            -Σ logprob
     <m>__xent_sum            float64            Σ xent (with an observer)
     <m>__n_scored            int32              positions with context (len(token_ids) - 1)

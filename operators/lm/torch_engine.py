@@ -11,10 +11,15 @@ attends to later positions, and the pads come last), and lets SDPA / flash atten
 causal fast path. Documents are sorted by length and packed under a token budget
 (``max_batch_tokens`` ≥ B·T) so padding stays small.
 
-Row j of every per-document array is the prediction of token x_{j+1} from x_≤j: ``metrics[j]``
-scores x_{j+1}; ``hidden[L][j]`` is layer L's state at x_j, the state that made the prediction
-(the last token's state predicts nothing and is not kept). Heads see the same alignment as
-[B, T-1] tensors with a mask.
+Alignment, for a document x_0 … x_{n-1} (n tokens, n - 1 scored positions):
+
+    metrics[k][j]   j = 0 … n-2   metric k of token x_{j+1}, predicted from x_≤j
+    hidden[L][j]    j = 0 … n-1   layer L's state at x_j (every token, the last one included)
+
+so ``hidden[L][j]`` is the state that made prediction j, and ``hidden[L][n-1]`` (after reading the
+last token) is kept for the consumers that read it: PAWN's gate takes h_{t+1}, MoNA pools all n
+tokens. Heads see [B, T-1] metrics with ``mask`` [B, T-1] and [B, T, H] hidden states, whose
+real positions are ``heads.token_mask(mask)``.
 """
 
 from __future__ import annotations
@@ -276,9 +281,10 @@ class TorchEngine:
             tokens[b, : len(row)] = torch.tensor(row)
         tokens = tokens.to(self.device)
         last = self.model.base_model(input_ids=tokens, use_cache=False).last_hidden_state   # [B,T,H]
-        hidden = {k: v[:, :-1] for k, v in self.taps.take(last).items()}           # [B,T-1,H]
-        t = torch.arange(tokens.shape[1] - 1, device=self.device)
-        mask = t[None, :] + 1 < lengths[:, None]                                    # [B,T-1]
+        hidden = self.taps.take(last)                                               # L -> [B,T,H]
+        t = torch.arange(tokens.shape[1], device=self.device)
+        tmask = t[None, :] < lengths[:, None]                                       # [B,T] real tokens
+        mask = tmask[:, 1:]                                                         # [B,T-1] scored rows
         targets = tokens[:, 1:][mask]                                               # [N]
         obs = None
         if self.observer is not None:
@@ -287,9 +293,10 @@ class TorchEngine:
         bounds = np.cumsum((lengths - 1).tolist())[:-1]                            # per-doc row splits
         per_doc = {k: np.split(v.cpu().numpy(), bounds) for k, v in flat.items()}
         results = [DocResult({k: parts[b] for k, parts in per_doc.items()}) for b in range(len(ids))]
+        token_bounds = np.cumsum(lengths.tolist())[:-1]                            # per-doc token splits
         for layer in cache_layers:
-            cached = hidden[layer][mask].float().cpu().numpy()                     # [N,H]
-            for r, part in zip(results, np.split(cached, bounds), strict=True):
+            cached = hidden[layer][tmask].float().cpu().numpy()                    # [Σ n_b, H]
+            for r, part in zip(results, np.split(cached, token_bounds), strict=True):
                 r.hidden[layer] = part
         if heads:
             dense = {}

@@ -6,10 +6,10 @@ encodes every token with a sparse autoencoder and mean-pools the codes:
 
     z_t = SAE.encode(h_t)                            [d_sae], sparse (TopK: k non-zeros)
     e   = (1 / |P|) Σ_{t ∈ P} z_t                     the sample embedding
-    P   = {t : t ≥ skip_first, t < n - 1}             pooled positions
+    P   = {t : skip_first ≤ t < n}                    pooled positions (all n tokens, as in MoNA)
 
-The engine hands heads the states of x_0 … x_{n-2} (the last token's state predicts nothing and
-is not kept). ``skip_first`` (default 1) drops x_0: the first position is an attention sink whose
+The engine hands heads the states of every token x_0 … x_{n-1}, the last one included (MoNA
+pools the SAE codes of all tokens of the sample). ``skip_first`` (default 1) drops x_0: the first position is an attention sink whose
 residual norm is ~100× the others (SmolLM2-135M, layer 15: ~23,000 vs ~150), so it would
 dominate both the SAE's training loss and the mean. A document with no pooled position gets the
 zero embedding (similarity 0).
@@ -33,6 +33,7 @@ evaluation) and ``collect_activations`` gathers the pooled positions' states (SA
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -41,8 +42,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from operators.lm.heads import ModelInfo, SAEHeadParams
-from operators.sae.io import load_sae
+from operators.lm.heads import ModelInfo, SAEHeadParams, token_mask
+from operators.sae.io import load_sae, saelens_hf_layer, sparsify_hookpoint
 from operators.sae.math import to_sparse
 from operators.sae.model import SparseAutoencoder
 
@@ -72,21 +73,55 @@ def _has(url: str, name: str) -> bool:
     return fs.exists(root)
 
 
+def check_sae_layer(layer: int, num_layers: int, model: str = "the model") -> None:
+    """An SAE reads the residual stream at HF ``hidden_states[layer]``, 0 ≤ layer < n.
+
+    ``layer = n`` is refused: HF's ``hidden_states[n]`` is the last block's output *after* the
+    model's final norm, while sparsify's ``layers.{n-1}`` and SAELens' ``blocks.{n-1}.hook_resid_post``
+    hook it *before* the norm; feeding one for the other would silently change the codes.
+    """
+    if layer == num_layers:
+        raise ValueError(f"SAE layer {layer} is the last layer of {model}: HF hidden_states[{layer}] is after the "
+                         f"final norm, but sparsify layers.{layer - 1} / SAELens blocks.{layer - 1}.hook_resid_post "
+                         f"are before it; use a layer in 0..{num_layers - 1}")
+    if not 0 <= layer < num_layers:
+        raise ValueError(f"SAE layer {layer} is outside {model} ({num_layers} blocks: HF hidden_states "
+                         f"0..{num_layers - 1} for an SAE)")
+
+
 def sae_weights_file(path: str, layer: int) -> tuple[str, int | None]:
-    """(weights file, sub-layer) of the SAE at ``path``: ``layers.<layer>/`` when present, else flat."""
+    """(weights file, sub-layer) of the SAE at ``path`` for HF ``hidden_states[layer]``:
+    ``layers.<layer-1>/`` (sparsify names a block's output by the block) when present, else flat."""
     path = os.fspath(path)
-    sub = path.rstrip("/") + f"/layers.{layer}"
+    sub = path.rstrip("/") + f"/{sparsify_hookpoint(layer)}" if layer >= 1 else None
     for where, pick in ((sub, layer), (path, None)):
+        if where is None:
+            continue
         for name in ("sae_weights.safetensors", "sae.safetensors"):
             if _has(where, name):
                 return f"{where.rstrip('/')}/{name}", pick
-    raise FileNotFoundError(f"no SAE at {path}: expected {path}/layers.{layer}/ or {path}/ holding "
+    expect = f"{sub}/ or {path}/" if sub else f"{path}/"
+    raise FileNotFoundError(f"no SAE at {path} for HF layer {layer}: expected {expect} holding "
                             "cfg.json + sae.safetensors (sparsify) or sae_weights.safetensors (SAELens)")
 
 
+def check_saelens_hook(file: str, layer: int) -> None:
+    """A SAELens cfg whose ``hook_name`` is a residual hook must name HF ``hidden_states[layer]``."""
+    if not file.endswith("sae_weights.safetensors"):
+        return
+    cfg_file = file.rsplit("/", 1)[0] + "/cfg.json"
+    with fsspec.open(cfg_file, "r") as f:
+        hook = json.load(f).get("hook_name")
+    hf = saelens_hf_layer(hook)
+    if hf is not None and hf != layer:
+        raise ValueError(f"{cfg_file}: hook_name {hook!r} reads HF hidden_states[{hf}], but the head asks for "
+                         f"layer {layer}")
+
+
 def load_head_sae(path: str, layer: int, hidden_size: int, model: str = "the model") -> SparseAutoencoder:
-    """Load the SAE for ``layer`` and check that it reads vectors of the model's hidden size."""
+    """Load the SAE for HF ``hidden_states[layer]`` and check that it reads vectors of the model's hidden size."""
     file, pick = sae_weights_file(path, layer)
+    check_saelens_hook(file, layer)
     sae = load_sae(path, layer=pick)
     if sae.cfg.d_in != hidden_size:
         raise ValueError(
@@ -150,6 +185,7 @@ class SAEHead:
     def __init__(self, params: SAEHeadParams, info: ModelInfo) -> None:
         self.params = params
         self.layers = [params.layer]
+        check_sae_layer(params.layer, info.num_layers, f"model {info.name!r}")
         self.sae = load_head_sae(params.sae, params.layer, info.hidden_size, f"model {info.name!r}")
         self.sae.to(info.device)
         self.d_sae = self.sae.cfg.d_sae
@@ -162,8 +198,8 @@ class SAEHead:
         return pa.schema(fields)
 
     def __call__(self, metrics: dict[str, Any], hidden: dict[int, Any], mask: Any) -> dict[str, list]:
-        h = hidden[self.params.layer]  # [B, T, H]
-        pooled = pooled_mask(mask, self.params.skip_first)  # [B, T]
+        h = hidden[self.params.layer]  # [B, T, H]: every token
+        pooled = pooled_mask(token_mask(mask), self.params.skip_first)  # [B, T]
         idx, val = sparse_rows(mean_codes(self.sae, h, pooled))
         out: dict[str, list] = {idx_column(self.params.name): idx, val_column(self.params.name): val}
         if self.params.hidden_mean:

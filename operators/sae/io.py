@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -77,8 +78,29 @@ def _build(cfg: SAEConfig, W_enc, b_enc, W_dec, b_dec, threshold=None) -> Sparse
     return sae.requires_grad_(False).eval()  # loaded SAEs are for inference
 
 
-def _layer_name(layer: int | str) -> str:
-    return f"layers.{layer}" if isinstance(layer, int) else layer
+def sparsify_hookpoint(layer: int | str) -> str:
+    """The sparsify directory name for HF ``hidden_states`` index ``layer`` (a string is a hookpoint name).
+
+    sparsify's trainer hooks the *output* of decoder block i and saves it as ``layers.i``: that is
+    HF ``hidden_states[i + 1]``. So HF index L ↔ ``layers.{L-1}``; L = 0 (the embeddings) has no
+    ``layers.*`` directory. (The last block's output, ``layers.{n-1}``, is taken before the model's
+    final norm, unlike HF ``hidden_states[n]``: the SAE head refuses that layer.)
+    """
+    if not isinstance(layer, int):
+        return layer
+    if layer < 1:
+        raise ValueError(f"layer {layer}: sparsify's layers.<i> is the output of block i = HF hidden_states[i+1], "
+                         "so the HF index must be ≥ 1")
+    return f"layers.{layer - 1}"
+
+
+def saelens_hf_layer(hook_name: str | None) -> int | None:
+    """HF ``hidden_states`` index of a SAELens residual hook: ``blocks.{i}.hook_resid_post`` = i + 1,
+    ``blocks.{i}.hook_resid_pre`` = i; None for any other hook (or none)."""
+    m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_(pre|post)", hook_name or "")
+    if m is None:
+        return None
+    return int(m.group(1)) + (1 if m.group(2) == "post" else 0)
 
 
 def load_sparsify(
@@ -86,8 +108,9 @@ def load_sparsify(
 ) -> SparseAutoencoder:
     """Load an EleutherAI ``sparsify`` TopK SAE.
 
-    Layout: ``<dir>/layers.<layer>/{cfg.json, sae.safetensors}`` (``layer`` may also be a full
-    hookpoint name such as ``"layers.6.mlp"``), or ``<dir>/{cfg.json, sae.safetensors}`` when
+    Layout: ``<dir>/layers.<layer-1>/{cfg.json, sae.safetensors}`` for HF ``hidden_states`` index
+    ``layer`` (see ``sparsify_hookpoint``; ``layer`` may also be a full hookpoint name such as
+    ``"layers.6.mlp"``), or ``<dir>/{cfg.json, sae.safetensors}`` when
     ``layer`` is None. Tensors: ``encoder.weight`` [d_sae, d_in], ``encoder.bias`` [d_sae],
     ``W_dec`` [d_sae, d_in], ``b_dec`` [d_in]; ``W_skip`` (skip connections) is ignored, so
     ``decode`` omits the skip term. cfg: ``k``; ``d_in`` (else taken from ``b_dec``); d_sae is
@@ -96,7 +119,7 @@ def load_sparsify(
     """
     url = os.fspath(dir_or_url)
     if layer is not None:
-        url = _join(url, _layer_name(layer))
+        url = _join(url, sparsify_hookpoint(layer))
     elif not all(_exists(url, name) for name in _SPARSIFY_FILES):
         raise FileNotFoundError(f"{url} holds no cfg.json + sae.safetensors; pass layer= to pick layers.<N>")
     local = _localize(url, _SPARSIFY_FILES, cache_dir)
@@ -127,12 +150,13 @@ def load_sparsify(
 
 
 def save_sparsify(sae: SparseAutoencoder, out_dir: str | os.PathLike, layer: int | str | None = None) -> Path:
-    """Write a TopK SAE in the ``sparsify`` layout (``<out_dir>/layers.<layer>/`` or ``out_dir``
-    when layer is None) so that ``load_sparsify`` and sparsify itself can read it."""
+    """Write a TopK SAE in the ``sparsify`` layout so that ``load_sparsify`` and sparsify itself can
+    read it: ``<out_dir>/layers.<layer-1>/`` for an SAE on HF ``hidden_states[layer]`` (sparsify names
+    a block's output by the block, see ``sparsify_hookpoint``), or ``out_dir`` when layer is None."""
     cfg = sae.cfg
     if cfg.activation != "topk":
         raise ValueError(f"the sparsify layout holds TopK SAEs only, not {cfg.activation!r}")
-    path = Path(out_dir) if layer is None else Path(out_dir) / _layer_name(layer)
+    path = Path(out_dir) if layer is None else Path(out_dir) / sparsify_hookpoint(layer)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {
         "encoder.weight": sae.W_enc.detach().T.contiguous().cpu(),  # [d_sae, d_in]
@@ -216,10 +240,11 @@ def load_sae(
     path: str | os.PathLike, layer: int | str | None = None, cache_dir: str | os.PathLike | None = None
 ) -> SparseAutoencoder:
     """Load whichever layout ``path`` holds: SAELens when ``sae_weights.safetensors`` is
-    present, else sparsify (``layer`` picks ``layers.<layer>`` in a multi-layer directory)."""
+    present, else sparsify (``layer``, an HF ``hidden_states`` index, picks ``layers.<layer-1>`` in a
+    multi-layer directory)."""
     url = os.fspath(path)
     if layer is None and _exists(url, "sae_weights.safetensors"):
         return load_saelens(url, cache_dir)
-    if layer is not None and _exists(_join(url, _layer_name(layer)), "sae_weights.safetensors"):
-        return load_saelens(_join(url, _layer_name(layer)), cache_dir)
+    if layer is not None and _exists(_join(url, sparsify_hookpoint(layer)), "sae_weights.safetensors"):
+        return load_saelens(_join(url, sparsify_hookpoint(layer)), cache_dir)
     return load_sparsify(url, layer, cache_dir)

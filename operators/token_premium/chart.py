@@ -31,7 +31,7 @@ def plot_premium(table: pa.Table, path: Path, ref_lang: str) -> Path:
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(x + width * (len(tokenizers) - 1) / 2, langs, rotation=60, ha="right")
     ax.set_ylabel(f"token premium vs {ref_lang}")
-    ax.set_title("Tokenizer premium per language (hatched: >10% unknown/byte-fallback chars)")
+    ax.set_title("Tokenizer premium per language (hatched: >10% UNK chars)")
     ax.legend(fontsize="small")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

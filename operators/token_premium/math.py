@@ -11,7 +11,8 @@ PREMIUM_SCHEMA = pa.schema([
     ("tokenizer", pa.string()), ("lang", pa.string()), ("docs", pa.int64()),
     ("tokens", pa.int64()), ("bytes", pa.int64()), ("chars", pa.int64()),
     ("premium", pa.float64()), ("bytes_per_token", pa.float64()),
-    ("chars_per_token", pa.float64()), ("unk_share", pa.float64()), ("reliable", pa.bool_()),
+    ("chars_per_token", pa.float64()), ("unk_share", pa.float64()), ("byte_fallback_share", pa.float64()),
+    ("reliable", pa.bool_()),
 ])
 
 
@@ -33,7 +34,8 @@ def premium_table(docs: pl.LazyFrame, tokenizers: list[str], ref_lang: str,
     """
     docs = docs.select("id", pl.col(lang_column).alias("lang"), "n_bytes", "n_chars",
                        *[pl.col(f"tokens__{t}") for t in tokenizers],
-                       *[pl.col(f"fallback_chars__{t}") for t in tokenizers])
+                       *[pl.col(f"fallback_chars__{t}") for t in tokenizers],
+                       *[pl.col(f"unk_chars__{t}") for t in tokenizers])
     docs = docs.filter(pl.col("lang").is_not_null()).unique(["id", "lang"], keep="first").collect()
     is_ref = pl.col("lang") == ref_lang
     ref = docs.filter(is_ref)
@@ -50,16 +52,19 @@ def premium_table(docs: pl.LazyFrame, tokenizers: list[str], ref_lang: str,
             pl.len().alias("docs"), pl.col(f"tokens__{t}").sum().alias("tokens"),
             pl.col("n_bytes").sum().alias("bytes"), pl.col("n_chars").sum().alias("chars"),
             pl.col(f"fallback_chars__{t}").sum().alias("fallback"),
+            pl.col(f"unk_chars__{t}").sum().alias("unk"),
             pl.col(f"ref__{t}").sum().alias("ref_tokens") if ref.height else pl.lit(None).alias("ref_tokens"),
         ).sort("lang")
         for r in per_lang.iter_rows(named=True):
-            unk_share = r["fallback"] / r["chars"] if r["chars"] else 0.0
+            unk_share = r["unk"] / r["chars"] if r["chars"] else 0.0  # UNK only (Petrov et al.)
+            fallback_share = r["fallback"] / r["chars"] if r["chars"] else 0.0
             rows.append({
                 "tokenizer": t, "lang": r["lang"], "docs": r["docs"], "tokens": r["tokens"],
                 "bytes": r["bytes"], "chars": r["chars"],
                 "premium": None if r["ref_tokens"] is None else premium(r["tokens"], r["ref_tokens"]),
                 "bytes_per_token": r["bytes"] / r["tokens"] if r["tokens"] else None,
                 "chars_per_token": r["chars"] / r["tokens"] if r["tokens"] else None,
-                "unk_share": unk_share, "reliable": unk_share <= max_unk_share,
+                "unk_share": unk_share, "byte_fallback_share": fallback_share,
+                "reliable": unk_share <= max_unk_share,
             })
     return pa.Table.from_pylist(rows, schema=PREMIUM_SCHEMA)

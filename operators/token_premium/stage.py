@@ -8,11 +8,13 @@ Arnett et al. ("Explaining and Mitigating Crosslingual Tokenizer Inequities"):
 
 Both sums run over a *parallel* corpus: only ids that exist in language L and in the reference
 language are counted, so the same content is compared. Also reported: bytes/token, chars/token
-and unk_share = the share of characters that fall in unknown or byte-fallback tokens; a share
-above ``max_unk_share`` (10%, as Petrov et al.) marks the row ``reliable = false``.
+unk_share = the share of characters that fall in the unknown token (UNK only, as Petrov et al.
+count: a share above ``max_unk_share``, 10%, marks the row ``reliable = false``), and
+byte_fallback_share = the share split into raw bytes or byte pieces (reported, never decides
+``reliable``: byte-level BPEs keep that text, Petrov et al. keep those rows).
 
 Per document the stage adds ``n_bytes``, ``n_chars`` and, per tokenizer ``<t>``,
-``tokens__<t>`` and ``fallback_chars__<t>``.
+``tokens__<t>``, ``fallback_chars__<t>`` (byte-fallback) and ``unk_chars__<t>`` (UNK).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class TokenCountsConfig(StageConfig):
 
     def provides(self) -> list[str]:
         cols = ["n_bytes", "n_chars"]
-        return cols + [f"{kind}__{t.name}" for t in self.tokenizers for kind in ("tokens", "fallback_chars")]
+        return cols + [f"{kind}__{t.name}" for t in self.tokenizers for kind in ("tokens", "fallback_chars", "unk_chars")]
 
     def build(self) -> TokenCounter:
         return TokenCounter(self.tokenizers)
@@ -77,7 +79,8 @@ class TokenCounter:
     def output_schema(self) -> pa.Schema:
         fields = [("n_bytes", pa.int64()), ("n_chars", pa.int64())]
         for name in self.tokenizers:
-            fields += [(f"tokens__{name}", pa.int64()), (f"fallback_chars__{name}", pa.int64())]
+            fields += [(f"tokens__{name}", pa.int64()), (f"fallback_chars__{name}", pa.int64()),
+                       (f"unk_chars__{name}", pa.int64())]
         return pa.schema(fields)
 
     def process(self, batch: pa.Table) -> pa.Table:
@@ -90,4 +93,5 @@ class TokenCounter:
             counted = tokenizer.count_batch(texts)
             columns[f"tokens__{name}"] = [c.tokens for c in counted]
             columns[f"fallback_chars__{name}"] = [c.fallback_chars for c in counted]
+            columns[f"unk_chars__{name}"] = [c.unk_chars for c in counted]
         return pa.table(columns, schema=self.output_schema())

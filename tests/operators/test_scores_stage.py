@@ -94,11 +94,22 @@ def test_binoculars_and_lowercase_columns():
     assert out["m__binoculars"][2:] == [None, None]
 
 
-def test_vllm_estimates_stand_in_for_exact_metrics():
+def test_topk_estimates_are_never_silent():
+    """Only estimates: an error without allow_topk_estimates; with it the same formulas, under their
+    own names (M__minkpp_topk, M__mean_entropy_topk), never as M__minkpp."""
     exact = lm_batch()
     renamed = exact.rename_columns([{"m__entropy": "m__entropy_topk", "m__logp2": "m__logp2_topk"}.get(c, c)
                                     for c in exact.column_names])
-    assert run(renamed) == run(exact)
+    with pytest.raises(KeyError, match="allow_topk_estimates"):
+        run(renamed)
+    est, ref = run(renamed, allow_topk_estimates=True), run(exact)
+    assert "m__minkpp" not in est and "m__mean_entropy" not in est
+    assert est["m__minkpp_topk"] == ref["m__minkpp"] and est["m__mean_entropy_topk"] == ref["m__mean_entropy"]
+    assert {k: v for k, v in est.items() if not k.endswith("_topk")} == \
+        {k: v for k, v in ref.items() if k not in ("m__minkpp", "m__mean_entropy")}
+    cfg = ScoresConfig(model="m")
+    assert all("m__logp2_topk" not in need.columns for need in cfg.requires())
+    assert "m__minkpp_topk" in ScoresConfig(model="m", allow_topk_estimates=True).provides()
 
 
 def test_missing_columns_are_named():

@@ -46,7 +46,7 @@ def test_scores_model_typo_names_field_value_and_choices(model):
     # the lm stage must come first, and compute what the scores read
     assert "stages.0.scores.model: 'smollm2'" in error({"op": "scores", "model": "smollm2"}, lm(model))
     short = error(lm(model, metrics=["logprob", "rank"]), {"op": "scores", "model": "smollm2"})
-    assert "'smollm2__entropy' or 'smollm2__entropy_topk'" in short and "valid choices: []" in short
+    assert "'smollm2__entropy'" in short and "allow_topk_estimates" in short and "valid choices: []" in short
     assert "smollm2__logprob" in error(lm(model, keep_positions=False), {"op": "scores", "model": "smollm2"})
     assert [s.stage_name for s in plan(lm(model), {"op": "scores", "model": "smollm2"}).stages] == [
         "lm_smollm2",

@@ -68,7 +68,8 @@ def test_padding_does_not_change_a_document():
     short, long = random_doc(g, 4), random_doc(g, 9)
     alone = head(short[0][None], short[1][None], torch.ones(1, 4, dtype=torch.bool))
     m, h, mask = pad_batch([short[0].numpy(), long[0].numpy()], [short[1].numpy(), long[1].numpy()])
-    m[0, 4:], h[0, 4:] = math.nan, 1e6                           # garbage in the padding is ignored
+    # hidden has T + 1 rows (row 4 would be e_4; this cache has none, so it is zeros as alone)
+    m[0, 4:], h[0, 5:] = math.nan, 1e6                           # garbage in the padding is ignored
     batched = head(m, h, mask)
     torch.testing.assert_close(batched[0], alone[0], rtol=1e-5, atol=1e-6)
     assert torch.isfinite(batched).all()
@@ -102,8 +103,9 @@ def test_empty_document_and_predict_proba():
 
 def test_pad_batch_truncates():
     m, h, mask = pad_batch([np.ones((7, 5)), np.ones((3, 5))], [np.ones((7, H)), np.ones((3, H))], max_tokens=5)
-    assert m.shape == (2, 5, 5) and h.shape == (2, 5, H)
+    assert m.shape == (2, 5, 5) and h.shape == (2, 6, H)  # hidden keeps e_T: T + 1 rows
     assert mask.sum(1).tolist() == [5, 3]
+    assert h[0].sum(1).tolist() == [H] * 6 and h[1].sum(1).tolist() == [H] * 3 + [0] * 3
 
 
 def test_label_smoothed_bce_by_hand():

@@ -74,10 +74,11 @@ class MeanHead:
                           (f"{self.prefix}__hidden_norm", pa.float64())])
 
     def __call__(self, metrics, hidden, mask) -> dict[str, list]:
-        assert hidden[-1].shape[:2] == mask.shape and hidden[-1].shape[2] == self.hidden_size
+        tokens = lm_heads.token_mask(mask)
+        assert hidden[-1].shape[:2] == tokens.shape and hidden[-1].shape[2] == self.hidden_size
         n = mask.sum(-1)
         mean_lp = (metrics["logprob"] * mask).sum(-1) / n
-        norm = (hidden[-1].float().norm(dim=-1) * mask).sum(-1) / n
+        norm = (hidden[-1].float().norm(dim=-1) * tokens).sum(-1) / tokens.sum(-1)
         return {f"{self.prefix}__mean_logprob": mean_lp.tolist(), f"{self.prefix}__hidden_norm": norm.tolist()}
 
 
@@ -196,7 +197,8 @@ def test_taps_and_cached_hidden_match_hf_hidden_states(op, table):
     ids = torch.tensor([row["smol__token_ids"]])
     with torch.inference_mode():
         hs = op.engine.model(input_ids=ids, output_hidden_states=True).hidden_states
-    n = row["smol__n_scored"]
+    n = row["smol__n_scored"] + 1  # every token's state, the last one included
+    assert len(row["smol__hidden_5"]) == n == len(row["smol__token_ids"])
     np.testing.assert_allclose(np.array(row["smol__hidden_5"]), hs[5][0, :n].numpy(), atol=1e-4)
     np.testing.assert_allclose(np.array(row["smol__hidden_last"]), hs[-1][0, :n].numpy(), atol=1e-4)
     op.engine.score(op.engine.encode([TEXTS[0]]))
@@ -302,7 +304,7 @@ def test_lm_stage_end_to_end_through_the_pipeline(tmp_path, demo_model, local_ra
     for d in docs:
         if d["smol__skip_reason"] is None:
             assert len(d["smol__logprob"]) == d["smol__n_scored"] == len(d["smol__token_ids"]) - 1
-            assert len(d["smol__hidden_last"]) == d["smol__n_scored"]
+            assert len(d["smol__hidden_last"]) == d["smol__n_scored"] + 1
             assert len(d["smol__hidden_last"][0]) == 576
             assert d["smol__nll_sum"] == pytest.approx(-math.fsum(d["smol__logprob"]), rel=1e-6)
     assert texts["d6"]["smol__truncated"] is True and len(texts["d6"]["smol__token_ids"]) == 32

@@ -85,7 +85,7 @@ def test_topk_config_checked():
 def test_sparsify_round_trip(tmp_path):
     sae = _sae(k=2)
     path = save_sparsify(sae, tmp_path, layer=3)
-    assert path == tmp_path / "layers.3"
+    assert path == tmp_path / "layers.2"  # HF hidden_states[3] = sparsify layers.2 (output of block 2)
     cfg = json.loads((path / "cfg.json").read_text())
     assert (cfg["d_in"], cfg["num_latents"], cfg["k"]) == (2, 3, 2)
 
@@ -98,12 +98,12 @@ def test_sparsify_round_trip(tmp_path):
 
 
 def test_sparsify_from_memory_url(tmp_path):
-    local = save_sparsify(_sae(k=1), tmp_path / "src", layer=0)
+    local = save_sparsify(_sae(k=1), tmp_path / "src", layer=1)  # sparsify layers.0
     mem = fsspec.filesystem("memory")
     for name in ("cfg.json", "sae.safetensors"):
         mem.pipe(f"/sae-test/layers.0/{name}", (local / name).read_bytes())
     try:
-        sae = load_sparsify("memory://sae-test", 0, cache_dir=tmp_path / "cache")
+        sae = load_sparsify("memory://sae-test", 1, cache_dir=tmp_path / "cache")
         torch.testing.assert_close(sae.encode(X), torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.5, 0.0]]))
     finally:
         mem.rm("/sae-test", recursive=True)
@@ -243,5 +243,5 @@ def test_train_topk_sae_on_sparse_data(tmp_path):
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
     assert int((sae.encode(x[:10]) > 0).sum(dim=1).max()) <= 4
 
-    loaded = load_sparsify(save_sparsify(sae, tmp_path, layer=0))
+    loaded = load_sparsify(save_sparsify(sae, tmp_path, layer=1))
     torch.testing.assert_close(loaded.encode(x[:10]), sae.encode(x[:10]))

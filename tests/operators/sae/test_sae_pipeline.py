@@ -126,7 +126,7 @@ def test_d_in_mismatch_names_the_file_and_the_expected_shape(tmp_path):
 def test_head_params_and_missing_sae(tmp_path):
     with pytest.raises(ValidationError, match="layer"):
         SAEHeadParams.model_validate({"sae": "x"})
-    with pytest.raises(FileNotFoundError, match="layers.3"):
+    with pytest.raises(FileNotFoundError, match="layers.2"):  # HF 3 = sparsify layers.2
         build_head({"sae": str(tmp_path / "none"), "layer": LAYER}, info(576))
     assert resolve_head_factory("sae") is build_head  # the short kind name
     flat = save_sparsify(random_sae(576), tmp_path / "flat")  # a flat dir works for any layer
@@ -235,7 +235,7 @@ def test_curate_sae_train_reports_fvu_and_dead_share(tmp_path, demo_model, capsy
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "held-out FVU" in out and "dead latents" in out
-    stats = json.loads((tmp_path / "sae" / f"layers.{LAYER}" / "train_stats.json").read_text())
+    stats = json.loads((tmp_path / "sae" / f"layers.{LAYER - 1}" / "train_stats.json").read_text())
     assert 0 < stats["fvu"] < 1.5 and 0 <= stats["dead_fraction"] <= 1
     assert stats["n_train"] + stats["n_valid"] <= 400
     sae = load_sparsify(tmp_path / "sae", layer=LAYER)

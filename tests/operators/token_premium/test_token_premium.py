@@ -75,14 +75,17 @@ def test_premium_table_uses_parallel_ids_only():
         "lang": ["eng_Latn", "eng_Latn", "fra_Latn", "fra_Latn", "fra_Latn"],
         "n_bytes": [10, 10, 12, 12, 99], "n_chars": [10, 10, 12, 12, 99],
         "tokens__t": [4, 6, 6, 9, 50], "fallback_chars__t": [0, 0, 0, 3, 0],
+        "unk_chars__t": [0, 1, 3, 0, 0],
     })
     rows = {r["lang"]: r for r in premium_table(docs, ["t"], "eng_Latn", 0.10).to_pylist()}
     # eng: 4 + 6 = 10 tokens; fra (ids 1, 2 only; id 3 has no English side): 6 + 9 = 15
     assert rows["eng_Latn"]["premium"] == 1.0
     assert rows["fra_Latn"]["premium"] == 1.5
     assert rows["fra_Latn"]["docs"] == 2
-    assert rows["fra_Latn"]["unk_share"] == pytest.approx(3 / 24)  # 12.5% > 10%
+    assert rows["fra_Latn"]["unk_share"] == pytest.approx(3 / 24)  # 12.5% UNK > 10%
+    assert rows["fra_Latn"]["byte_fallback_share"] == pytest.approx(3 / 24)
     assert rows["fra_Latn"]["reliable"] is False
+    assert (rows["eng_Latn"]["unk_share"], rows["eng_Latn"]["reliable"]) == (pytest.approx(1 / 20), True)
     assert rows["fra_Latn"]["bytes_per_token"] == pytest.approx(24 / 15)
 
 
@@ -93,7 +96,7 @@ def test_premium_divides_by_the_reference_over_the_same_ids():
         "id": ["1", "2", "9", "10", "1", "2", "1"],
         "lang": ["eng_Latn"] * 4 + ["fra_Latn", "fra_Latn", "deu_Latn"],
         "n_bytes": [10] * 7, "n_chars": [10] * 7,
-        "tokens__t": [4, 6, 500, 700, 6, 9, 5], "fallback_chars__t": [0] * 7,
+        "tokens__t": [4, 6, 500, 700, 6, 9, 5], "fallback_chars__t": [0] * 7, "unk_chars__t": [0] * 7,
     })
     rows = {r["lang"]: r for r in premium_table(docs, ["t"], "eng_Latn", 0.10).to_pylist()}
     assert (rows["eng_Latn"]["docs"], rows["eng_Latn"]["tokens"], rows["eng_Latn"]["premium"]) == (2, 10, 1.0)
@@ -120,17 +123,19 @@ def _reference_split_chars(text: str, token_bytes: list[int]) -> int:
     return split
 
 
-def _reference_hf_fallback(counter, text: str) -> int:
-    """Per token: mark its span when it is unknown/byte; mark characters covered twice."""
+def _reference_hf_fallback(counter, text: str) -> tuple[int, int]:
+    """Per token: mark its span when it is unknown / a byte piece; mark characters covered twice.
+    (byte-fallback chars: byte-marked or covered twice, not UNK; UNK chars)."""
     enc = counter.tok.encode(text, add_special_tokens=False)
     unk = getattr(counter.tok.model, "unk_token", None)
-    covered, marked = [0] * len(text), [False] * len(text)
+    covered, in_byte, in_unk = [0] * len(text), [False] * len(text), [False] * len(text)
     for token, (start, end) in zip(enc.tokens, enc.offsets, strict=True):
-        fallback = token == unk or re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token) is not None
         for i in range(start, end):
             covered[i] += 1
-            marked[i] = marked[i] or fallback
-    return sum(m or c > 1 for m, c in zip(marked, covered, strict=True))
+            in_unk[i] = in_unk[i] or token == unk
+            in_byte[i] = in_byte[i] or re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token) is not None
+    fallback = sum((b or c > 1) and not u for b, c, u in zip(in_byte, covered, in_unk, strict=True))
+    return fallback, sum(in_unk)
 
 
 @settings(max_examples=80, deadline=None)
@@ -153,5 +158,43 @@ def smollm2():
 @given(text=_UNICODE)
 def test_hf_counter_matches_the_per_token_definition(smollm2, text):
     counted = smollm2.count(text)
-    assert counted.fallback_chars == _reference_hf_fallback(smollm2, text)
+    assert (counted.fallback_chars, counted.unk_chars) == _reference_hf_fallback(smollm2, text)
     assert smollm2.count_batch([text]) == [counted]
+
+
+# --- unk_share is UNK only; byte fallback is reported apart (issue 15, item 5) -----------------
+
+NON_LATIN = {"hin_Deva": "भारत एक विशाल देश है।", "kor_Hang": "한국은 아름다운 나라입니다.",
+             "heb_Hebr": "ישראל היא מדינה קטנה."}
+
+
+def test_byte_level_bpe_keeps_non_latin_rows_reliable(cl100k):
+    """cl100k has no UNK: it splits these scripts into bytes and keeps the text. unk_share = 0, the
+    row is reliable, and the split share shows up as byte_fallback_share."""
+    texts = {"eng_Latn": "India is a large country.", **NON_LATIN}
+    counted = {lang: cl100k.count(t) for lang, t in texts.items()}
+    docs = pl.LazyFrame({
+        "id": ["1"] * len(texts), "lang": list(texts), "n_bytes": [len(t.encode()) for t in texts.values()],
+        "n_chars": [len(t) for t in texts.values()], "tokens__c": [c.tokens for c in counted.values()],
+        "fallback_chars__c": [c.fallback_chars for c in counted.values()],
+        "unk_chars__c": [c.unk_chars for c in counted.values()]})
+    rows = {r["lang"]: r for r in premium_table(docs, ["c"], "eng_Latn", 0.10).to_pylist()}
+    for lang in NON_LATIN:
+        assert rows[lang]["unk_share"] == 0.0 and rows[lang]["reliable"] is True, lang
+        assert rows[lang]["byte_fallback_share"] == pytest.approx(counted[lang].fallback_chars / len(texts[lang]))
+    assert rows["hin_Deva"]["byte_fallback_share"] > 0.10
+
+
+def test_unknown_token_characters_are_unk(tmp_path):
+    """A word-level tokenizer maps unseen words to <unk>: their characters are UNK, not byte-fallback."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "the": 1, "cat": 2}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(tmp_path)
+    counter = load_tokenizer(TokenizerSpec(name="w", kind="hf", path=str(tmp_path)))
+    assert counter.count("the dog cat") == Counted(3, 0, 3)  # "dog": 3 UNK characters
+    out = TokenCounter([TokenizerSpec(name="w", kind="hf", path=str(tmp_path))]).process(
+        __import__("pyarrow").table({"text": ["the dog cat"]}))
+    assert out.column("unk_chars__w").to_pylist() == [3] and out.column("fallback_chars__w").to_pylist() == [0]

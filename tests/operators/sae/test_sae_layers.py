@@ -1,0 +1,135 @@
+"""The SAE layer index (sparsify ``layers.i`` = output of block i = HF hidden_states[i+1]) and MoNA's
+pooling over all n tokens, on a tiny random Llama through the torch engine."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from operators.lm.heads import ModelInfo
+from operators.lm.models import ModelSpec
+from operators.lm.torch_engine import TorchEngine
+from operators.sae.head import build_head, idx_column, val_column
+from operators.sae.io import load_sae, save_sparsify
+from operators.sae.model import SAEConfig, SparseAutoencoder
+from tests.operators.lm.tiny_lm import HIDDEN, N_LAYERS, TEXT, build_tiny_lm
+
+
+def random_sae(d_in: int, d_sae: int = 48, k: int = 6, seed: int = 0) -> SparseAutoencoder:
+    gen = torch.Generator().manual_seed(seed)
+    sae = SparseAutoencoder(SAEConfig(d_in, d_sae, "topk", k))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=gen) / math.sqrt(d_in))
+        sae.b_enc.copy_(torch.randn(d_sae, generator=gen) * 0.1)
+        sae.W_dec.copy_(torch.randn(d_sae, d_in, generator=gen) / math.sqrt(d_sae))
+    return sae.requires_grad_(False).eval()
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    torch.set_num_threads(1)
+    path = build_tiny_lm(tmp_path_factory.mktemp("tiny-lm"))
+    return TorchEngine(ModelSpec(name="tiny", path=str(path)), max_tokens=64)
+
+
+def dense(heads: dict, name: str, d_sae: int) -> np.ndarray:
+    out = np.zeros(d_sae, np.float32)
+    out[np.asarray(heads[idx_column(name)], dtype=np.int64)] = heads[val_column(name)]
+    return out
+
+
+def block_output(engine: TorchEngine, block: int, ids: list[int]) -> torch.Tensor:
+    """What sparsify's trainer sees for hookpoint ``layers.<block>``: a forward hook on that module
+    of ``model.base_model``, output[0] when the block returns a tuple. [n, H]"""
+    seen = {}
+
+    def hook(_module, _args, output):
+        seen["x"] = output[0] if isinstance(output, tuple) else output
+
+    handle = engine.model.base_model.get_submodule(f"layers.{block}").register_forward_hook(hook)
+    try:
+        with torch.inference_mode():
+            engine.model(input_ids=torch.tensor([ids]))
+    finally:
+        handle.remove()
+    return seen["x"][0].float()
+
+
+@pytest.mark.parametrize("block", [0, 2])
+def test_sparsify_layers_i_reads_the_output_of_block_i(engine, tmp_path, block):
+    """An SAE saved the way sparsify saves hookpoint ``layers.<block>`` (next to a decoy at
+    ``layers.<block+1>``) is fed, for HF index block + 1, exactly the tensor a forward hook on that
+    block sees: the head's code equals the mean over all n tokens of SAE.encode(hooked output)."""
+    root = tmp_path / "sae"
+    sae = random_sae(HIDDEN, seed=1)
+    save_sparsify(sae, root / f"layers.{block}")              # flat write into sparsify's dir name
+    save_sparsify(random_sae(HIDDEN, seed=2), root / f"layers.{block + 1}")  # decoy
+    doc = engine.encode([TEXT])
+    ids = doc[0].ids
+    expected = sae.encode(block_output(engine, block, ids)).mean(0).numpy()  # all n tokens
+    head = build_head({"sae": str(root), "layer": block + 1, "skip_first": 0}, engine.model_info())
+    engine.add_taps(set(head.layers))
+    got = dense(engine.score(doc, [head])[0].heads, "sae", sae.cfg.d_sae)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_save_writes_layers_L_minus_1_and_round_trips(tmp_path):
+    sae = random_sae(HIDDEN)
+    path = save_sparsify(sae, tmp_path / "sae", layer=3)
+    assert path.name == "layers.2"  # HF hidden_states[3] = output of block 2
+    back = load_sae(tmp_path / "sae", layer=3)
+    torch.testing.assert_close(back.W_enc, sae.W_enc)
+    with pytest.raises(ValueError, match="≥ 1"):
+        save_sparsify(sae, tmp_path / "sae", layer=0)
+
+
+def test_saelens_hook_names_map_to_hf_indices(tmp_path):
+    from operators.sae.io import saelens_hf_layer
+
+    assert saelens_hf_layer("blocks.4.hook_resid_post") == 5
+    assert saelens_hf_layer("blocks.4.hook_resid_pre") == 4
+    assert saelens_hf_layer("blocks.4.hook_mlp_out") is None
+    sae = random_sae(HIDDEN)
+    d = tmp_path / "lens"
+    d.mkdir()
+    from safetensors.torch import save_file
+
+    save_file({"W_enc": sae.W_enc.contiguous(), "b_enc": sae.b_enc, "W_dec": sae.W_dec.contiguous(),
+               "b_dec": sae.b_dec}, str(d / "sae_weights.safetensors"))
+    (d / "cfg.json").write_text(json.dumps({"d_in": HIDDEN, "d_sae": 48, "architecture": "standard",
+                                            "hook_name": "blocks.1.hook_resid_post"}))
+    info = ModelInfo("tiny", HIDDEN, N_LAYERS, 32, "cpu", torch.float32)
+    assert build_head({"sae": str(d), "layer": 2}, info).layers == [2]
+    with pytest.raises(ValueError, match=r"hidden_states\[2\], but the head asks for layer 1"):
+        build_head({"sae": str(d), "layer": 1}, info)
+
+
+def test_layers_outside_the_model_and_the_normed_last_layer_are_clear_errors(tmp_path):
+    root = tmp_path / "sae"
+    save_sparsify(random_sae(HIDDEN), root, layer=N_LAYERS)  # layers.3: the last block, before the norm
+    info = ModelInfo("tiny", HIDDEN, N_LAYERS, 32, "cpu", torch.float32)
+    with pytest.raises(ValueError, match="after the final norm"):
+        build_head({"sae": str(root), "layer": N_LAYERS}, info)
+    with pytest.raises(ValueError, match="outside model 'tiny'"):
+        build_head({"sae": str(root), "layer": N_LAYERS + 3}, info)
+
+
+def test_mona_pools_all_n_tokens_by_hand(engine, tmp_path):
+    """e = mean over t = skip_first … n-1 of SAE.encode(hidden_states[L][t]), the last token included."""
+    layer = 2
+    sae = random_sae(HIDDEN, seed=3)
+    save_sparsify(sae, tmp_path / "sae", layer=layer)
+    doc = engine.encode([TEXT])
+    with torch.inference_mode():
+        hs = engine.model(input_ids=torch.tensor([doc[0].ids]), output_hidden_states=True).hidden_states
+    n = len(doc[0].ids)
+    codes = sae.encode(hs[layer][0].float())  # [n, d_sae]
+    expected = sum(codes[t] for t in range(1, n)) / (n - 1)
+    head = build_head({"sae": str(tmp_path / "sae"), "layer": layer, "skip_first": 1}, engine.model_info())
+    engine.add_taps(set(head.layers))
+    got = dense(engine.score(doc, [head])[0].heads, "sae", sae.cfg.d_sae)
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-5)

@@ -140,7 +140,8 @@ def family_pipeline(family: Family, input_url: str, output_url: str, max_tokens:
         stages.append({"op": "lm", "model": {"name": m.name, "path": m.path, "backend": m.backend,
                                              "dtype": m.dtype},
                        "max_tokens": max_tokens, "metrics": metrics, "keep_positions": keep_positions,
-                       "resources": resources.model_dump()})
+                       # every member scores every content token, whatever its tokenizer's BOS policy
+                       "score_first_token": True, "resources": resources.model_dump()})
     return parse_config({"name": "preselect-family", "input": {"url": input_url},
                          "output": {"url": output_url}, "stages": stages}, "<preselect family>")
 

@@ -40,6 +40,7 @@ class EngineSettings:
     observer: ModelSpec | None = None                    # Binoculars observer (same tokenizer)
     max_batch_tokens: int = 8192
     cpu_threads: int | None = None
+    score_first_token: bool = False                      # context token where the tokenizer adds none
     vllm: Any = None                                     # VLLMOptions for backend 'vllm'
 
 

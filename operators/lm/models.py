@@ -160,13 +160,28 @@ class Encoded:
         return self.skip_reason is None
 
 
-class TextEncoder:
-    """Text -> token ids, identical for every backend."""
+def context_id(tokenizer: Any) -> int | None:
+    """The token put in front so the first content token is scored too: the BOS the tokenizer adds,
+    else its BOS token, else its EOS token (None if it has neither)."""
+    added = bos_id(tokenizer)
+    if added is not None:
+        return added
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
-    def __init__(self, tokenizer: Any, max_tokens: int) -> None:
+
+class TextEncoder:
+    """Text -> token ids, identical for every backend.
+
+    The ids start with the BOS the tokenizer adds, if any. With ``score_first_token`` a tokenizer
+    that adds none gets its BOS, else EOS, in front (``context_id``): every content token then has
+    context and is scored, whatever the tokenizer's BOS policy (PreSelect compares losses of model
+    families whose tokenizers differ in that policy).
+    """
+
+    def __init__(self, tokenizer: Any, max_tokens: int, score_first_token: bool = False) -> None:
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
-        self.bos = bos_id(tokenizer)
+        self.bos = context_id(tokenizer) if score_first_token else bos_id(tokenizer)
         # Long texts are cut before tokenizing: no token spans 64 characters in practice, so the
         # first max_tokens ids of the cut text are those of the full text.
         self.char_cap = 64 * max_tokens + 4096

@@ -68,6 +68,9 @@ class LMStageConfig(StageConfig):
     max_batch_tokens: int = Field(8192, gt=0, description="Padded tokens per forward pass (B·T).")
     cpu_threads: int | None = Field(
         None, gt=0, description="torch threads on CPU (default: Ray's, = resources.num_cpus rounded up to 1).")
+    score_first_token: bool = Field(
+        False, description="Prepend BOS, else EOS, where the tokenizer adds neither, so the first content "
+        "token is scored too (PreSelect model families with mixed BOS policies).")
     vllm: VLLMOptions = VLLMOptions()
 
     @property
@@ -179,7 +182,8 @@ def engine_settings(cfg: LMStageConfig) -> EngineSettings:
     """What the engine of an ``lm`` stage loads and computes."""
     return EngineSettings(model=cfg.model, observer=cfg.observer, max_tokens=cfg.max_tokens,
                           metrics=cfg.metric_names, layers=set(cfg.taps) | set(cfg.cache_hidden),
-                          max_batch_tokens=cfg.max_batch_tokens, cpu_threads=cfg.cpu_threads, vllm=cfg.vllm)
+                          max_batch_tokens=cfg.max_batch_tokens, cpu_threads=cfg.cpu_threads, vllm=cfg.vllm,
+                          score_first_token=cfg.score_first_token)
 
 
 def hidden_column(model: str, layer: Layer) -> str:

@@ -180,11 +180,12 @@ class TorchEngine:
 
     def __init__(self, spec: ModelSpec, *, max_tokens: int = 1024, metrics: tuple[str, ...] = EXACT_METRICS,
                  layers: set[int | str] | None = None, max_batch_tokens: int = 8192,
-                 observer: ModelSpec | None = None, device: str | None = None) -> None:
+                 observer: ModelSpec | None = None, device: str | None = None,
+                 score_first_token: bool = False) -> None:
         self.spec, self.metrics, self.max_batch_tokens = spec, metrics, max_batch_tokens
         self.device = device or pick_device()
         self.tokenizer = load_tokenizer(spec)
-        self.encoder = TextEncoder(self.tokenizer, max_tokens)
+        self.encoder = TextEncoder(self.tokenizer, max_tokens, score_first_token)
         self.model = load_causal_lm(spec, self.device)
         self.head = LMHead(self.model)
         check_tokenizer_fits(self.tokenizer, self.head.vocab_size, spec)
@@ -211,7 +212,8 @@ class TorchEngine:
         if s.cpu_threads:
             torch.set_num_threads(s.cpu_threads)
         return cls(s.model, max_tokens=s.max_tokens, metrics=s.metrics, layers=s.layers,
-                   observer=s.observer, max_batch_tokens=s.max_batch_tokens)
+                   observer=s.observer, max_batch_tokens=s.max_batch_tokens,
+                   score_first_token=s.score_first_token)
 
     def model_info(self) -> ModelInfo:
         return ModelInfo(self.spec.name, self.hidden_size, self.num_layers, self.head.vocab_size,

@@ -96,14 +96,14 @@ class VLLMEngine:
     """Scores documents with ``vllm.LLM`` prompt logprobs (see the module docstring)."""
 
     def __init__(self, spec: ModelSpec, *, max_tokens: int, metrics: tuple[str, ...] = TOPK_METRICS,
-                 options: VLLMOptions) -> None:
+                 options: VLLMOptions, score_first_token: bool = False) -> None:
         vllm_environment(options)
         import torch
         from vllm import LLM, SamplingParams
 
         self.spec, self.metrics, self.top_k = spec, metrics, options.top_k
         self.tokenizer = load_tokenizer(spec)
-        self.encoder = TextEncoder(self.tokenizer, max_tokens)
+        self.encoder = TextEncoder(self.tokenizer, max_tokens, score_first_token)
         self.on_gpu = torch.cuda.is_available()
         self.llm = LLM(**engine_kwargs(spec, max_tokens, options, self.on_gpu))
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
@@ -115,7 +115,8 @@ class VLLMEngine:
     def from_settings(cls, s: EngineSettings) -> VLLMEngine:
         if s.observer is not None or s.layers:
             raise ValueError("backend 'vllm' has no hidden-state taps or observer; use backend: torch")
-        return cls(s.model, max_tokens=s.max_tokens, metrics=s.metrics, options=s.vllm or VLLMOptions())
+        return cls(s.model, max_tokens=s.max_tokens, metrics=s.metrics, options=s.vllm or VLLMOptions(),
+                   score_first_token=s.score_first_token)
 
     def model_info(self) -> ModelInfo:
         config = self.llm.llm_engine.model_config

@@ -56,8 +56,9 @@ import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
 from operators.arrow import ragged
-from operators.base import MiB, Need, Resources, StageConfig, StrictModel
+from operators.base import MiB, Need, PlanError, Resources, StageConfig, StrictModel
 from operators.detection.math import binoculars_score, mean_entropy, mean_log_rank
+from operators.lm.models import ModelSpec, load_tokenizer, tokenizer_fingerprint
 from operators.membership.math import (
     FrequencyTable,
     dcpdd_score,
@@ -171,6 +172,14 @@ class ScoresConfig(StageConfig):
                               "lowercase_text stage", prefix=True))
         return needs
 
+    def bind(self, earlier: list[StageConfig]) -> ScoresConfig:
+        """DC-PDD: the frequency table must come from the tokenizer of the lm stage whose columns we read."""
+        if self.dcpdd is not None:
+            lm = next((s for s in earlier if getattr(getattr(s, "model", None), "name", None) == self.model), None)
+            if lm is not None:
+                check_freq_table_tokenizer(self.dcpdd.freq_table, lm.model)
+        return self
+
     def score_names(self) -> list[str]:
         """Column suffixes this stage writes (``_topk`` for scores made from top-k estimates)."""
         est = "_topk" if self.allow_topk_estimates else ""
@@ -186,6 +195,30 @@ class ScoresConfig(StageConfig):
         return ScoreOperator(self)
 
 
+def check_freq_table_tokenizer(freq_table: str, model: ModelSpec) -> None:
+    """Raise ``PlanError`` unless ``freq_table`` was counted with ``model``'s tokenizer (fingerprints).
+
+    A table without a fingerprint (made by an older version) or a tokenizer that cannot be loaded
+    here (a Hub id offline) is only logged: the check needs both sides.
+    """
+    meta = FrequencyTable.read_metadata(freq_table)
+    table_print = meta.get("tokenizer_fingerprint", "")
+    if not table_print:
+        log.warning("scores: %s has no tokenizer fingerprint (an older table): cannot check that it was "
+                    "counted with %r's tokenizer; rebuild it with `curate freq build`", freq_table, model.name)
+        return
+    try:
+        model_print = tokenizer_fingerprint(load_tokenizer(model))
+    except (OSError, ValueError) as err:
+        log.warning("scores: cannot load %r's tokenizer to check %s: %s", model.name, freq_table, err)
+        return
+    if table_print != model_print:
+        raise PlanError("dcpdd.freq_table", freq_table,
+                        f"was counted with tokenizer {table_print} (model {meta.get('model')!r}), but lm model "
+                        f"{model.name!r} ({model.path}) has tokenizer {model_print}; rebuild it with "
+                        f"`curate freq build --model {model.path}`", [])
+
+
 class ScoreOperator:
     """The operator: loads the FrequencyTable once per actor, maps LM columns to scores per batch."""
 
@@ -195,10 +228,6 @@ class ScoreOperator:
         self.vocab_size = cfg.vocab_size  # else inferred once from a large enough batch, then kept
         if cfg.dcpdd is not None:
             self.table = FrequencyTable.load(cfg.dcpdd.freq_table)
-            if self.table.model != cfg.model:
-                log.warning("scores: frequency table %s was counted for model %r, this stage scores %r; "
-                            "it must come from the same tokenizer", cfg.dcpdd.freq_table, self.table.model,
-                            cfg.model)
 
     def output_schema(self) -> pa.Schema:
         return pa.schema([(self.col(s), pa.float64()) for s in self.score_names()])

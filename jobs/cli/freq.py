@@ -59,5 +59,6 @@ def freq_build_command(args: argparse.Namespace) -> int:
     seen = int((table.counts > 0).sum())
     print(f"frequency table {args.output}: model {table.model}, {docs} docs, N = {table.n_tokens} tokens "
           f"(first {table.max_tokens_per_doc} per doc), |V| = {table.vocab_size} ({seen} ids seen) "
-          f"in {time.perf_counter() - start:.1f} s")
+          f"in {time.perf_counter() - start:.1f} s; tokenizer {table.tokenizer_fingerprint}, "
+          f"content sha256 {table.source['content_sha256'][:16]}")
     return 0

@@ -168,6 +168,28 @@ def split_human_and_prompts(pool: list[str]) -> tuple[list[str], list[str]]:
     return human, prompts
 
 
+def reference_docs() -> list[str]:
+    """Python docs the demo corpus does not contain: a DC-PDD reference disjoint from the scored
+    documents, as the method requires. The docstrings too short for the corpus (under
+    ``MIN_CHARS`` once cleaned), and the pool docs after those whose first sentences became prompts."""
+    pool = python_doc_pool()
+    rest, used, n_prompts = pool[N_HUMAN:], 0, 0
+    for used, doc in enumerate(rest, start=1):  # noqa: B007 (used after the loop)
+        n_prompts += _good_prompt(first_sentence(doc))
+        if n_prompts == N_MACHINE:
+            break
+    in_pool = set(pool)
+    short: dict[str, str] = {}
+    for raw in raw_python_docs():
+        text = clean_doc(raw)
+        if len(text) >= 40 and len(truncate_at_sentence(text)) < MIN_CHARS and text not in in_pool:
+            short.setdefault(doc_id(text), text)
+    human, prompts = split_human_and_prompts(pool)
+    scored = "\n\x00".join(human)  # no reference doc may sit inside a human doc or hold a prompt
+    candidates = [short[key] for key in sorted(short)] + rest[used:]
+    return [r for r in candidates if r not in scored and not any(p in r for p in prompts)]
+
+
 def _good_prompt(sentence: str) -> bool:
     return 30 <= len(sentence) <= 300 and sentence[:1].isupper() and sentence[-1] in ".!?:"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +36,12 @@ def build_frequency_table(input_url: str, model: str, max_tokens: int = 1024, na
     import ray
     from ray.data import ActorPoolStrategy
 
-    from operators.lm.models import ModelSpec, load_tokenizer
+    from operators.lm.models import ModelSpec, load_tokenizer, tokenizer_fingerprint
     from operators.membership.math import FrequencyTable
     from pipelines.io import list_shards
 
-    vocab_size = len(load_tokenizer(ModelSpec(name="freq", path=model)))
+    tokenizer = load_tokenizer(ModelSpec(name="freq", path=model))
+    vocab_size = len(tokenizer)
     shards = list_shards(input_url)
     ds = ray.data.read_parquet(shards).select_columns([text_column])
     # leave a CPU to the read tasks: actors holding every CPU would starve them (a hang)
@@ -56,7 +58,22 @@ def build_frequency_table(input_url: str, model: str, max_tokens: int = 1024, na
             np.add.at(counts, np.asarray(ids, dtype=np.int64), np.asarray(values, dtype=np.int64))
             docs += n
     name = name or _model_name(model)
-    return FrequencyTable(counts, int(counts.sum()), vocab_size, name, max_tokens), docs
+    source = {"files": shards, "content_sha256": content_hash(shards), "text_column": text_column,
+              "documents": docs}
+    return FrequencyTable(counts, int(counts.sum()), vocab_size, name, max_tokens,
+                          tokenizer_fingerprint(tokenizer), source), docs
+
+
+def content_hash(urls: list[str]) -> str:
+    """sha256 over the files' bytes, in the given order: what a frequency table records it counted."""
+    import fsspec
+
+    digest = hashlib.sha256()
+    for url in urls:
+        with fsspec.open(url, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _model_name(model: str) -> str:

@@ -7,6 +7,8 @@ adds one by default, then truncation to ``max_tokens`` (BOS included).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +122,15 @@ def bos_id(tokenizer: Any) -> int | None:
         return None
     with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
     return bos if with_special and with_special[0] == bos else None
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A short hash of what decides the ids: the vocabulary (token -> id), the special tokens and
+    whether a BOS is added. Two tokenizers with equal fingerprints give the same ids."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    special = sorted(tokenizer.all_special_tokens)
+    blob = json.dumps([vocab, special, bos_id(tokenizer)], ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def check_same_tokenizer(a: Any, b: Any, what: str) -> None:

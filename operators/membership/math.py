@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import math
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import fsspec
 import numpy as np
@@ -42,6 +42,7 @@ from numpy.typing import ArrayLike
 SIGMA2_EPS = 1e-10
 
 _META_KEYS = ("n_tokens", "vocab_size", "model", "max_tokens_per_doc")
+_OPTIONAL_META_KEYS = ("tokenizer_fingerprint", "source")  # absent in tables from older versions
 
 
 def _f64(x: ArrayLike) -> np.ndarray:
@@ -126,7 +127,10 @@ class FrequencyTable:
 
     f(x) = (count(x) + 1) / (N + |V|)  (Laplace smoothing), N = Σ counts = ``n_tokens``.
     Only the first ``max_tokens_per_doc`` tokens of each document are counted. The table is
-    specific to a tokenizer; ``model`` names it.
+    specific to a tokenizer: ``model`` names it, ``tokenizer_fingerprint`` identifies it
+    (``operators.lm.models.tokenizer_fingerprint``), and ``source`` records what was counted (file
+    list and content hash). The reference corpus must be disjoint from the documents scored, as in
+    the paper: a reference that contains its targets calibrates their tokens away.
     """
 
     counts: np.ndarray
@@ -134,6 +138,8 @@ class FrequencyTable:
     vocab_size: int
     model: str
     max_tokens_per_doc: int = 1024
+    tokenizer_fingerprint: str = ""
+    source: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.counts = np.asarray(self.counts, dtype=np.int64).reshape(-1)
@@ -165,12 +171,15 @@ class FrequencyTable:
         for key in ("vocab_size", "model", "max_tokens_per_doc"):
             if getattr(self, key) != getattr(other, key):
                 raise ValueError(f"cannot merge tables with different {key}")
+        if self.tokenizer_fingerprint != other.tokenizer_fingerprint:
+            raise ValueError("cannot merge tables with different tokenizer_fingerprint")
         return FrequencyTable(self.counts + other.counts, self.n_tokens + other.n_tokens,
-                              self.vocab_size, self.model, self.max_tokens_per_doc)
+                              self.vocab_size, self.model, self.max_tokens_per_doc,
+                              self.tokenizer_fingerprint)
 
     def save(self, path: str) -> None:
         """Write one Parquet file (columns token_id, count; the scalars in the schema metadata)."""
-        meta = {k: json.dumps(getattr(self, k)) for k in _META_KEYS}
+        meta = {k: json.dumps(getattr(self, k)) for k in (*_META_KEYS, *_OPTIONAL_META_KEYS)}
         table = pa.table({"token_id": pa.array(np.arange(self.vocab_size, dtype=np.int64)),
                           "count": pa.array(self.counts)}).replace_schema_metadata(meta)
         with fsspec.open(path, "wb") as f:
@@ -182,13 +191,21 @@ class FrequencyTable:
         with fsspec.open(path, "rb") as f:
             table = pq.read_table(f)
         meta = {k.decode(): json.loads(v) for k, v in (table.schema.metadata or {}).items()
-                if k.decode() in _META_KEYS}
+                if k.decode() in (*_META_KEYS, *_OPTIONAL_META_KEYS)}
         missing = set(_META_KEYS) - set(meta)
         if missing:
             raise ValueError(f"{path}: not a FrequencyTable (missing metadata {sorted(missing)})")
         counts = np.zeros(meta["vocab_size"], dtype=np.int64)
         counts[table.column("token_id").to_numpy()] = table.column("count").to_numpy()
         return cls(counts, **meta)
+
+    @staticmethod
+    def read_metadata(path: str) -> dict:
+        """The scalars of a saved table (model, tokenizer_fingerprint, source, …) without its counts."""
+        with fsspec.open(path, "rb") as f:
+            schema = pq.read_schema(f)
+        return {k.decode(): json.loads(v) for k, v in (schema.metadata or {}).items()
+                if k.decode() in (*_META_KEYS, *_OPTIONAL_META_KEYS)}
 
 
 def _check_ids(ids: np.ndarray, vocab_size: int) -> None:

@@ -14,6 +14,7 @@ first four. Asserted with margin: > 0.85. About 1 minute on 2 CPUs (25 s of it t
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import torch
 
 from jobs.cli.main import main
 from jobs.demo.corpus import python_doc_pool
+from operators.lm.models import tokenizer_fingerprint
 from operators.membership.math import FrequencyTable
 from pipelines.config import parse_config
 from pipelines.runner import run_pipeline
@@ -127,6 +129,12 @@ def test_freq_build_counts_the_reference_corpus(memorised, local_ray, capsys):
         (expected.n_tokens, 2048, "tiny", MAX_TOKENS)
     assert np.array_equal(table.counts, expected.counts)
     assert table.n_tokens == sum(min(len(x), MAX_TOKENS) for x in ids)
+    # what was counted, and with which tokenizer, travels with the table
+    files = sorted(str(f) for f in (root / "reference").glob("*.parquet"))
+    assert sorted(table.source["files"]) == files and table.source["documents"] == len(memorised["reference"])
+    assert table.source["content_sha256"] == hashlib.sha256(
+        b"".join(Path(f).read_bytes() for f in table.source["files"])).hexdigest()
+    assert table.tokenizer_fingerprint == tokenizer_fingerprint(tokenizer)
 
 
 def test_dcpdd_and_min_k_separate_members(memorised, local_ray, capsys):

@@ -6,7 +6,9 @@ Each benchmark runs as its own ``python -m bench.<name> ...`` subprocess, so one
 and the others still run; each writes ``bench/results/<result>.json``. The table between
 ``<!-- bench-table:start -->`` and ``<!-- bench-table:end -->`` in README.md is then rebuilt from
 the JSON files there (one row per measured ratio; a benchmark that failed this time keeps its last
-figures, marked as such). Exits non-zero if any benchmark failed.
+figures, marked as such). The membership and detection testbeds are not ratios: their AUROC tables
+(mean ± sd over seeds) go between their own markers, ``<!-- <result>:start -->`` /
+``<!-- <result>:end -->`` (``TESTBEDS``). Exits non-zero if any benchmark failed.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ BENCHES = [
           "preselect_fasttext"),
     Bench("lm_engine", ("--docs", "40", "--repeats", "1"), "lm_engine_cpu"),
     Bench("one_pass", ("--docs", "48", "--repeats", "1"), "one_pass"),
+    Bench("membership_testbed", (), "membership_testbed"),
+    Bench("detection_testbed", (), "detection_testbed"),
 ]
 
 Row = tuple[str, str, float, str]  # benchmark, what is compared, ratio, absolute numbers
@@ -142,6 +146,40 @@ ROWS: dict[str, Callable[[dict], list[Row]]] = {
 }
 
 
+#: Testbed result -> {score key: label}, in table order (AUROC and TPR@5%FPR, mean ± sd over seeds).
+TESTBEDS: dict[str, dict[str, str]] = {
+    "membership_testbed": {"ppl": "PPL", "zlib": "zlib", "lowercase": "lowercase", "mink": "Min-K% (k = 0.2)",
+                           "minkpp": "Min-K%++ (k = 0.2)", "dcpdd": "DC-PDD (a = 0.01)"},
+    "detection_testbed": {"pawn_score": "PAWN", "binoculars": "Binoculars", "ppl": "PPL",
+                          "mean_entropy": "GLTR mean entropy", "mean_log_rank": "GLTR mean log-rank"},
+}
+
+
+def testbed_table(result: dict, labels: dict[str, str], stale: str = "") -> str:
+    """AUROC and TPR@5%FPR, mean ± sd over the seeds, of each score of a testbed result."""
+    seeds = result["seeds"]
+    lines = ["| score (direction) | AUROC | TPR@5%FPR |", "| --- | --- | --- |"]
+    for key, label in labels.items():
+        s = result["summary"][key]
+        lines.append(f"| {label} ({s['direction']}) | {s['auroc_mean']:.3f} ± {s['auroc_sd']:.3f} | "
+                     f"{s['tpr_mean']:.3f} ± {s['tpr_sd']:.3f} |")
+    lines.append(f"\n{len(seeds)} seeds ({', '.join(map(str, seeds))}), sd with ddof 1; "
+                 f"`{result['command']}`, {result['seconds']:.0f} s on {result['machine']['cpus']} CPUs, "
+                 f"{result['measured_at'][:10]}{stale}.")
+    return "\n".join(lines)
+
+
+def write_testbeds(failed: set[str]) -> None:
+    """Each testbed's table between its markers, from its result file (when both exist)."""
+    for name, labels in TESTBEDS.items():
+        path = RESULTS / f"{name}.json"
+        if not path.exists():
+            continue
+        stale = " (failed last run: these are older figures)" if name in failed else ""
+        write_readme(testbed_table(json.loads(path.read_text()), labels, stale),
+                     f"<!-- {name}:start -->", f"<!-- {name}:end -->")
+
+
 def table(failed: set[str]) -> str:
     """The markdown table from ``bench/results/*.json`` (results in ``failed`` marked stale)."""
     lines = ["| benchmark | compared | ratio | absolute numbers | command |",
@@ -163,13 +201,13 @@ def table(failed: set[str]) -> str:
     return "\n".join(lines)
 
 
-def write_readme(text: str) -> None:
-    """Replace what lies between the table markers in README.md."""
+def write_readme(text: str, start: str = START, end: str = END) -> None:
+    """Replace what lies between the markers ``start`` and ``end`` in README.md."""
     readme = README.read_text()
-    if START not in readme or END not in readme:
-        raise SystemExit(f"README.md lacks the markers {START} / {END}")
-    head, rest = readme.split(START, 1)
-    README.write_text(f"{head}{START}\n{text}\n{END}{rest.split(END, 1)[1]}")
+    if start not in readme or end not in readme:
+        raise SystemExit(f"README.md lacks the markers {start} / {end}")
+    head, rest = readme.split(start, 1)
+    README.write_text(f"{head}{start}\n{text}\n{end}{rest.split(end, 1)[1]}")
 
 
 def run(bench: Bench, timeout: float) -> str | None:
@@ -194,7 +232,8 @@ def main() -> None:
     chosen = [] if args.table_only else [b for b in BENCHES if not args.only or b.module in args.only]
     failures = {b.result: why for b in chosen if (why := run(b, args.timeout)) is not None}
     write_readme(table(set(failures)))
-    print(f"==> README.md benchmark table rewritten from {RESULTS}")
+    write_testbeds(set(failures))
+    print(f"==> README.md benchmark and testbed tables rewritten from {RESULTS}")
     for name, why in failures.items():
         print(f"FAILED {name}: {why}", file=sys.stderr)
     sys.exit(1 if failures else 0)

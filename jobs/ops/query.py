@@ -86,7 +86,7 @@ def connect(output_url: str, date: str | None = None, as_of: str | None = None,
             continue
         listed = ", ".join(sql_string(f) for f in files)
         con.execute(f"CREATE VIEW {sql_ident(table)} AS SELECT * FROM read_parquet([{listed}], "
-                    "union_by_name=true)")
+                    "union_by_name=true, hive_partitioning=false)")
     return con
 
 

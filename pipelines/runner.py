@@ -204,11 +204,11 @@ def run_pipeline(cfg: PipelineConfig, run_date: str) -> RunResult:
     """
     cfg = check_plan(cfg)  # loaded configs are checked already; this covers ones built in code
     output = open_output(cfg.output.url, cfg.output.catalog)
-    with run_lock(lock_path(cfg.output.url, run_date)):
-        return _run_locked(cfg, output, run_date)
+    with contextlib.ExitStack() as held:
+        return _run(cfg, output, run_date, held)
 
 
-def _run_locked(cfg: PipelineConfig, output, run_date: str) -> RunResult:  # noqa: ANN001
+def _run(cfg: PipelineConfig, output, run_date: str, held: contextlib.ExitStack) -> RunResult:  # noqa: ANN001
     started = time.perf_counter()
     run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     layout = RunLayout(output, run_date, run_id)
@@ -218,6 +218,7 @@ def _run_locked(cfg: PipelineConfig, output, run_date: str) -> RunResult:  # noq
         catalog = output.catalog(create=True)
     try:
         catalog = preflight(output)
+        held.enter_context(run_lock(lock_path(cfg.output.url, run_date)))  # one run per (output, date)
         shards = list_shards(cfg.input.url)
         log.info("run %s: %d shard(s) from %s", run_id, len(shards), cfg.input.url)
         init_ray(cfg)

@@ -105,7 +105,7 @@ def test_output_that_is_a_file_fails_in_preflight(tmp_path, small_corpus, capsys
 
 
 def _snapshot(out: Path) -> dict[str, list]:
-    return {t: sorted(map(str, query(str(out), f"SELECT * EXCLUDE (source_file) FROM {t}").to_pylist()))
+    return {t: sorted(map(str, query(str(out), f"SELECT * FROM {t}").to_pylist()))
             for t in ("documents", "quarantine", "token_premium")}
 
 

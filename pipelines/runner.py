@@ -31,7 +31,7 @@ from pipelines.budget import check_budget
 from pipelines.config import ConfigError, PipelineConfig, check_plan
 from pipelines.finalize import FinalizeContext, scan_staged
 from pipelines.io import batch_key, is_process_local, list_shards, read_shard
-from pipelines.lock import lock_path, run_lock
+from pipelines.lock import LockHeld, lock_path, run_lock
 from pipelines.resources import READ_CPUS, WRITER_CPUS, check_resources, shortfalls
 from pipelines.stage_runner import SECONDS_PREFIX, StageRunner
 from pipelines.tables import RunLayout, append_run_row, commit_night, now, open_output, preflight, stage_rows
@@ -236,6 +236,8 @@ def _run(cfg: PipelineConfig, output, run_date: str, held: contextlib.ExitStack)
         result.status = "committed"
     except BaseException as err:
         result.status, result.error = "failed", f"{type(err).__name__}: {err}"
+        if isinstance(err, LockHeld):  # never started: the running night owns the date and its row
+            catalog = None
         if isinstance(err, RunFailed):  # a whole-run verdict: nothing of this run may be committed
             err.result = result  # type: ignore[attr-defined]
         raise

@@ -196,12 +196,31 @@ def batch_key(batch: pa.Table) -> str:
 
 
 def open_dataset(url: str) -> pads.Dataset:
-    """A Parquet file or directory (hive partitions allowed), not read yet."""
+    """A Parquet file or directory (hive partitions allowed), or an output table named as
+    ``<output>/<table>[/run_date=D]`` (its committed files), not read yet."""
     fs, path = url_to_fs(url)
     if not fs.exists(path):
-        raise InputError(f"input not found: {url}")
+        files = committed_table_files(url)
+        if files is None:
+            raise InputError(f"input not found: {url}")
+        return pads.dataset([f.removeprefix("file://") for f in files], format="parquet",
+                            filesystem=PyFileSystem(FSSpecHandler(fs)))
     return pads.dataset(path, filesystem=PyFileSystem(FSSpecHandler(fs)), format="parquet",
                         partitioning="hive")
+
+
+def committed_table_files(url: str) -> list[str] | None:
+    """The committed data files of ``<output>/<table>[/run_date=D]``; None when that names no table."""
+    from pipelines.tables import CatalogError, committed_views, open_output
+
+    parts = url.rstrip("/").rsplit("/", 2)
+    date = parts[-1].removeprefix("run_date=") if parts[-1].startswith("run_date=") else None
+    output, table = (parts[0], parts[1]) if date else ("/".join(parts[:-1]), parts[-1])
+    try:
+        view = committed_views(open_output(output).catalog(), date).get(table)
+    except CatalogError:
+        return None
+    return [f for files in view.files_by_date.values() for f in files] if view else None
 
 
 def read_table(url: str, columns: list[str] | None = None) -> pa.Table:

@@ -96,3 +96,22 @@ def commit_tables(url: str, run_date: str, run_id: str, tables: dict, status: st
     append_run_row(catalog, row)
     assert pa is not None
     return committed
+
+
+def table_rows(out: Path | str, table: str, date: str | None = None, columns: str = "*") -> list[dict]:
+    """Committed rows of ``table`` under the output ``out`` (only ``date``'s when given), read through
+    the catalog; [] when that table has no committed rows."""
+    from jobs.ops.query import partitions, query
+
+    if table not in partitions(str(out), date):
+        return []
+    return query(str(out), f"SELECT {columns} FROM {table}", date=date).to_pylist()
+
+
+def run_rows(out: Path | str) -> list[dict]:
+    """Every ``runs`` row of the output ``out`` (failed runs too), in the order they were appended."""
+    from jobs.ops.query import partitions, query
+
+    if "runs" not in partitions(str(out)):
+        return []
+    return query(str(out), "SELECT * FROM runs ORDER BY committed_at").to_pylist()

@@ -34,7 +34,16 @@ from pipelines.io import batch_key, is_process_local, list_shards, read_shard
 from pipelines.lock import LockHeld, lock_path, run_lock
 from pipelines.resources import READ_CPUS, WRITER_CPUS, check_resources, shortfalls
 from pipelines.stage_runner import SECONDS_PREFIX, StageRunner
-from pipelines.tables import RunLayout, append_run_row, commit_night, now, open_output, preflight, stage_rows
+from pipelines.tables import (
+    RunLayout,
+    append_run_row,
+    commit_night,
+    discard_staged,
+    now,
+    open_output,
+    preflight,
+    stage_rows,
+)
 
 __all__ = ["RunFailed", "RunResult", "check_cpu_budget", "run_pipeline"]
 
@@ -240,6 +249,7 @@ def _run(cfg: PipelineConfig, output, run_date: str, held: contextlib.ExitStack)
             catalog = None
         if isinstance(err, RunFailed):  # a whole-run verdict: nothing of this run may be committed
             err.result = result  # type: ignore[attr-defined]
+            discard_staged(output, run_date, run_id)
         raise
     finally:
         result.seconds = round(time.perf_counter() - started, 2)

@@ -212,6 +212,13 @@ def staged_files(output: Output, run_date: str, run_id: str) -> dict[str, list[s
     return found
 
 
+def discard_staged(output: Output, run_date: str, run_id: str) -> None:
+    """Remove the data files of a run that must not commit (no snapshot references them)."""
+    fs = output.fs
+    for path in fs.glob(f"{output.root}/{DATA_DIR}/*/run_date={run_date}/{run_id}"):
+        fs.rm(path, recursive=True)
+
+
 def _hook(point: str) -> None:
     spec = os.environ.get(HOOK_ENV, "")
     where, _, action = spec.rpartition(":")

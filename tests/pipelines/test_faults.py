@@ -152,10 +152,10 @@ def test_killed_driver_then_rerun_matches_uninterrupted_run(tmp_path, local_ray)
     prev = {**raw, "input": {"url": str(tmp_path / "prev")}}
     run_pipeline(parse_config(prev), "2026-02-03")  # a committed partition to protect
 
+    previous = set(out.glob("_data/documents/*/*/*.parquet"))  # the committed night's files
     script = textwrap.dedent(f"""
         import ray
-        from jobs.ops.query import query
-from pipelines.config import parse_config
+        from pipelines.config import parse_config
         from pipelines.runner import run_pipeline
         ray.init(num_cpus=2, include_dashboard=False)
         run_pipeline(parse_config({raw!r}), "2026-02-03")
@@ -163,9 +163,9 @@ from pipelines.config import parse_config
     driver = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not list(out.glob("_data/documents/*/*/*.parquet")):
+    while time.time() < deadline and not set(out.glob("_data/documents/*/*/*.parquet")) - previous:
         time.sleep(0.1)
-    staged = bool(list(out.glob("_data/documents/*/*/*.parquet")))
+    staged = bool(set(out.glob("_data/documents/*/*/*.parquet")) - previous)
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and its embedded Ray die mid-run
     driver.wait()
     assert staged, "the driver never staged a batch before the deadline"

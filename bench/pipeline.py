@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from bench.common import ROOT, fresh_driver, save
 from bench.soak import run_scales
+from pipelines.tables import committed_table_files
 
 NIGHTLY = ROOT / "pipelines" / "nightly.yaml"
 CPU_OPS = ("token_premium", "preselect")
@@ -56,8 +57,8 @@ def write_subset(source: Path, dest: Path, docs: int) -> int:
 def lm_tokens(output: Path, model: str) -> int:
     """Σ (n_scored + 1) over the committed documents table (skipped documents count 0)."""
     column, tokens = f"{model}__n_scored", 0
-    for part in sorted((output / "documents").glob("run_date=*/*.parquet")):
-        n = pq.read_table(part, columns=[column]).column(column)
+    for part in committed_table_files(str(output / "documents")) or []:
+        n = pq.read_table(part.removeprefix("file://"), columns=[column]).column(column)
         tokens += int(pc.sum(pc.add(n, 1)).as_py() or 0)
     return tokens
 

@@ -48,9 +48,12 @@ class InputConfig(StrictModel):
 
 
 class OutputConfig(StrictModel):
-    """Where tables are committed: ``<url>/<table>/run_date=YYYY-MM-DD/``."""
+    """Where tables are committed: Iceberg tables partitioned by ``run_date`` (``pipelines.tables``)."""
 
     url: str = "./output"
+    catalog: dict[str, str | int | bool] = Field(
+        default_factory=dict, description="pyiceberg catalog properties (type, uri, warehouse, ...); "
+        "empty: a SQLite catalog inside the output (local outputs only).")
     write_batch_rows: int = Field(4096, gt=0, description="Rows per staged Parquet file (at most).")
 
 

@@ -13,7 +13,7 @@ import polars as pl
 import pyarrow.dataset as pads
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-from pipelines.commit import RunLayout
+from pipelines.tables import RunLayout
 
 
 @dataclass

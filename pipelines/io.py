@@ -21,9 +21,7 @@ from collections.abc import Iterator
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 LINEAGE = ("source_file", "source_row")
 QUARANTINE = ("quarantine_reason", "quarantine_stage")
@@ -193,22 +191,3 @@ def batch_key(batch: pa.Table) -> str:
         col = batch.column(name)
         h.update(pc.cast(col, pa.string()).to_pylist().__repr__().encode())
     return h.hexdigest()[:20]
-
-
-def open_dataset(url: str) -> pads.Dataset:
-    """A Parquet file or directory (hive partitions allowed), not read yet."""
-    fs, path = url_to_fs(url)
-    if not fs.exists(path):
-        raise InputError(f"input not found: {url}")
-    return pads.dataset(path, filesystem=PyFileSystem(FSSpecHandler(fs)), format="parquet",
-                        partitioning="hive")
-
-
-def read_table(url: str, columns: list[str] | None = None) -> pa.Table:
-    """A Parquet file or directory as one table (only ``columns`` when given)."""
-    dataset = open_dataset(url)
-    if columns:
-        missing = [c for c in columns if c not in dataset.schema.names]
-        if missing:
-            raise InputError(f"{url}: columns not found: {missing}; have {dataset.schema.names}")
-    return dataset.to_table(columns=columns)

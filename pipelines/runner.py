@@ -1,6 +1,7 @@
 """Turn a pipeline definition into a Ray Data plan, run it, and commit its tables.
 
-    shards ──read (tasks)──> stage 1 (actor pool) ──> … ──> staged writer ──> finalize ──> commit
+    lock + preflight ──> shards ──read (tasks)──> stage 1 (actor pool) ──> … ──> staged writer
+        ──> finalize ──> commit (one Iceberg transaction per table) ──> runs row (the commit point)
 
 The driver only lists shard URLs and collects one small stats row per written batch; documents
 stream through Ray's object store and are written by the workers.
@@ -8,6 +9,7 @@ stream through Ray's object store and are written by the workers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,12 +28,22 @@ from ray.data import ActorPoolStrategy
 
 from operators.base import RunFailed, StageConfig
 from pipelines.budget import check_budget
-from pipelines.commit import RunLayout, clear_stale_staging, code_version, commit_run, recover
 from pipelines.config import ConfigError, PipelineConfig, check_plan
 from pipelines.finalize import FinalizeContext, scan_staged
-from pipelines.io import batch_key, is_process_local, list_shards, read_shard, write_parquet
+from pipelines.io import batch_key, is_process_local, list_shards, read_shard
+from pipelines.lock import LockHeld, lock_path, run_lock
 from pipelines.resources import READ_CPUS, WRITER_CPUS, check_resources, shortfalls
 from pipelines.stage_runner import SECONDS_PREFIX, StageRunner
+from pipelines.tables import (
+    RunLayout,
+    append_run_row,
+    commit_night,
+    discard_staged,
+    now,
+    open_output,
+    preflight,
+    stage_rows,
+)
 
 __all__ = ["RunFailed", "RunResult", "check_cpu_budget", "run_pipeline"]
 
@@ -135,8 +147,8 @@ class StagedWriter:
             if rows.num_rows:
                 rows = rows.drop_columns(["quarantine_reason", "quarantine_stage"]) \
                     if table == "documents" else rows
-                path = f"{self.layout.staging_dir(table)}/part-{key}.parquet"
-                write_parquet(self.layout.fs, path, rows)
+                stage_rows(self.layout.output, table, self.layout.run_date, self.layout.run_id,
+                           f"part-{key}", rows)
         by_stage = Counter(quarantined.column("quarantine_stage").to_pylist())
         return pa.table({"key": [key], "rows": [batch.num_rows],
                          "quarantined_by": [json.dumps(by_stage)], "seconds_by": [json.dumps(seconds)]})
@@ -195,16 +207,27 @@ def stage_stats(rows: list[dict], stage_names: list[str]) -> list[StageStats]:
 
 
 def run_pipeline(cfg: PipelineConfig, run_date: str) -> RunResult:
-    """Run ``cfg`` for ``run_date`` and commit its tables atomically. Raises on failure (``RunFailed``
-    when the error budget or a whole-run check says the night must not commit; see ``pipelines.budget``)."""
+    """Run ``cfg`` for ``run_date`` and commit its tables as one night. Raises on failure (``RunFailed``
+    when the error budget or a whole-run check says the night must not commit; see ``pipelines.budget``;
+    ``LockHeld`` when another run of this output and date is going; ``CatalogError`` from preflight).
+    """
     cfg = check_plan(cfg)  # loaded configs are checked already; this covers ones built in code
+    output = open_output(cfg.output.url, cfg.output.catalog)
+    with contextlib.ExitStack() as held:
+        return _run(cfg, output, run_date, held)
+
+
+def _run(cfg: PipelineConfig, output, run_date: str, held: contextlib.ExitStack) -> RunResult:  # noqa: ANN001
     started = time.perf_counter()
     run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
-    layout = RunLayout.for_url(cfg.output.url, run_date, run_id)
+    layout = RunLayout(output, run_date, run_id)
     result = RunResult(run_id, run_date, "running", cfg.output.url)
-    recover(cfg.output.url)
-    clear_stale_staging(layout)
+    catalog, snapshots = None, {}
+    with contextlib.suppress(Exception):  # usable for the runs row even if preflight fails below
+        catalog = output.catalog(create=True)
     try:
+        catalog = preflight(output)
+        held.enter_context(run_lock(lock_path(cfg.output.url, run_date)))  # one run per (output, date)
         shards = list_shards(cfg.input.url)
         log.info("run %s: %d shard(s) from %s", run_id, len(shards), cfg.input.url)
         init_ray(cfg)
@@ -213,20 +236,30 @@ def run_pipeline(cfg: PipelineConfig, run_date: str) -> RunResult:
         stats_rows = execute(build_dataset(cfg, shards, layout), layout, cfg.output.write_batch_rows)
         result.stages = stage_stats(stats_rows, [s.stage_name for s in cfg.stages])
         check_budget(cfg, result.stages, lambda: quarantine_examples(layout))
-        _finalize(cfg, layout)
-        manifests = commit_run(layout, {"pipeline": cfg.name, "config_hash": cfg.config_hash(),
-                                        "code_version": code_version()})
-        result.tables = {t: m["rows"] for t, m in manifests.items()}
+        with tempfile.TemporaryDirectory(prefix="curate-report-") as tmp:
+            _finalize(cfg, layout, Path(tmp))
+            committed = commit_night(output, catalog, run_date, run_id)
+            _publish_reports(layout, Path(tmp))
+        snapshots = {t: snap for t, (snap, _) in committed.items()}
+        result.tables = {t: rows for t, (snap, rows) in committed.items() if snap is not None}
         result.status = "committed"
     except BaseException as err:
         result.status, result.error = "failed", f"{type(err).__name__}: {err}"
+        if isinstance(err, LockHeld):  # never started: the running night owns the date and its row
+            catalog = None
         if isinstance(err, RunFailed):  # a whole-run verdict: nothing of this run may be committed
             err.result = result  # type: ignore[attr-defined]
-            clear_stale_staging(layout)
+            discard_staged(output, run_date, run_id)
         raise
     finally:
         result.seconds = round(time.perf_counter() - started, 2)
-        write_run_row(cfg, layout, result)
+        if catalog is not None:
+            try:
+                write_run_row(cfg, catalog, layout, result, snapshots)
+            except Exception:
+                if result.status == "committed":
+                    raise  # without its runs row the night is not committed
+                log.exception("could not record the failed run %s in runs", run_id)
     return result
 
 
@@ -239,42 +272,52 @@ def quarantine_examples(layout: RunLayout, n: int = 3) -> list[str]:
     return [r[:300] for r in reasons.to_series().to_list() if r]
 
 
-def _finalize(cfg: PipelineConfig, layout: RunLayout) -> None:
-    """Run every stage's whole-run step; stage its tables and report files with the run."""
-    with tempfile.TemporaryDirectory(prefix="curate-report-") as tmp:
-        ctx = FinalizeContext(layout, Path(tmp))
-        for stage in cfg.stages:
-            for table, rows in stage.finalize(ctx).items():
-                path = f"{layout.staging_dir(table)}/part-{stage.stage_name}.parquet"
-                write_parquet(layout.fs, path, rows)
-        for file in sorted(Path(tmp).iterdir()):
-            layout.fs.makedirs(layout.staging_dir("reports"), exist_ok=True)
-            layout.fs.put_file(str(file), f"{layout.staging_dir('reports')}/{file.name}")
+def _finalize(cfg: PipelineConfig, layout: RunLayout, report_dir: Path) -> None:
+    """Run every stage's whole-run step; stage its tables with the run, its files in ``report_dir``."""
+    ctx = FinalizeContext(layout, report_dir)
+    for stage in cfg.stages:
+        for table, rows in stage.finalize(ctx).items():
+            stage_rows(layout.output, table, layout.run_date, layout.run_id, f"part-{stage.stage_name}", rows)
 
 
-RUNS_SCHEMA = pa.schema([
-    ("run_id", pa.string()), ("pipeline", pa.string()),
-    ("config_hash", pa.string()), ("code_version", pa.string()), ("status", pa.string()),
-    ("started_at", pa.string()), ("seconds", pa.float64()), ("rows_in", pa.int64()),
-    ("rows_out", pa.int64()), ("rows_quarantined", pa.int64()), ("stages", pa.string()),
-    ("tables", pa.string()), ("error", pa.string()),
-])
+def _publish_reports(layout: RunLayout, report_dir: Path) -> None:
+    """Copy the finalizers' report files to ``<output>/reports/run_date=D/`` (not a table)."""
+    target = f"{layout.root}/reports/run_date={layout.run_date}"
+    for file in sorted(report_dir.iterdir()):
+        layout.fs.makedirs(target, exist_ok=True)
+        layout.fs.put_file(str(file), f"{target}/{file.name}")
 
 
-def write_run_row(cfg: PipelineConfig, layout: RunLayout, result: RunResult) -> None:
-    """Append this run's row to the ``runs`` table (one file per run; runs are never replaced).
-
-    ``run_date`` is the hive partition key of the file's directory, not a column in the file.
-    """
+def write_run_row(cfg: PipelineConfig, catalog, layout: RunLayout, result: RunResult,  # noqa: ANN001
+                  snapshots: dict[str, int | None]) -> None:
+    """Append this run's row to ``runs``: for a committed run, the commit point of the night."""
     row = {
         "run_id": result.run_id, "pipeline": cfg.name,
         "config_hash": cfg.config_hash(), "code_version": code_version(), "status": result.status,
-        "started_at": result.run_id.split("-")[0], "seconds": result.seconds,
+        "started_at": result.run_id.split("-")[0], "committed_at": now(), "seconds": result.seconds,
         "rows_in": result.rows_in, "rows_out": result.rows_out,
         "rows_quarantined": result.rows_quarantined,
         "stages": json.dumps([s.__dict__ for s in result.stages]),
-        "tables": json.dumps(result.tables), "error": result.error,
+        "tables": json.dumps(result.tables), "snapshots": json.dumps(snapshots),
+        "error": result.error, "run_date": layout.run_date,
     }
-    path = f"{layout.root}/runs/run_date={layout.run_date}/run-{result.run_id}.parquet"
-    write_parquet(layout.fs, path, pa.Table.from_pylist([row], schema=RUNS_SCHEMA))
+    append_run_row(catalog, row)
 
+
+def code_version() -> str:
+    """``git describe`` of the code when it runs from a checkout, else the package version."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, timeout=5, cwd=Path(__file__).resolve().parent)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("curate")
+    except PackageNotFoundError:
+        return "unknown"

@@ -74,3 +74,44 @@ def demo_freq_table() -> Path:
     from jobs.demo.freq import prepare_demo_freq
 
     return prepare_demo_freq(log=lambda _msg: None)
+
+
+def commit_tables(url: str, run_date: str, run_id: str, tables: dict, status: str = "committed",
+                  **run: object) -> dict:
+    """Stage ``tables`` and commit them as one night with the real commit code, plus its ``runs`` row."""
+    import json
+
+    import pyarrow as pa
+
+    from pipelines.tables import RUNS_SCHEMA, append_run_row, commit_night, now, open_output, stage_rows
+
+    output = open_output(url)
+    catalog = output.catalog(create=True)
+    for table, rows in tables.items():
+        stage_rows(output, table, run_date, run_id, "part-0", rows)
+    committed = commit_night(output, catalog, run_date, run_id) if status == "committed" else {}
+    row = {name: None for name in RUNS_SCHEMA.names} | {
+        "run_id": run_id, "run_date": run_date, "pipeline": "p", "status": status, "committed_at": now(),
+        "snapshots": json.dumps({t: s for t, (s, _) in committed.items()})} | run
+    append_run_row(catalog, row)
+    assert pa is not None
+    return committed
+
+
+def table_rows(out: Path | str, table: str, date: str | None = None, columns: str = "*") -> list[dict]:
+    """Committed rows of ``table`` under the output ``out`` (only ``date``'s when given), read through
+    the catalog; [] when that table has no committed rows."""
+    from jobs.ops.query import partitions, query
+
+    if table not in partitions(str(out), date):
+        return []
+    return query(str(out), f"SELECT {columns} FROM {table}", date=date).to_pylist()
+
+
+def run_rows(out: Path | str) -> list[dict]:
+    """Every ``runs`` row of the output ``out`` (failed runs too), in the order they were appended."""
+    from jobs.ops.query import partitions, query
+
+    if "runs" not in partitions(str(out)):
+        return []
+    return query(str(out), "SELECT * FROM runs ORDER BY committed_at").to_pylist()

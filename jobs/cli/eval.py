@@ -15,7 +15,8 @@ import tempfile
 from pathlib import Path
 
 from jobs.errors import UserError
-from pipelines.io import InputError, read_table, url_to_fs
+from pipelines.io import InputError, url_to_fs
+from pipelines.tables import read_table
 
 
 def register(sub: argparse._SubParsersAction) -> None:

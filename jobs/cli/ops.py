@@ -37,6 +37,8 @@ def _query(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=["table", "csv", "json"], default="table",
                    help="json: one object per line")
     p.add_argument("--date", type=parse_date, help="only this run date's partitions")
+    p.add_argument("--as-of", dest="as_of", metavar="RUN_ID",
+                   help="the tables as they were when this run committed (time travel)")
     p.set_defaults(func=_lazy("jobs.ops.query", "query_command"))
 
 

@@ -10,7 +10,9 @@ from jobs.errors import UserError
 from jobs.ops.summary import format_summary
 from pipelines.config import ConfigError, load_config
 from pipelines.io import InputError
+from pipelines.lock import LockHeld
 from pipelines.runner import RunFailed, run_pipeline
+from pipelines.tables import CatalogError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,7 +42,7 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.pipeline, overrides)
         result = run_pipeline(cfg, args.date)
-    except (ConfigError, InputError) as err:
+    except (ConfigError, InputError, LockHeld, CatalogError) as err:
         raise UserError(str(err)) from None
     except RunFailed as err:  # recorded as failed in `runs`, nothing committed: no traceback, exit 1
         if getattr(err, "result", None) is not None:

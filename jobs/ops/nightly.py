@@ -3,11 +3,8 @@
 * Input by date: ``{date}`` in ``input.url`` (or ``--input``) becomes the run date, e.g.
   ``s3://bucket/crawl/dt={date}/``; ``{date:%Y/%m/%d}`` takes a strftime format. Without it the
   whole input URL is the night's input.
-* A lock file ``<output>/_locks/<pipeline>-<date>.lock`` (JSON: pid, host, start time) makes sure
-  two runs of the same pipeline and date never overlap. It appears atomically and is removed when
-  the run ends. A lock whose pid is dead on this host is stale and taken over (with a warning); a
-  lock held from another host is never taken over. Remote outputs keep their locks in
-  ``$CURATE_LOCK_DIR`` (default ``~/.cache/curate/locks``): per host only.
+* ``run_pipeline`` holds the lock of (output, date) (``pipelines.lock``), so two runs of one date
+  never overlap, whether started by ``nightly`` or ``run``; the second is refused, naming the holder.
 * ``--since D`` catches up: every date from D to the target date without a ``committed`` row in
   ``runs`` (for this pipeline) runs, oldest first. A failed night does not stop the later ones;
   the command exits 1 if any night failed, and a later ``--since`` retries it.
@@ -16,32 +13,22 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
-import json
 import logging
-import os
 import re
-import socket
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from pathlib import Path
 
 import yaml
 
 from jobs.errors import UserError
-from jobs.ops.query import connect, is_local, views
+from pipelines import tables
 from pipelines.config import ConfigError, PipelineConfig, load_config
-from pipelines.io import InputError, url_to_fs
+from pipelines.io import InputError
+from pipelines.lock import LockHeld
+from pipelines.tables import CatalogError, open_output
 
 log = logging.getLogger("curate.nightly")
 _DATE_TOKEN = re.compile(r"\{date(?::([^}]*))?\}")
-
-
-class LockHeld(UserError):
-    """Another live run holds the lock of this pipeline and date."""
 
 
 # ---------------------------------------------------------------------------------------- input
@@ -72,113 +59,6 @@ def raw_input_url(pipeline: str) -> str | None:
     return url if isinstance(url, str) else None
 
 
-# ----------------------------------------------------------------------------------------- lock
-
-
-def lock_path(output_url: str, pipeline: str, run_date: str) -> Path:
-    """Where the lock of ``pipeline`` on ``run_date`` lives (under the output when it is local)."""
-    fs, root = url_to_fs(output_url)
-    if is_local(fs):
-        return Path(root) / "_locks" / f"{pipeline}-{run_date}.lock"
-    lock_dir = os.environ.get("CURATE_LOCK_DIR", str(Path.home() / ".cache" / "curate" / "locks"))
-    digest = hashlib.sha1(output_url.encode()).hexdigest()[:10]
-    return Path(lock_dir) / f"{digest}-{pipeline}-{run_date}.lock"
-
-
-@contextmanager
-def run_lock(path: Path) -> Iterator[dict]:
-    """Hold the lock at ``path`` for the ``with`` block; raises ``LockHeld`` if a live run has it."""
-    owner = acquire_lock(path)
-    try:
-        yield owner
-    finally:
-        release_lock(path, owner)
-
-
-def acquire_lock(path: Path) -> dict:
-    """Create the lock file atomically (fails if it exists); take over a stale one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    owner = {"pid": os.getpid(), "host": socket.gethostname(),
-             "started_at": datetime.now(UTC).isoformat(timespec="seconds"), "token": uuid.uuid4().hex}
-    for _ in range(3):
-        if _create_exclusive(path, owner):
-            return owner
-        holder = read_lock(path)
-        if holder is None:
-            continue  # released meanwhile: try again
-        if holder.get("unreadable"):
-            raise LockHeld(f"{path} is unreadable; remove it if no run of this night is going")
-        if not is_stale(holder):
-            raise LockHeld(f"{path} is held by pid {holder.get('pid')} on {holder.get('host')} "
-                           f"since {holder.get('started_at')}: that run is still going")
-        _remove_stale(path, holder)
-    raise LockHeld(f"could not take the lock {path}: other runs keep racing for it")
-
-
-def _create_exclusive(path: Path, owner: dict) -> bool:
-    """Write the owner to a private file (O_CREAT|O_EXCL), then hard-link it into place.
-
-    ``link`` fails when the lock exists, like O_EXCL, and a reader never sees a half-written lock.
-    """
-    private = path.with_name(f".{path.name}.{owner['token']}")
-    fd = os.open(private, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    with os.fdopen(fd, "w") as f:
-        json.dump(owner, f)
-    try:
-        os.link(private, path)
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        private.unlink()
-
-
-def read_lock(path: Path) -> dict | None:
-    """The lock's owner, or None when there is no lock."""
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return {"pid": None, "host": None, "started_at": None, "unreadable": True}
-
-
-def is_stale(holder: dict) -> bool:
-    """True when the holder ran on this host and its pid is gone (other hosts: never stale)."""
-    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
-        return False
-    try:
-        os.kill(holder["pid"], 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # alive, owned by another user
-    return False
-
-
-def _remove_stale(path: Path, holder: dict) -> None:
-    """Move the stale lock aside; if it changed since we read it, put it back untouched."""
-    aside = path.with_name(f".{path.name}.stale-{uuid.uuid4().hex}")
-    try:
-        os.rename(path, aside)
-    except FileNotFoundError:
-        return  # someone else removed it first
-    if read_lock(aside) != holder:  # a new owner slipped in between our read and the rename
-        with contextlib.suppress(FileExistsError):
-            os.link(aside, path)
-    else:
-        log.warning("taking over stale lock %s: pid %s on %s (since %s) is gone", path,
-                    holder["pid"], holder["host"], holder["started_at"])
-    aside.unlink()
-
-
-def release_lock(path: Path, owner: dict) -> None:
-    """Remove the lock if it is still ours."""
-    holder = read_lock(path)
-    if holder is not None and holder.get("token") == owner["token"]:
-        path.unlink(missing_ok=True)
-
-
 # ------------------------------------------------------------------------------------- catch-up
 
 
@@ -190,22 +70,18 @@ def date_range(start: str, end: str) -> list[str]:
     return [(first + timedelta(days=i)).isoformat() for i in range((last - first).days + 1)]
 
 
-def committed_dates(output_url: str, pipeline: str) -> set[str]:
+def committed_dates(output_url: str, pipeline: str, catalog: dict | None = None) -> set[str]:
     """Dates with a ``committed`` row of ``pipeline`` in the ``runs`` table."""
-    con = connect(output_url)
     try:
-        if "runs" not in views(con):
-            return set()
-        rows = con.execute("SELECT DISTINCT run_date FROM runs WHERE status = 'committed' "
-                           "AND pipeline = ?", [pipeline]).fetchall()
-        return {r[0] for r in rows}
-    finally:
-        con.close()
+        return tables.committed_dates(open_output(output_url, catalog).catalog(), pipeline)
+    except CatalogError:
+        return set()
 
 
-def missing_dates(output_url: str, pipeline: str, since: str, until: str) -> list[str]:
+def missing_dates(output_url: str, pipeline: str, since: str, until: str,
+                  catalog: dict | None = None) -> list[str]:
     """Dates from ``since`` to ``until`` not yet committed, oldest first."""
-    done = committed_dates(output_url, pipeline)
+    done = committed_dates(output_url, pipeline, catalog)
     return [d for d in date_range(since, until) if d not in done]
 
 
@@ -215,7 +91,7 @@ def missing_dates(output_url: str, pipeline: str, since: str, until: str) -> lis
 def nightly_command(args: argparse.Namespace) -> int:
     """Run every night that needs it; print each summary, then which nights failed."""
     cfg = _night_config(args, args.date)
-    dates = missing_dates(cfg.output.url, cfg.name, args.since or args.date, args.date)
+    dates = missing_dates(cfg.output.url, cfg.name, args.since or args.date, args.date, cfg.output.catalog)
     if args.force and args.date not in dates:
         dates.append(args.date)
     if not dates:
@@ -236,9 +112,8 @@ def run_night(args: argparse.Namespace, run_date: str) -> str | None:
 
     try:
         cfg = _night_config(args, run_date)
-        with run_lock(lock_path(cfg.output.url, cfg.name, run_date)):
-            result = run_pipeline(cfg, run_date)
-    except (UserError, ConfigError, InputError) as err:
+        result = run_pipeline(cfg, run_date)  # holds the lock of (output, date) while it runs
+    except (UserError, ConfigError, InputError, LockHeld, CatalogError) as err:
         return str(err)
     except Exception as err:  # one broken night must not stop the others
         log.exception("night %s failed", run_date)

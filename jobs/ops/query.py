@@ -1,10 +1,11 @@
 """Query the committed output tables with DuckDB (``curate query``, ``curate tables``).
 
-Every top-level directory of the output that does not start with ``_`` or ``.`` (except ``reports``)
-is a table, registered as a view of the same name. Only committed partitions are visible: a
-partition counts only when it has ``_manifest.json``, and only the files that manifest lists are
-read, so a reader never sees a half-written or replaced run. ``runs`` has no manifests (one file per
-run, never replaced): all of its files are read. ``run_date`` comes from the partition directory.
+Every Iceberg table of the output's catalog is registered as a view of the same name. Only committed
+nights are visible: for each run date, the snapshot ids its latest committed ``runs`` row recorded
+are planned (``plan_files``) and only those data files are read, so a reader never sees a
+half-written or replaced night. DuckDB reads the Parquet files itself, pushing column projection and
+row filters down. ``--as-of RUN_ID`` shows the tables as they were when that run committed. ``runs``
+holds every run (failed ones too).
 """
 
 from __future__ import annotations
@@ -12,32 +13,29 @@ from __future__ import annotations
 import argparse
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import duckdb
 import fsspec
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from jobs.errors import UserError
-from pipelines.commit import MANIFEST
 from pipelines.io import url_to_fs
+from pipelines.tables import RUNS, CatalogError, Output, committed_views, open_output, runs_files
 
-RUNS = "runs"
-NOT_TABLES = {"reports"}
 PARTITION_PREFIX = "run_date="
 
 
 @dataclass(frozen=True)
 class Partition:
-    """One visible partition of a table: its date, its files (full paths) and row count."""
+    """One visible date of a table: its files (full URLs), row count and the run that committed it."""
 
     table: str
     run_date: str
     files: tuple[str, ...]
     rows: int
-    manifest: dict
+    manifest: dict = field(default_factory=dict)
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -46,64 +44,49 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in protocols or "local" in protocols
 
 
-def table_names(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
-    """Top-level directories of the output that are tables."""
-    if not fs.isdir(root):
-        return []
-    names = (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False) if fs.isdir(p))
-    return sorted(n for n in names if not n.startswith(("_", ".")) and n not in NOT_TABLES)
+def output_of(output_url: str, catalog: dict | None = None) -> Output:
+    """The output at ``output_url`` (``catalog``: pyiceberg properties; default the embedded one)."""
+    return open_output(output_url, catalog)
 
 
-def partitions(output_url: str, date: str | None = None) -> dict[str, list[Partition]]:
-    """Visible partitions by table (tables without any are left out), oldest date first."""
-    fs, root = url_to_fs(output_url)
-    root = root.rstrip("/")
-    found: dict[str, list[Partition]] = {}
-    for table in table_names(fs, root):
-        parts = [p for p in (_partition(fs, table, d) for d in _date_dirs(fs, f"{root}/{table}"))
-                 if p is not None and (date is None or p.run_date == date)]
-        if parts:
-            found[table] = parts
+def partitions(output_url: str, date: str | None = None, as_of: str | None = None,
+               catalog: dict | None = None) -> dict[str, list[Partition]]:
+    """Visible dates by table (tables without any are left out), oldest date first."""
+    try:
+        cat = output_of(output_url, catalog).catalog()
+        views_ = committed_views(cat, date, as_of)
+    except CatalogError as err:
+        if as_of is not None:
+            raise UserError(str(err)) from None
+        return {}
+    found = {name: [Partition(name, d, tuple(files), view.rows_by_date[d],
+                              {"run_id": view.run_by_date[d]})
+                    for d, files in view.files_by_date.items()]
+             for name, view in views_.items()}
+    run_files = runs_files(cat, date)
+    if run_files:
+        found[RUNS] = [Partition(RUNS, date or "*", tuple(run_files), 0)]
     return found
 
 
-def _date_dirs(fs: fsspec.AbstractFileSystem, table_dir: str) -> list[str]:
-    dirs = [p.rstrip("/") for p in fs.ls(table_dir, detail=False)]
-    return sorted(p for p in dirs if p.rsplit("/", 1)[-1].startswith(PARTITION_PREFIX))
+def _readable(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    return path.removeprefix("file://") if is_local(fs) else path
 
 
-def _partition(fs: fsspec.AbstractFileSystem, table: str, path: str) -> Partition | None:
-    run_date = path.rsplit("/", 1)[-1].removeprefix(PARTITION_PREFIX)
-    if table == RUNS:
-        files = tuple(sorted(p for p in fs.find(path) if p.endswith(".parquet")))
-        rows = sum(_num_rows(fs, f) for f in files)
-        return Partition(table, run_date, files, rows, {}) if files else None
-    if not fs.exists(f"{path}/{MANIFEST}"):
-        return None  # not committed (or a commit in flight): invisible
-    with fs.open(f"{path}/{MANIFEST}") as f:
-        manifest = json.load(f)
-    files = tuple(f"{path}/{name}" for name in manifest.get("files", []))
-    return Partition(table, run_date, files, int(manifest.get("rows", 0)), manifest)
-
-
-def _num_rows(fs: fsspec.AbstractFileSystem, path: str) -> int:
-    with fs.open(path, "rb") as f:
-        return pq.ParquetFile(f).metadata.num_rows
-
-
-def connect(output_url: str, date: str | None = None) -> duckdb.DuckDBPyConnection:
+def connect(output_url: str, date: str | None = None, as_of: str | None = None,
+            catalog: dict | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with one view per table over its committed files (``date``: only it)."""
     fs, _ = url_to_fs(output_url)
     con = duckdb.connect()
     if not is_local(fs):
         con.register_filesystem(fs)
-    for table, parts in partitions(output_url, date).items():
-        files = [f if is_local(fs) else fs.unstrip_protocol(f) for p in parts for f in p.files]
-        if not files:  # committed but empty (e.g. no quarantined rows): nothing to read
+    for table, parts in partitions(output_url, date, as_of, catalog).items():
+        files = [_readable(fs, f) for p in parts for f in p.files]
+        if not files:
             continue
         listed = ", ".join(sql_string(f) for f in files)
         con.execute(f"CREATE VIEW {sql_ident(table)} AS SELECT * FROM read_parquet([{listed}], "
-                    "union_by_name=true, hive_partitioning=true, hive_types={'run_date': VARCHAR})")
+                    "union_by_name=true, hive_partitioning=false)")
     return con
 
 
@@ -123,9 +106,9 @@ def views(con: duckdb.DuckDBPyConnection) -> list[str]:
     return [r[0] for r in rows]
 
 
-def query(output_url: str, sql: str, date: str | None = None) -> pa.Table:
-    """Run ``sql`` over the committed tables; DuckDB errors become ``UserError``."""
-    con = connect(output_url, date)
+def query(output_url: str, sql: str, date: str | None = None, as_of: str | None = None) -> pa.Table:
+    """Run ``sql`` over the committed tables (as of run ``as_of``); DuckDB errors become ``UserError``."""
+    con = connect(output_url, date, as_of)
     try:
         relation = con.sql(sql)
         return relation.to_arrow_table() if relation is not None else pa.table({})
@@ -142,9 +125,8 @@ def list_tables(output_url: str) -> list[dict]:
     """One entry per table: name, total rows and its partitions (run_date, rows, files)."""
     return [{"table": table, "rows": sum(p.rows for p in parts),
              "partitions": [{"run_date": p.run_date, "rows": p.rows, "files": len(p.files),
-                             "run_id": p.manifest.get("run_id"),
-                             "committed_at": p.manifest.get("committed_at")} for p in parts]}
-            for table, parts in partitions(output_url).items()]
+                             "run_id": p.manifest.get("run_id")} for p in parts]}
+            for table, parts in partitions(output_url).items() if table != RUNS]
 
 
 def format_table(table: pa.Table, max_width: int = 60) -> str:
@@ -192,12 +174,12 @@ def query_command(args: argparse.Namespace) -> int:
     """``curate query``: run SQL over the committed tables and print the result."""
     if not partitions(args.output):
         raise UserError(f"nothing is committed under {args.output} (run a pipeline first)")
-    print(format_result(query(args.output, args.sql, args.date), args.format))
+    print(format_result(query(args.output, args.sql, args.date, getattr(args, "as_of", None)), args.format))
     return 0
 
 
 def tables_command(args: argparse.Namespace) -> int:
-    """``curate tables``: tables, their partitions and row counts (from the manifests)."""
+    """``curate tables``: tables, their dates and row counts (from the committed snapshots)."""
     entries = list_tables(args.output)
     print(format_tables(entries) if entries else f"nothing is committed under {args.output}")
     return 0

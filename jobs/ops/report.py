@@ -61,7 +61,7 @@ def write_report(output_url: str, run_date: str, score_columns: list[str] | None
 
 def build_report(output_url: str, run_date: str, score_columns: list[str] | None = None) -> str:
     """The report's HTML for ``run_date`` (raises ``UserError`` when nothing is committed)."""
-    parts = partitions(output_url, run_date)
+    parts = {t: p for t, p in partitions(output_url, run_date).items() if t != "runs"}
     if not parts:
         raise UserError(f"nothing is committed for {run_date} under {output_url}")
     con = connect(output_url, run_date)
@@ -244,7 +244,7 @@ def _page(title: str, sections: list[str]) -> str:
 
 def latest_date(output_url: str) -> str:
     """The newest run date with a committed partition."""
-    dates = [p.run_date for parts in partitions(output_url).values() for p in parts]
+    dates = [p.run_date for t, parts in partitions(output_url).items() if t != "runs" for p in parts]
     if not dates:
         raise UserError(f"nothing is committed under {output_url}")
     return max(dates)

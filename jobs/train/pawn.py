@@ -11,7 +11,7 @@ def load_features(url: str, model: str | None = None) -> pa.Table:
     """The feature cache at ``url``, converting an lm documents table when ``model`` is given."""
     from operators.detection.features import features_from_documents
     from operators.detection.pawn import METRIC_NAMES
-    from pipelines.io import open_dataset, read_table
+    from pipelines.tables import open_dataset, read_table
 
     cache = ["metrics", "hidden", "label"]
     if set(cache) <= set(open_dataset(url).schema.names):

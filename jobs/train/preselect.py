@@ -30,6 +30,7 @@ from operators.preselect.scorer import ScorerTrainReport
 from pipelines.config import PipelineConfig, format_validation_error, parse_config
 from pipelines.io import list_shards, read_shard, url_to_fs, write_parquet
 from pipelines.runner import init_ray, run_pipeline
+from pipelines.tables import committed_table_files
 
 #: fastText hash buckets for word n-grams: 200k × dim 100 × 4 B = 80 MB (fastText's 2M: 800 MB).
 DEFAULT_BUCKET = 200_000
@@ -165,8 +166,9 @@ def score_with_family(family: Family, docs: pa.Table, max_tokens: int, *, metric
         result = run_pipeline(cfg, time.strftime("%Y-%m-%d"))
         log(f"scored {result.rows_out} of {docs.num_rows} documents with {len(family.models)} models "
             f"in {time.perf_counter() - start:.1f} s (quarantined {result.rows_quarantined})")
-        files = sorted((Path(tmp) / "out" / "documents").rglob("*.parquet"))
-        return pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed") if files \
+        files = committed_table_files(f"{tmp}/out/documents") or []  # the committed documents table
+        return pl.concat([pl.read_parquet(f.removeprefix("file://")).drop("run_date", strict=False)
+                          for f in files], how="diagonal_relaxed") if files \
             else pl.DataFrame({"id": [], "text": []}, schema={"id": pl.String, "text": pl.String})
 
 

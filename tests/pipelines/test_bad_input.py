@@ -7,7 +7,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import tiny_pipeline, write_shard
+from conftest import run_rows, table_rows, tiny_pipeline, write_shard
 
 from pipelines.config import ConfigError, parse_config
 from pipelines.io import InputError
@@ -23,13 +23,10 @@ def run(tmp_path, corpus, date="2026-02-01"):
     stages = result.stages
     assert all(s.rows_in == s.rows_out + s.quarantined for s in stages)
     assert result.rows_in == result.rows_out + result.rows_quarantined
-    runs = pq.read_table(out / "runs").to_pylist()[-1]
+    runs = run_rows(out)[-1]
     assert sum(s["quarantined"] for s in json.loads(runs["stages"])) == runs["rows_quarantined"]
 
-    def rows(table):
-        part = out / table / f"run_date={date}"
-        return pq.read_table(part).to_pylist() if part.exists() else []
-    return result, rows("quarantine"), rows("documents")
+    return result, table_rows(out, "quarantine", date), table_rows(out, "documents", date)
 
 
 @pytest.fixture
@@ -89,7 +86,7 @@ def test_document_over_the_size_limit_is_quarantined(tmp_path, corpus, local_ray
     raw["input"]["max_text_bytes"] = 100
     write_shard(corpus / "long.parquet", text=["x" * 101])
     result = run_pipeline(parse_config(raw), "2026-02-01")
-    q = pq.read_table(tmp_path / "out" / "quarantine").to_pylist()
+    q = table_rows(tmp_path / "out", "quarantine")
     assert q[0]["quarantine_reason"].startswith("text is 101 bytes, over input.max_text_bytes=100")
     assert result.rows_out == 1
 
@@ -107,7 +104,7 @@ def test_empty_input_directory(tmp_path):
     cfg = parse_config(tiny_pipeline(str(tmp_path / "empty"), str(tmp_path / "out")))
     with pytest.raises(InputError, match=f"input {tmp_path / 'empty'} holds no .parquet files"):
         run_pipeline(cfg, "2026-02-01")
-    runs = pq.read_table(tmp_path / "out" / "runs").to_pylist()
+    runs = run_rows(tmp_path / "out")
     assert runs[0]["status"] == "failed" and "holds no .parquet files" in runs[0]["error"]
 
 
@@ -152,5 +149,5 @@ def test_tokenizer_that_does_not_match_its_model_fails_naming_the_model(tmp_path
     with pytest.raises(Exception, match=rf"model 'm' at {model_dir}: its tokenizer does not match the model: "
                                         r"the tokenizer has 49152 ids but the model only 32 logits"):
         run_pipeline(parse_config(raw), "2026-02-01")
-    runs = pq.read_table(tmp_path / "out" / "runs").to_pylist()
+    runs = run_rows(tmp_path / "out")
     assert runs[0]["status"] == "failed" and "does not match the model" in runs[0]["error"]

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 
-import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import tiny_pipeline, write_shard
+from conftest import run_rows, tiny_pipeline, write_shard
 
 from jobs.cli.main import main
+from jobs.ops.query import partitions
 from operators.base import RunFailed
 from pipelines.config import parse_config
 from pipelines.runner import run_pipeline
@@ -48,7 +48,8 @@ def scores_pipeline(input_url: str, output_url: str, **stage) -> dict:
 
 
 def committed(out) -> list[str]:
-    return sorted(p.name for p in out.iterdir() if not p.name.startswith("_") and p.name != "runs")
+    """Tables with committed rows (``runs`` aside)."""
+    return sorted(t for t in partitions(str(out)) if t != "runs")
 
 
 def test_a_night_where_every_row_fails_exits_non_zero_and_commits_nothing(tmp_path, local_ray, capsys):
@@ -65,8 +66,8 @@ def test_a_night_where_every_row_fails_exits_non_zero_and_commits_nothing(tmp_pa
     assert "differ in length" in captured.err  # a staged quarantine reason, since that table is not committed
     assert "committed" not in captured.out and "failed" in captured.out
     assert committed(out) == []  # no documents, no quarantine partition
-    assert not list(out.glob("_staging/*"))
-    (run,) = pq.read_table(out / "runs").to_pylist()
+    assert not list(out.glob("_data/*/*/*/*.parquet"))  # the failed run's staged files are gone
+    (run,) = run_rows(out)
     assert run["status"] == "failed" and "error budget passed" in run["error"]
     assert run["rows_in"] == 20 and run["rows_quarantined"] == 20
 
@@ -86,7 +87,7 @@ def test_a_few_bad_rows_pass_the_default_budget_but_not_a_strict_stage_budget(tm
     ):
         run_pipeline(parse_config(strict), "2026-03-04")
     assert committed(tmp_path / "strict") == []
-    runs = pq.read_table(tmp_path / "strict" / "runs").to_pylist()
+    runs = run_rows(tmp_path / "strict")
     assert runs[0]["status"] == "failed" and json.loads(runs[0]["stages"])[1]["quarantined"] == 2
 
 
@@ -102,7 +103,7 @@ def test_reference_language_absent_from_the_data_fails_naming_those_present(
     ):
         run_pipeline(parse_config(raw), "2026-03-04")
     assert committed(tmp_path / "out") == []
-    assert pq.read_table(tmp_path / "out" / "runs").column("status").to_pylist() == ["failed"]
+    assert [r["status"] for r in run_rows(tmp_path / "out")] == ["failed"]
 
 
 def test_budget_arithmetic():

@@ -17,6 +17,7 @@ from conftest import tiny_pipeline, write_shard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from jobs.ops.query import query
 from operators.base import StageConfig
 from pipelines.config import parse_config
 from pipelines.io import read_shard
@@ -123,7 +124,7 @@ def test_killed_actor_loses_nothing(tmp_path, local_ray):
     def killer():
         deadline = time.time() + 60
         while time.time() < deadline and not killed:
-            staged = list((tmp_path / "out" / "_staging").glob("*/*/documents/*/*.parquet"))
+            staged = list((tmp_path / "out" / "_data" / "documents").glob("*/*/*.parquet"))
             pids = stage_actor_pids() if staged else []
             if pids:
                 os.kill(pids[0], signal.SIGKILL)
@@ -135,7 +136,7 @@ def test_killed_actor_loses_nothing(tmp_path, local_ray):
     result = run_pipeline(parse_config(raw), "2026-02-02")
     thread.join()
     assert killed, "the stage actor was never killed"
-    ids = pq.read_table(tmp_path / "out" / "documents", columns=["id"]).column("id").to_pylist()
+    ids = query(str(tmp_path / "out"), "SELECT id FROM documents").column("id").to_pylist()
     assert len(ids) == n and len(set(ids)) == n  # every row exactly once
     assert result.rows_out == n
 
@@ -151,6 +152,7 @@ def test_killed_driver_then_rerun_matches_uninterrupted_run(tmp_path, local_ray)
     prev = {**raw, "input": {"url": str(tmp_path / "prev")}}
     run_pipeline(parse_config(prev), "2026-02-03")  # a committed partition to protect
 
+    previous = set(out.glob("_data/documents/*/*/*.parquet"))  # the committed night's files
     script = textwrap.dedent(f"""
         import ray
         from pipelines.config import parse_config
@@ -161,17 +163,16 @@ def test_killed_driver_then_rerun_matches_uninterrupted_run(tmp_path, local_ray)
     driver = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not list(out.glob("_staging/*/*/documents/*/*.parquet")):
+    while time.time() < deadline and not set(out.glob("_data/documents/*/*/*.parquet")) - previous:
         time.sleep(0.1)
-    staged = bool(list(out.glob("_staging/*/*/documents/*/*.parquet")))
+    staged = bool(set(out.glob("_data/documents/*/*/*.parquet")) - previous)
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and its embedded Ray die mid-run
     driver.wait()
     assert staged, "the driver never staged a batch before the deadline"
-    part = out / "documents" / "run_date=2026-02-03"
-    assert pq.read_table(part).column("text").to_pylist() == ["previous night"]
+    assert query(str(out), "SELECT text FROM documents").column("text").to_pylist() == ["previous night"]
 
     run_pipeline(parse_config(raw), "2026-02-03")
-    columns = ["id", "text", "n_chars", "tokens__cl100k"]
-    rerun = pq.read_table(part, columns=columns).sort_by("id")
-    uninterrupted = pq.read_table(tmp_path / "clean" / "documents", columns=columns).sort_by("id")
+    sql = "SELECT id, text, n_chars, tokens__cl100k FROM documents ORDER BY id"
+    rerun = query(str(out), sql)
+    uninterrupted = query(str(tmp_path / "clean"), sql)
     assert rerun.equals(uninterrupted)

@@ -25,9 +25,10 @@ import time
 from pathlib import Path
 
 import psutil
-import pyarrow.parquet as pq
 import pytest
-from conftest import tiny_pipeline, write_shard
+from conftest import run_rows, table_rows, tiny_pipeline, write_shard
+
+from jobs.ops.query import query
 
 pytestmark = pytest.mark.slow
 
@@ -182,7 +183,7 @@ def test_worker_node_lost_mid_run(tmp_path, cluster):
     while (
         time.time() < deadline
         and proc.poll() is None
-        and not list(out.glob("_staging/*/*/documents/*/*.parquet"))
+        and not list(out.glob("_data/documents/*/*/*.parquet"))
     ):
         time.sleep(0.05)
     assert proc.poll() is None, f"the run ended before the node could be lost:\n{log.read_text()[-3000:]}"
@@ -196,22 +197,22 @@ def test_worker_node_lost_mid_run(tmp_path, cluster):
     cluster.worker = cluster.start_node(head=False, num_cpus=1, memory=2048 * MiB)  # its replacement
     rc = finish(proc, log, timeout=120)
 
-    part = out / "documents" / "run_date=2026-05-05"
+    date = "2026-05-05"
     print(f"node loss: the run {'committed' if rc == 0 else 'failed'} (driver exit {rc})")
     if rc == 0:  # every row exactly once
-        ids = pq.read_table(part, columns=["id"]).column("id").to_pylist()
+        ids = [r["id"] for r in table_rows(out, "documents", date, columns="id")]
         assert len(ids) == n and len(set(ids)) == n
-        runs = pq.read_table(out / "runs").to_pylist()
+        runs = run_rows(out)
         assert [r["status"] for r in runs] == ["committed"] and runs[0]["rows_out"] == n
         return
     # a clean failure: nothing committed, the run recorded as failed; then a rerun is whole
-    assert not part.exists(), log.read_text()[-3000:]
-    assert pq.read_table(out / "runs").column("status").to_pylist() == ["failed"]
-    assert finish(driver(pipeline(tmp_path, cluster, "out"), "2026-05-05", log), log, 120) == 0
-    assert finish(driver(pipeline(tmp_path, cluster, "clean"), "2026-05-05", log), log, 120) == 0
-    columns = ["id", "text", "n_chars", "tokens__cl100k"]
-    rerun = pq.read_table(part, columns=columns).sort_by("id")
-    assert rerun.equals(pq.read_table(tmp_path / "clean" / "documents", columns=columns).sort_by("id"))
+    assert table_rows(out, "documents", date) == [], log.read_text()[-3000:]
+    assert [r["status"] for r in run_rows(out)] == ["failed"]
+    assert finish(driver(pipeline(tmp_path, cluster, "out"), date, log), log, 120) == 0
+    assert finish(driver(pipeline(tmp_path, cluster, "clean"), date, log), log, 120) == 0
+    sql = "SELECT id, text, n_chars, tokens__cl100k FROM documents ORDER BY id"
+    rerun = query(str(out), sql, date=date)
+    assert rerun.equals(query(str(tmp_path / "clean"), sql))
 
 
 def test_gpus_an_addressed_cluster_lacks_warn_then_fail_after_the_deadline(tmp_path, cluster):
@@ -227,4 +228,4 @@ def test_gpus_an_addressed_cluster_lacks_warn_then_fail_after_the_deadline(tmp_p
     assert "waiting up to 2s (ray.resource_wait_s) for the cluster to scale up" in text
     assert "ResourceError: the stages reserve 1 GPUs" in text and "did not scale up within" in text
     assert time.monotonic() - started < 80
-    assert pq.read_table(tmp_path / "out" / "runs").column("status").to_pylist() == ["failed"]
+    assert [r["status"] for r in run_rows(tmp_path / "out")] == ["failed"]

@@ -28,9 +28,7 @@ def test_gpus_the_embedded_ray_lacks_fail_before_running(tmp_path, local_ray):
         r"cluster has 0",
     ):
         run_pipeline(parse_config(raw), "2026-02-01")
-    assert not (tmp_path / "out" / "_staging").exists() or not list(
-        (tmp_path / "out" / "_staging").rglob("*.parquet")
-    )
+    assert not list((tmp_path / "out").glob("_data/**/*.parquet"))  # nothing staged
 
 
 def test_memory_the_embedded_ray_lacks_fails_before_running(tmp_path, local_ray):

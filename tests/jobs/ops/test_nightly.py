@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -15,8 +16,9 @@ from conftest import tiny_pipeline, write_shard
 from jobs.cli.main import main
 from jobs.errors import UserError
 from jobs.ops import nightly
-from jobs.ops.nightly import LockHeld, acquire_lock, lock_path, release_lock, run_lock
 from jobs.ops.query import query
+from pipelines.lock import LockHeld, acquire_lock, lock_path, read_lock, release_lock, run_lock
+from pipelines.tables import open_output, runs_table
 
 ROOT = Path(__file__).resolve().parents[3]
 NIGHTS = ["2026-05-01", "2026-05-02", "2026-05-03", "2026-05-04"]
@@ -69,13 +71,13 @@ def test_date_range_rejects_reversed_dates():
 
 
 def test_lock_is_exclusive_and_released(tmp_path):
-    path = lock_path(str(tmp_path / "out"), "tiny", "2026-05-01")
-    assert path == tmp_path / "out" / "_locks" / "tiny-2026-05-01.lock"
+    path = lock_path(str(tmp_path / "out"), "2026-05-01")
+    assert path == tmp_path / "out" / "_locks" / "2026-05-01.lock"
     with run_lock(path) as owner:
-        assert owner["pid"] == nightly.os.getpid() and owner["host"] == socket.gethostname()
+        assert owner["pid"] == os.getpid() and owner["host"] == socket.gethostname()
         with pytest.raises(LockHeld, match="still going"):
             acquire_lock(path)
-        other_night = acquire_lock(lock_path(str(tmp_path / "out"), "tiny", "2026-05-02"))
+        other_night = acquire_lock(lock_path(str(tmp_path / "out"), "2026-05-02"))
         assert other_night["token"] != owner["token"]  # other dates are independent
     assert not path.exists()
     with pytest.raises(RuntimeError), run_lock(path):
@@ -87,7 +89,7 @@ def test_lock_held_by_another_process_then_stale_after_it_dies(tmp_path, caplog)
     path = tmp_path / "_locks" / "tiny-2026-05-01.lock"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; "
-         "from jobs.ops.nightly import acquire_lock; acquire_lock(Path(sys.argv[1])); "
+         "from pipelines.lock import acquire_lock; acquire_lock(Path(sys.argv[1])); "
          "print('held', flush=True); time.sleep(120)", str(path)],
         cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
@@ -101,7 +103,7 @@ def test_lock_held_by_another_process_then_stale_after_it_dies(tmp_path, caplog)
     with caplog.at_level(logging.WARNING, logger="curate.nightly"):
         owner = acquire_lock(path)
     assert f"taking over stale lock {path}: pid {holder.pid}" in caplog.text
-    assert nightly.read_lock(path)["token"] == owner["token"]
+    assert read_lock(path)["token"] == owner["token"]
     release_lock(path, owner)
     assert not path.exists()
 
@@ -115,10 +117,11 @@ def test_lock_from_another_host_is_never_taken_over(tmp_path):
 
 def test_nightly_refuses_while_the_night_is_locked(nightly_pipeline, capsys):
     path, out = nightly_pipeline
-    with run_lock(lock_path(str(out), "tiny", NIGHTS[0])):
+    with run_lock(lock_path(str(out), NIGHTS[0])):
         assert main(["nightly", str(path), "--date", NIGHTS[0]]) == 1
     assert "still going" in capsys.readouterr().out
-    assert not (out / "runs").exists()  # nothing ran
+    catalog = open_output(str(out)).catalog()
+    assert runs_table(catalog).scan().to_arrow().num_rows == 0  # nothing ran, nothing recorded
 
 
 # --------------------------------------------------------------------------------- catch-up

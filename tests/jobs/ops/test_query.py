@@ -5,27 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import commit_tables as commit
 
 from jobs.cli.main import main
 from jobs.errors import UserError
 from jobs.ops.query import connect, list_tables, query, views
-from pipelines.commit import RunLayout, commit_run
-from pipelines.io import write_parquet
-
-
-def commit(url: str, run_date: str, run_id: str, tables: dict[str, pa.Table]) -> RunLayout:
-    """Stage and commit tables with the real commit code, plus a ``runs`` row."""
-    layout = RunLayout.for_url(url, run_date, run_id)
-    for table, rows in tables.items():
-        write_parquet(layout.fs, f"{layout.staging_dir(table)}/part-0.parquet", rows)
-    commit_run(layout, {"pipeline": "p", "config_hash": "h", "code_version": "v"})
-    run = pa.table({"run_id": [run_id], "run_date": [run_date], "status": ["committed"]})
-    write_parquet(layout.fs, f"{layout.root}/runs/run_date={run_date}/run-{run_id}.parquet", run)
-    return layout
 
 
 @pytest.fixture
@@ -39,11 +26,10 @@ def output(tmp_path: Path) -> Path:
     commit(str(out), "2026-01-02", "r2", {
         "documents": pa.table({"id": ["c"], "text": ["zzz"], "score": [0.5], "lang": ["fra_Latn"]}),
     })
-    docs = out / "documents"
-    pq.write_table(pa.table({"id": ["stray"]}), docs / "run_date=2026-01-02" / "part-stray.parquet")
-    for unseen in ("selected/run_date=2026-01-02", "_staging/2026-01-03/r3/documents/run_date=2026-01-03"):
-        (out / unseen).mkdir(parents=True)
-        pq.write_table(pa.table({"id": ["unseen"]}), out / unseen / "part-0.parquet")
+    # a run that staged files and died before its commit: no snapshot lists them
+    data = out / "_data" / "documents" / "run_date=2026-01-02" / "r3"
+    data.mkdir(parents=True)
+    pq.write_table(pa.table({"id": ["stray"]}), data / "part-stray.parquet")
     (out / "reports" / "run_date=2026-01-01").mkdir(parents=True)
     return out
 
@@ -55,7 +41,7 @@ def test_only_committed_files_are_visible(output):
 
 def test_views_are_the_committed_tables(output):
     con = connect(str(output))
-    # `selected` has no manifest (a commit that never finished), `reports` and `_staging` are no tables
+    # `reports` and `_data` are no tables
     assert views(con) == ["documents", "runs", "token_premium"]
 
 
@@ -80,13 +66,12 @@ def test_unknown_table_lists_the_available_ones(output):
         query(str(output), "SELEC 1")
 
 
-def test_list_tables_counts_from_manifests(output):
+def test_list_tables_counts_from_snapshots(output):
     tables = {t["table"]: t for t in list_tables(str(output))}
-    assert sorted(tables) == ["documents", "runs", "token_premium"]
+    assert sorted(tables) == ["documents", "token_premium"]
     assert tables["documents"]["rows"] == 3
     assert [(p["run_date"], p["rows"], p["run_id"]) for p in tables["documents"]["partitions"]] == [
         ("2026-01-01", 2, "r1"), ("2026-01-02", 1, "r2")]
-    assert tables["runs"]["rows"] == 2  # no manifests: counted from the files
 
 
 def test_cli_formats(output, capsys):
@@ -122,11 +107,9 @@ def test_empty_output_is_a_clear_error(tmp_path, capsys):
     assert "nothing is committed" in capsys.readouterr().out
 
 
-def test_fsspec_output(tmp_path):
-    """A non-local filesystem (fsspec memory://) is read through DuckDB's fsspec bridge."""
-    url = "memory://curate-query-test/out"
-    try:
-        commit(url, "2026-01-01", "r1", {"documents": pa.table({"id": ["m1", "m2"]})})
-        assert query(url, "SELECT count(*) AS n FROM documents")["n"].to_pylist() == [2]
-    finally:
-        fsspec.filesystem("memory").rm("/curate-query-test", recursive=True)
+def test_remote_output_needs_a_catalog(tmp_path, capsys):
+    """The embedded SQLite catalog needs a local output; a remote one without output.catalog is a clear error."""
+    from pipelines.tables import CatalogError, open_output
+
+    with pytest.raises(CatalogError, match="set output.catalog"):
+        open_output("memory://curate-query-test/out").catalog(create=True)

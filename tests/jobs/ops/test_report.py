@@ -12,14 +12,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import commit_tables
 from matplotlib.figure import Figure
 from PIL import Image
 
 from jobs.cli.main import main
 from jobs.ops.report import report_path, score_columns, write_report
-from pipelines.commit import RunLayout, commit_run
-from pipelines.io import write_parquet
-from pipelines.runner import RUNS_SCHEMA
 
 CHROMIUM = Path("/usr/bin/chromium")
 DATE = "2026-02-03"
@@ -39,7 +37,6 @@ def _png() -> bytes:
 def output(tmp_path: Path) -> Path:
     """One committed night: scored documents, a quarantined row, token premium + its chart."""
     out = tmp_path / "out"
-    layout = RunLayout.for_url(str(out), DATE, "r1")
     texts = [f"document number {i} " + "x" * 300 for i in range(8)]
     texts[3] = "<script>alert('boom')</script> & more"
     docs = pa.table({"id": [f"d{i}" for i in range(8)], "text": texts, "source_row": list(range(8)),
@@ -49,17 +46,10 @@ def output(tmp_path: Path) -> Path:
               "quarantine": pa.table({"id": ["q"], "quarantine_stage": ["read"]}),
               "token_premium": pa.table({"tokenizer": ["cl100k"], "lang": ["fra_Latn"],
                                          "premium": [1.42]})}
-    for table, rows in tables.items():
-        write_parquet(layout.fs, f"{layout.staging_dir(table)}/part-0.parquet", rows)
-    (Path(layout.staging_dir("reports"))).mkdir(parents=True)
-    (Path(layout.staging_dir("reports")) / "token_premium.png").write_bytes(_png())
-    commit_run(layout, {"pipeline": "demo"})
-    run = {name: None for name in RUNS_SCHEMA.names} | {
-        "run_id": "r1", "run_date": DATE, "pipeline": "demo", "status": "committed",
-        "started_at": "20260203T010000", "seconds": 5.5, "rows_in": 9, "rows_out": 8,
-        "rows_quarantined": 1, "stages": json.dumps(STAGES)}
-    write_parquet(layout.fs, f"{out}/runs/run_date={DATE}/run-r1.parquet",
-                  pa.Table.from_pylist([run], schema=RUNS_SCHEMA))
+    commit_tables(str(out), DATE, "r1", tables, pipeline="demo", started_at="20260203T010000",
+                  seconds=5.5, rows_in=9, rows_out=8, rows_quarantined=1, stages=json.dumps(STAGES))
+    (out / "reports" / f"run_date={DATE}").mkdir(parents=True)
+    (out / "reports" / f"run_date={DATE}" / "token_premium.png").write_bytes(_png())
     return out
 
 

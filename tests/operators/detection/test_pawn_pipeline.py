@@ -25,6 +25,7 @@ from operators.detection.features import features_from_documents, read_features
 from operators.detection.pawn import load_pawn, pad_batch
 from pipelines.config import parse_config
 from pipelines.runner import run_pipeline
+from pipelines.tables import read_table
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -68,7 +69,7 @@ def detection_run(demo_pawn, local_ray, tmp_path_factory):
         ]})
     result = run_pipeline(cfg, "2025-01-01")
     assert result.status == "committed" and result.tables["documents"] == 20
-    return root, pq.read_table(root / "out" / "documents")
+    return root, read_table(str(root / "out" / "documents"))
 
 
 def test_demo_head_beats_chance_on_held_out_docs(demo_pawn):

@@ -22,6 +22,7 @@ from operators.lm.stage import LMStageConfig
 from operators.lm.torch_engine import restore_linears, route_linears_to_onednn
 from pipelines.config import parse_config
 from pipelines.runner import run_pipeline
+from pipelines.tables import read_table
 
 pytestmark = pytest.mark.slow
 
@@ -298,7 +299,7 @@ def test_lm_stage_end_to_end_through_the_pipeline(tmp_path, demo_model, local_ra
                        "cache_hidden": ["last"], "resources": {"batch_size": 4}}]}
     result = run_pipeline(parse_config(raw), "2026-05-01")
     assert result.status == "committed"
-    docs = pq.read_table(tmp_path / "out" / "documents" / "run_date=2026-05-01").to_pylist()
+    docs = read_table(str(tmp_path / "out" / "documents" / "run_date=2026-05-01")).to_pylist()
     texts = {d["id"]: d for d in docs}
     assert set(texts) >= {"d0", "d3", "d4", "d5", "d6"}  # empty / whitespace may be quarantined by the reader
     for d in docs:

@@ -30,6 +30,7 @@ from operators.lm.models import tokenizer_fingerprint
 from operators.membership.math import FrequencyTable
 from pipelines.config import parse_config
 from pipelines.runner import run_pipeline
+from pipelines.tables import read_table
 
 pytestmark = pytest.mark.slow
 
@@ -172,7 +173,7 @@ def test_dcpdd_and_min_k_separate_members(memorised, local_ray, capsys):
 
 def _check_lowercase_pass(documents: Path) -> None:
     """The second lm pass read text_lower, and the ratio is mean NLL(x) / mean NLL(lower(x))."""
-    t = pq.read_table(documents).to_pydict()
+    t = read_table(str(documents)).to_pydict()
     changed = [i for i, (a, b) in enumerate(zip(t["text"], t["text_lower"], strict=True)) if a != b]
     assert changed and all(t["text_lower"][i] == t["text"][i].lower() for i in range(len(t["text"])))
     for i in changed[:5]:

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from conftest import write_shard
 
@@ -26,6 +25,7 @@ from operators.selection import SELECTED_SCHEMA, ThresholdPolicy, TopFractionCha
 from pipelines.config import ConfigError, parse_config
 from pipelines.runner import run_pipeline
 from pipelines.stage_runner import StageRunner
+from pipelines.tables import read_table
 
 DOCS = {  # id: text (n_chars)
     "a": "good useful clear good",  # 22, all good words
@@ -127,7 +127,7 @@ def test_pipeline_scores_and_selects_globally(tmp_path: Path, scorer_path, local
     result = run_pipeline(cfg, "2026-01-02")
     assert result.status == "committed" and result.tables["selected"] == 3
 
-    docs = pq.read_table(tmp_path / "out" / "documents").to_pandas().set_index("id")
+    docs = read_table(str(tmp_path / "out" / "documents")).to_pandas().set_index("id")
     assert sorted(docs.index) == ids
     np.testing.assert_array_equal(docs["preselect_score"], docs["quality_score"])
     order = docs["preselect_score"].sort_values(ascending=False).index.tolist()
@@ -135,7 +135,7 @@ def test_pipeline_scores_and_selects_globally(tmp_path: Path, scorer_path, local
     assert docs.loc["a", "preselect_score"] > 0.9 and docs.loc["b", "preselect_score"] > 0.5
     assert docs.loc["c", "preselect_score"] < 0.5
 
-    selected = pq.read_table(tmp_path / "out" / "selected").to_pylist()
+    selected = read_table(str(tmp_path / "out" / "selected")).to_pylist()
     by_op = {op: [(r["id"], r["rank"], r["n_chars"]) for r in selected if r["operator"] == op]
              for op in ("preselect", "quality")}
     # top 20% of 22+19+21+27+7 = 96 chars -> budget 19.2: a (0 kept before) in, b (22 >= 19.2) out.

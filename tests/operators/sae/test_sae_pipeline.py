@@ -26,6 +26,7 @@ from operators.sae.math import from_sparse, generalized_jaccard
 from operators.sae.model import SAEConfig, SparseAutoencoder
 from operators.sae.stage import SAESelectConfig, SAESimilarity
 from operators.selection import TopPercentPolicy, select_documents, top_percent_mask
+from pipelines.tables import read_table
 
 torch.set_num_threads(1)
 LAYER = 3
@@ -180,7 +181,7 @@ def test_head_and_selection_through_the_pipeline(tmp_path, demo_model, tiny_sae,
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(pipeline))
     assert main(["run", str(tmp_path / "p.yaml"), "--date", "2026-03-04"]) == 0
 
-    docs = pq.read_table(tmp_path / "out" / "documents").to_pandas().set_index("id").sort_index()
+    docs = read_table(str(tmp_path / "out" / "documents")).to_pandas().set_index("id").sort_index()
     assert docs.loc["d40", "sae__sae_idx"] is None and math.isnan(docs.loc["d40", "sae_similarity"])
 
     # consistent with a direct encode of the same states (layer 3, positions 1 … n-2)
@@ -204,7 +205,7 @@ def test_head_and_selection_through_the_pipeline(tmp_path, demo_model, tiny_sae,
         assert row["sae_similarity"] == pytest.approx(generalized_jaccard(e, proto), rel=1e-3)
 
     # exactly the top 5% of the 40 scored documents: ⌈0.05 · 40⌉ = 2 (3 if the null counted)
-    selected = pq.read_table(tmp_path / "out" / "selected").to_pylist()
+    selected = read_table(str(tmp_path / "out" / "selected")).to_pylist()
     best = docs["sae_similarity"].dropna().sort_values(ascending=False, kind="stable")
     assert [r["id"] for r in selected] == list(best.index[:2])
     assert [r["rank"] for r in selected] == [1, 2]

@@ -1,0 +1,430 @@
+"""The output tables: Apache Iceberg tables in a catalog, one transaction per table per night.
+
+Layout under the output URL (the default, embedded catalog)::
+
+    _catalog/catalog.db                         SQLite catalog (``output.catalog`` names another)
+    curate.db/<table>/metadata/...              Iceberg metadata of each table
+    _data/<table>/run_date=D/<run_id>/*.parquet data files, written by the workers of a run
+    _locks/<date>.lock                          the run of that date holding it (``pipelines.lock``)
+
+A run writes its rows as Parquet files under ``_data`` (invisible: no snapshot references them).
+Finalize reads them there. The commit then, for every table (also ones this run did not produce),
+runs one Iceberg transaction that deletes the date and adds the run's files; the ``runs`` row,
+appended last, records each table's snapshot id and is the commit point. Readers take, for each
+date, the snapshots recorded by its latest committed run (``committed_views``), so a reader never
+sees a half-committed night, even after a driver died between two tables' commits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import fsspec
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+from pyarrow.fs import FSSpecHandler, PyFileSystem
+from pyiceberg.catalog import Catalog, load_catalog
+from pyiceberg.exceptions import CommitFailedException, NoSuchTableError
+from pyiceberg.expressions import And, EqualTo, In
+from pyiceberg.table import Table
+
+from pipelines.io import InputError, url_to_fs, write_parquet
+
+log = logging.getLogger("curate.tables")
+NAMESPACE = "curate"
+RUNS = "runs"
+DATA_DIR = "_data"
+CATALOG_DIR = "_catalog"
+COMMIT_RETRIES = 5
+#: Test hook: ``CURATE_COMMIT_HOOK=point:action`` (action ``kill`` or ``sleep=SECONDS``) at named
+#: points of the commit (``before:<table>``, ``after:<table>``, ``before:runs``).
+HOOK_ENV = "CURATE_COMMIT_HOOK"
+
+RUNS_SCHEMA = pa.schema([
+    ("run_id", pa.string()), ("pipeline", pa.string()),
+    ("config_hash", pa.string()), ("code_version", pa.string()), ("status", pa.string()),
+    ("started_at", pa.string()), ("committed_at", pa.string()), ("seconds", pa.float64()),
+    ("rows_in", pa.int64()), ("rows_out", pa.int64()), ("rows_quarantined", pa.int64()),
+    ("stages", pa.string()), ("tables", pa.string()), ("snapshots", pa.string()),
+    ("error", pa.string()), ("run_date", pa.string()),
+])
+
+
+class CatalogError(RuntimeError):
+    """The output's catalog or location cannot be used (preflight)."""
+
+
+def _local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
+@dataclass(frozen=True)
+class Output:
+    """An output location and its catalog (``catalog``: pyiceberg properties; empty = embedded)."""
+
+    url: str
+    catalog_props: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        return url_to_fs(self.url)[0]
+
+    @property
+    def root(self) -> str:
+        fs, root = url_to_fs(self.url)
+        root = root.rstrip("/")
+        return os.path.abspath(root) if _local(fs) else root
+
+    def url_of(self, path: str) -> str:
+        """``path`` (inside ``fs``) as a URL that fsspec, pyiceberg and Ray workers can open."""
+        return path if _local(self.fs) else self.fs.unstrip_protocol(path)
+
+    def catalog(self, create: bool = False) -> Catalog:
+        """The catalog (the embedded SQLite one is made on ``create``)."""
+        props = dict(self.catalog_props)
+        if not props:
+            if not _local(self.fs):
+                raise CatalogError(f"{self.url} is not local: set output.catalog to a shared catalog "
+                                   "(REST, Glue, Hive or SQL), the embedded SQLite one needs a local path")
+            db = f"{self.root}/{CATALOG_DIR}/catalog.db"
+            if not os.path.exists(db) and not create:
+                raise CatalogError(f"no catalog under {self.url} (nothing committed yet)")
+            os.makedirs(os.path.dirname(db), exist_ok=True)
+            props = {"type": "sql", "uri": f"sqlite:///{db}", "warehouse": f"file://{self.root}"}
+        props.setdefault("warehouse", self.url_of(self.root))
+        catalog = load_catalog(props.pop("name", "curate"), **props)
+        if create:
+            catalog.create_namespace_if_not_exists(NAMESPACE)
+        return catalog
+
+    def data_dir(self, table: str, run_date: str, run_id: str) -> str:
+        return f"{self.root}/{DATA_DIR}/{table}/run_date={run_date}/{run_id}"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Where one run of one date stages its rows (data files under the output, not yet committed)."""
+
+    output: Output
+    run_date: str
+    run_id: str
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        return self.output.fs
+
+    @property
+    def root(self) -> str:
+        return self.output.root
+
+    def staging_dir(self, table: str) -> str:
+        return self.output.data_dir(table, self.run_date, self.run_id)
+
+    def url(self, path: str) -> str:
+        return self.output.url_of(path)
+
+
+def open_output(url: str, catalog: dict | None = None) -> Output:
+    """An ``Output`` for ``url`` with catalog properties ``catalog`` (None/empty: embedded SQLite)."""
+    return Output(url, tuple(sorted((k, str(v)) for k, v in (catalog or {}).items())))
+
+
+def table_names(catalog: Catalog) -> list[str]:
+    """Every table of the namespace (``runs`` included)."""
+    try:
+        return sorted(ident[-1] for ident in catalog.list_tables(NAMESPACE))
+    except Exception:  # noqa: BLE001 - no namespace yet: no tables
+        return []
+
+
+def load_table(catalog: Catalog, name: str) -> Table | None:
+    try:
+        return catalog.load_table(f"{NAMESPACE}.{name}")
+    except NoSuchTableError:
+        return None
+
+
+def preflight(output: Output) -> Catalog:
+    """Check the output location and catalog are writable before any compute; the catalog."""
+    fs, root = output.fs, output.root
+    if fs.exists(root) and not fs.isdir(root):
+        raise CatalogError(f"output {output.url} is a file, not a directory")
+    probe = f"{root}/{DATA_DIR}/.preflight-{os.getpid()}"
+    try:
+        fs.makedirs(f"{root}/{DATA_DIR}", exist_ok=True)
+        with fs.open(probe, "wb") as f:
+            f.write(b"ok")
+        fs.rm(probe)
+    except OSError as err:
+        raise CatalogError(f"output {output.url} is not writable: {type(err).__name__}: {err}") from None
+    try:
+        catalog = output.catalog(create=True)
+        runs_table(catalog)
+    except CatalogError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any catalog failure is the same user-facing problem
+        raise CatalogError(f"catalog of {output.url} is not usable: {type(err).__name__}: {err}") from None
+    return catalog
+
+
+def runs_table(catalog: Catalog) -> Table:
+    """The ``runs`` table (made on first use)."""
+    return _ensure_table(catalog, RUNS, RUNS_SCHEMA)
+
+
+def _ensure_table(catalog: Catalog, name: str, schema: pa.Schema) -> Table:
+    table = catalog.create_table_if_not_exists(f"{NAMESPACE}.{name}", schema=schema)
+    if table.spec().is_unpartitioned():
+        with table.update_spec() as spec:
+            spec.add_identity("run_date")
+    return table
+
+
+# ----------------------------------------------------------------------------------------- write
+
+
+def storable(table: pa.Table, run_date: str) -> pa.Table:
+    """``table`` as a data file holds it: a ``run_date`` column, no null-typed columns."""
+    table = table.drop_columns([f.name for f in table.schema if pa.types.is_null(f.type)])
+    if "run_date" in table.column_names:
+        table = table.drop_columns(["run_date"])
+    return table.append_column("run_date", pa.array([run_date] * table.num_rows, pa.string()))
+
+
+def stage_rows(output: Output, table: str, run_date: str, run_id: str, name: str, rows: pa.Table) -> str:
+    """Write ``rows`` as one data file of ``table`` for this run (not visible until committed)."""
+    path = f"{output.data_dir(table, run_date, run_id)}/{name}.parquet"
+    write_parquet(output.fs, path, storable(rows, run_date))
+    return path
+
+
+def staged_files(output: Output, run_date: str, run_id: str) -> dict[str, list[str]]:
+    """The data files this run wrote, by table."""
+    fs, found = output.fs, {}
+    for path in sorted(fs.glob(f"{output.root}/{DATA_DIR}/*/run_date={run_date}/{run_id}/*.parquet")):
+        table = path.split(f"/{DATA_DIR}/", 1)[1].split("/", 1)[0]
+        found.setdefault(table, []).append(path)
+    return found
+
+
+def discard_staged(output: Output, run_date: str, run_id: str) -> None:
+    """Remove the data files of a run that must not commit (no snapshot references them)."""
+    fs = output.fs
+    for path in fs.glob(f"{output.root}/{DATA_DIR}/*/run_date={run_date}/{run_id}"):
+        fs.rm(path, recursive=True)
+
+
+def _hook(point: str) -> None:
+    spec = os.environ.get(HOOK_ENV, "")
+    where, _, action = spec.rpartition(":")
+    if where != point:
+        return
+    if action == "kill":
+        os.kill(os.getpid(), 9)
+    elif action.startswith("sleep="):
+        time.sleep(float(action.removeprefix("sleep=")))
+
+
+def commit_night(output: Output, catalog: Catalog, run_date: str, run_id: str) -> dict[str, tuple[int | None, int]]:
+    """Replace ``run_date`` in every table with this run's files; ``{table: (snapshot id, rows)}``.
+
+    One transaction per table (delete the date, add the files); a conflicting concurrent commit
+    (another date) is retried on the fresh table state. Tables this run did not produce get the
+    date deleted, so a rerun leaves nothing of an earlier run of that date behind.
+    """
+    files = staged_files(output, run_date, run_id)
+    names = sorted((set(table_names(catalog)) | set(files)) - {RUNS})
+    done = {}
+    for name in names:
+        _hook(f"before:{name}")
+        paths = files.get(name, [])
+        snapshot = _commit_table(catalog, name, run_date, [output.url_of(p) for p in paths],
+                                 _schema_of(output, paths))
+        done[name] = (snapshot, _rows(output, paths))
+        _hook(f"after:{name}")
+    return done
+
+
+def _rows(output: Output, paths: list[str]) -> int:
+    total = 0
+    for path in paths:
+        with output.fs.open(path, "rb") as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
+
+
+def _schema_of(output: Output, paths: list[str]) -> pa.Schema | None:
+    schemas = []
+    for path in paths:
+        with output.fs.open(path, "rb") as f:
+            schemas.append(pq.ParquetFile(f).schema_arrow)
+    return pa.unify_schemas(schemas, promote_options="permissive") if schemas else None
+
+
+def _commit_table(catalog: Catalog, name: str, run_date: str, paths: list[str],
+                  schema: pa.Schema | None) -> int | None:
+    for attempt in range(COMMIT_RETRIES):
+        table = load_table(catalog, name)
+        if table is None:
+            if schema is None:
+                return None
+            table = _ensure_table(catalog, name, schema)
+        try:
+            with table.transaction() as txn:
+                if schema is not None:
+                    with txn.update_schema() as update:
+                        update.union_by_name(schema)
+                if table.current_snapshot() is not None:
+                    txn.delete(EqualTo("run_date", run_date))
+                if paths:
+                    txn.add_files(paths)
+        except CommitFailedException:
+            if attempt == COMMIT_RETRIES - 1:
+                raise
+            log.warning("commit of %s conflicted with another run's; retrying", name)
+            continue
+        snapshot = table.current_snapshot()
+        return snapshot.snapshot_id if snapshot else None
+    return None
+
+
+def append_run_row(catalog: Catalog, row: dict) -> None:
+    """Append one row to ``runs`` (never replaced); retried when another run commits at once."""
+    _hook("before:runs")
+    data = pa.Table.from_pylist([row], schema=RUNS_SCHEMA)
+    for attempt in range(COMMIT_RETRIES):
+        try:
+            runs_table(catalog).append(data)
+            return
+        except CommitFailedException:
+            if attempt == COMMIT_RETRIES - 1:
+                raise
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+# ------------------------------------------------------------------------------------------ read
+
+
+@dataclass(frozen=True)
+class TableView:
+    """A table as the committed runs see it: data files (full URLs) and rows per date."""
+
+    name: str
+    files_by_date: dict[str, list[str]]
+    rows_by_date: dict[str, int]
+    run_by_date: dict[str, str]
+
+
+def committed_runs(catalog: Catalog, as_of: str | None = None) -> dict[str, dict]:
+    """Per date, the latest committed ``runs`` row (``as_of``: committed no later than that run)."""
+    runs = load_table(catalog, RUNS)
+    if runs is None or runs.current_snapshot() is None:
+        return {}
+    rows = runs.scan(row_filter=EqualTo("status", "committed")).to_arrow().to_pylist()
+    if as_of is not None:
+        mine = [r for r in rows if r["run_id"] == as_of]
+        if not mine:
+            raise CatalogError(f"no committed run {as_of!r} (see: curate query \"SELECT run_id, run_date, "
+                               "status FROM runs\")")
+        rows = [r for r in rows if r["committed_at"] <= mine[0]["committed_at"]]
+    latest: dict[str, dict] = {}
+    for r in sorted(rows, key=lambda r: r["committed_at"]):
+        latest[r["run_date"]] = r
+    return latest
+
+
+def committed_views(catalog: Catalog, date: str | None = None, as_of: str | None = None) -> dict[str, TableView]:
+    """Every table's committed data files: per date, those of the snapshot its latest run recorded."""
+    latest = committed_runs(catalog, as_of)
+    if date is not None:
+        latest = {d: r for d, r in latest.items() if d == date}
+    by_table: dict[str, dict[int, list[str]]] = {}
+    for run_date, row in latest.items():
+        for name, snapshot in json.loads(row["snapshots"] or "{}").items():
+            if snapshot is not None:
+                by_table.setdefault(name, {}).setdefault(snapshot, []).append(run_date)
+    views = {}
+    for name, snapshots in sorted(by_table.items()):
+        table = load_table(catalog, name)
+        if table is None:
+            continue
+        files: dict[str, list[str]] = {}
+        rows: dict[str, int] = {}
+        for snapshot, dates in snapshots.items():
+            for task in table.scan(row_filter=In("run_date", dates), snapshot_id=snapshot).plan_files():
+                if task.delete_files:
+                    raise CatalogError(f"{name}: snapshot {snapshot} has delete files; curate writes none")
+                d = task.file.partition[0]
+                files.setdefault(d, []).append(task.file.file_path)
+                rows[d] = rows.get(d, 0) + task.file.record_count
+        if files:
+            views[name] = TableView(name, dict(sorted(files.items())), rows,
+                                    {d: latest[d]["run_id"] for d in files})
+    return views
+
+
+def committed_dates(catalog: Catalog, pipeline: str) -> set[str]:
+    """Dates with a ``committed`` runs row of ``pipeline`` (only two columns are read)."""
+    runs = load_table(catalog, RUNS)
+    if runs is None or runs.current_snapshot() is None:
+        return set()
+    scan = runs.scan(row_filter=And(EqualTo("status", "committed"), EqualTo("pipeline", pipeline)),
+                     selected_fields=("run_date",))
+    return set(scan.to_arrow().column("run_date").to_pylist())
+
+
+def runs_files(catalog: Catalog, date: str | None = None) -> list[str]:
+    """The data files of ``runs`` (every run, failed ones too), only ``date``'s when given."""
+    runs = load_table(catalog, RUNS)
+    if runs is None or runs.current_snapshot() is None:
+        return []
+    scan = runs.scan(row_filter=EqualTo("run_date", date)) if date else runs.scan()
+    return [t.file.file_path for t in scan.plan_files()]
+
+
+def open_dataset(url: str) -> pads.Dataset:
+    """A Parquet file or directory (hive partitions allowed), or an output table named as
+    ``<output>/<table>[/run_date=D]`` (its committed files), not read yet."""
+    fs, path = url_to_fs(url)
+    if not fs.exists(path):
+        files = committed_table_files(url)
+        if files is None:
+            raise InputError(f"input not found: {url}")
+        return pads.dataset([f.removeprefix("file://") for f in files], format="parquet",
+                            filesystem=PyFileSystem(FSSpecHandler(fs)))
+    return pads.dataset(path, filesystem=PyFileSystem(FSSpecHandler(fs)), format="parquet",
+                        partitioning="hive")
+
+
+def committed_table_files(url: str) -> list[str] | None:
+    """The committed data files of ``<output>/<table>[/run_date=D]``; None when that names no table."""
+    from pipelines.tables import CatalogError, committed_views, open_output
+
+    parts = url.rstrip("/").rsplit("/", 2)
+    date = parts[-1].removeprefix("run_date=") if parts[-1].startswith("run_date=") else None
+    output, table = (parts[0], parts[1]) if date else ("/".join(parts[:-1]), parts[-1])
+    try:
+        view = committed_views(open_output(output).catalog(), date).get(table)
+    except CatalogError:
+        return None
+    return [f for files in view.files_by_date.values() for f in files] if view else None
+
+
+def read_table(url: str, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file or directory as one table (only ``columns`` when given)."""
+    dataset = open_dataset(url)
+    if columns:
+        missing = [c for c in columns if c not in dataset.schema.names]
+        if missing:
+            raise InputError(f"{url}: columns not found: {missing}; have {dataset.schema.names}")
+    return dataset.to_table(columns=columns)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from jobs.demo.assets import build_demo_asset
 from jobs.demo.corpus import reference_docs
@@ -25,7 +26,8 @@ def prepare_demo_freq(cache: Path | None = None, log=print) -> Path:
     from operators.membership.math import FrequencyTable
 
     def build(tmp: Path, model: Path, corpus: Path) -> dict:
-        texts = reference_docs()
+        scored = "\n\x00".join(pq.read_table(corpus, columns=["text"]).column("text").to_pylist())
+        texts = [t for t in reference_docs() if t not in scored]  # disjoint from what is scored
         counter = BatchCounter(str(model), 1024, "text")
         sparse = counter(pa.table({"text": texts}))
         counts = np.zeros(counter.vocab_size, dtype=np.int64)

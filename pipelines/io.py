@@ -287,10 +287,12 @@ def _ids(table: pa.Table, id_column: str, texts: list[str | None], url: str, fir
         column, bad = readable_column(table.column(id_column))
         for row, value in bad.items():
             flag(row, f"column '{id_column}' holds invalid UTF-8 {value[:40]!r} ({url} row {first_row + row})")
-        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type) \
-                or pa.types.is_integer(column.type):
-            given = column.cast(pa.string()).to_pylist()
-        else:
+        nested = pa.types.is_nested(column.type) or column.type in _BINARY_TYPES
+        try:
+            given = [None] * n if nested else column.cast(pa.string()).to_pylist()
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            nested = True
+        if nested:
             for row, value in enumerate(column.to_pylist()):
                 if value is not None:
                     flag(row, f"column '{id_column}' has type {column.type}, expected a string or integer "

@@ -14,7 +14,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
@@ -43,6 +43,9 @@ class InputConfig(StrictModel):
     id_column: str = "id"
     max_text_bytes: int = Field(10_000_000, gt=0, description="Longer documents are quarantined.")
     read_batch_rows: int = Field(1024, gt=0, description="Rows per block when reading a shard.")
+    control_chars: Literal["keep", "strip", "quarantine"] = Field(
+        "keep", description="Control characters (U+0000-U+001F but tab/newline/CR, U+007F) in valid "
+        "text: keep them (real data), strip them, or quarantine the row; counted in n_control_chars.")
     columns: list[str] = Field(default_factory=list, description="Stage-made columns the shards already "
                                "carry (e.g. an earlier run's lm columns): the plan check counts them as made.")
 

@@ -22,6 +22,8 @@ class FinalizeContext:
 
     layout: RunLayout
     report_dir: Path
+    #: The run reads part of a night (a quarantine replay): skip checks that need the whole corpus.
+    partial: bool = False
 
     def scan_documents(self) -> pl.LazyFrame:
         """Lazy frame over the staged ``documents`` of this run (quarantined rows excluded)."""

@@ -30,7 +30,7 @@ from operators.base import RunFailed, StageConfig
 from pipelines.budget import check_budget
 from pipelines.config import ConfigError, PipelineConfig, check_plan
 from pipelines.finalize import FinalizeContext, scan_staged
-from pipelines.io import batch_key, is_process_local, list_shards, read_shard
+from pipelines.io import batch_key, check_schemas, is_process_local, list_shards, read_shard
 from pipelines.lock import LockHeld, lock_path, run_lock
 from pipelines.resources import READ_CPUS, WRITER_CPUS, check_resources, shortfalls
 from pipelines.stage_runner import SECONDS_PREFIX, StageRunner
@@ -39,6 +39,7 @@ from pipelines.tables import (
     append_run_row,
     commit_night,
     discard_staged,
+    load_table,
     now,
     open_output,
     preflight,
@@ -145,8 +146,8 @@ class StagedWriter:
         docs, quarantined = batch.filter(pc.invert(bad)), batch.filter(bad)
         for table, rows in (("documents", docs), ("quarantine", quarantined)):
             if rows.num_rows:
-                rows = rows.drop_columns(["quarantine_reason", "quarantine_stage"]) \
-                    if table == "documents" else rows
+                rows = rows.drop_columns([c for c in ("quarantine_reason", "quarantine_stage", "text_bytes")
+                                          if c in rows.column_names]) if table == "documents" else rows
                 stage_rows(self.layout.output, table, self.layout.run_date, self.layout.run_id,
                            f"part-{key}", rows)
         by_stage = Counter(quarantined.column("quarantine_stage").to_pylist())
@@ -157,7 +158,8 @@ class StagedWriter:
 def build_dataset(cfg: PipelineConfig, shards: list[str], layout: RunLayout) -> ray.data.Dataset:
     """The Ray Data plan: read → stages → staged writer (lazy until consumed)."""
     input_cfg = {"text_column": cfg.input.text_column, "id_column": cfg.input.id_column,
-                 "batch_rows": cfg.input.read_batch_rows, "max_text_bytes": cfg.input.max_text_bytes}
+                 "batch_rows": cfg.input.read_batch_rows, "max_text_bytes": cfg.input.max_text_bytes,
+                 "control_chars": cfg.input.control_chars}
     if is_process_local(cfg.input.url):  # memory://: workers can't see it, the driver reads
         ds = ray.data.from_arrow([t for url in shards for t in read_shard(url, **input_cfg)])
     else:
@@ -206,18 +208,21 @@ def stage_stats(rows: list[dict], stage_names: list[str]) -> list[StageStats]:
     return out
 
 
-def run_pipeline(cfg: PipelineConfig, run_date: str) -> RunResult:
+def run_pipeline(cfg: PipelineConfig, run_date: str, *, partial: bool = False) -> RunResult:
     """Run ``cfg`` for ``run_date`` and commit its tables as one night. Raises on failure (``RunFailed``
     when the error budget or a whole-run check says the night must not commit; see ``pipelines.budget``;
     ``LockHeld`` when another run of this output and date is going; ``CatalogError`` from preflight).
+    ``partial``: the input is part of a night (a quarantine replay), so finalizers skip the checks
+    that need the whole corpus (``FinalizeContext.partial``).
     """
     cfg = check_plan(cfg)  # loaded configs are checked already; this covers ones built in code
     output = open_output(cfg.output.url, cfg.output.catalog)
     with contextlib.ExitStack() as held:
-        return _run(cfg, output, run_date, held)
+        return _run(cfg, output, run_date, held, partial)
 
 
-def _run(cfg: PipelineConfig, output, run_date: str, held: contextlib.ExitStack) -> RunResult:  # noqa: ANN001
+def _run(cfg: PipelineConfig, output, run_date: str, held: contextlib.ExitStack,  # noqa: ANN001
+         partial: bool = False) -> RunResult:
     started = time.perf_counter()
     run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     layout = RunLayout(output, run_date, run_id)
@@ -230,6 +235,7 @@ def _run(cfg: PipelineConfig, output, run_date: str, held: contextlib.ExitStack)
         held.enter_context(run_lock(lock_path(cfg.output.url, run_date)))  # one run per (output, date)
         shards = list_shards(cfg.input.url)
         log.info("run %s: %d shard(s) from %s", run_id, len(shards), cfg.input.url)
+        check_input(cfg, shards, catalog)
         init_ray(cfg)
         check_resources(cfg, ray.cluster_resources,
                         addressed=bool(cfg.ray.address or os.environ.get("RAY_ADDRESS")))
@@ -237,7 +243,7 @@ def _run(cfg: PipelineConfig, output, run_date: str, held: contextlib.ExitStack)
         result.stages = stage_stats(stats_rows, [s.stage_name for s in cfg.stages])
         check_budget(cfg, result.stages, lambda: quarantine_examples(layout))
         with tempfile.TemporaryDirectory(prefix="curate-report-") as tmp:
-            _finalize(cfg, layout, Path(tmp))
+            _finalize(cfg, layout, Path(tmp), partial)
             committed = commit_night(output, catalog, run_date, run_id)
             _publish_reports(layout, Path(tmp))
         snapshots = {t: snap for t, (snap, _) in committed.items()}
@@ -263,6 +269,15 @@ def _run(cfg: PipelineConfig, output, run_date: str, held: contextlib.ExitStack)
     return result
 
 
+def check_input(cfg: PipelineConfig, shards: list[str], catalog) -> None:  # noqa: ANN001
+    """Before compute: every shard's column types agree with the first shard's and with the committed
+    ``documents`` table (``InputError`` names shard and column); warn about renamed input columns."""
+    documents = load_table(catalog, "documents")
+    schema = documents.schema().as_arrow() if documents is not None else None
+    for warning in check_schemas(shards, cfg.input.text_column, cfg.input.id_column, schema):
+        log.warning("%s", warning)
+
+
 def quarantine_examples(layout: RunLayout, n: int = 3) -> list[str]:
     """Up to ``n`` distinct quarantine reasons staged by this run (its quarantine table is not committed)."""
     staged = scan_staged(layout, ["quarantine"])
@@ -272,9 +287,9 @@ def quarantine_examples(layout: RunLayout, n: int = 3) -> list[str]:
     return [r[:300] for r in reasons.to_series().to_list() if r]
 
 
-def _finalize(cfg: PipelineConfig, layout: RunLayout, report_dir: Path) -> None:
+def _finalize(cfg: PipelineConfig, layout: RunLayout, report_dir: Path, partial: bool = False) -> None:
     """Run every stage's whole-run step; stage its tables with the run, its files in ``report_dir``."""
-    ctx = FinalizeContext(layout, report_dir)
+    ctx = FinalizeContext(layout, report_dir, partial)
     for stage in cfg.stages:
         for table, rows in stage.finalize(ctx).items():
             stage_rows(layout.output, table, layout.run_date, layout.run_id, f"part-{stage.stage_name}", rows)

@@ -1,4 +1,4 @@
-"""Subcommands to operate curate: query, tables, report, nightly, schedule, submit, jobs."""
+"""Subcommands to operate curate: query, tables, report, nightly, schedule, submit, jobs, quarantine."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ DEFAULT_OUTPUT = os.environ.get("CURATE_OUTPUT", "./output")
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add every operating subcommand to the ``curate`` parser."""
-    for add in (_query, _tables, _report, _nightly, _schedule, _submit, _jobs):
+    for add in (_query, _tables, _report, _nightly, _schedule, _submit, _jobs, _quarantine):
         add(sub)
 
 
@@ -102,3 +102,16 @@ def _jobs(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--address", help="Ray dashboard, e.g. http://head:8265 (default: RAY_ADDRESS)")
     p.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
     p.set_defaults(func=_lazy("jobs.ops.submit", "jobs_command"))
+
+
+def _quarantine(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quarantine", help="work with quarantined rows: replay a night's through the pipeline")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    r = actions.add_parser("replay", help="rerun a night's quarantined rows through the current pipeline, "
+                           "into a separate output; report rows in / out / still quarantined")
+    r.add_argument("pipeline", help="pipeline YAML (its output holds the night's quarantine table)")
+    r.add_argument("--date", type=parse_date, required=True, help="the night whose quarantine is replayed")
+    r.add_argument("--output", help="override output.url (where the night was committed)")
+    r.add_argument("--into", help="output URL of the replay's tables (default: <output>/replays/<date>)")
+    r.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else embedded Ray)")
+    r.set_defaults(func=_lazy("jobs.ops.replay", "replay_command"))

@@ -19,6 +19,7 @@ Per document the stage adds ``n_bytes``, ``n_chars`` and, per tokenizer ``<t>``,
 
 from __future__ import annotations
 
+import logging
 from typing import ClassVar, Literal
 
 import polars as pl
@@ -28,6 +29,8 @@ from pydantic import Field
 from operators.base import MiB, RunFailed, StageConfig
 from operators.token_premium.math import PREMIUM_SCHEMA, premium_table
 from operators.token_premium.tokenizers import TokenizerSpec, load_tokenizer
+
+log = logging.getLogger("curate.token_premium")
 
 
 class TokenCountsConfig(StageConfig):
@@ -58,9 +61,10 @@ class TokenCountsConfig(StageConfig):
         if self.lang_column not in docs.collect_schema().names():
             return {"token_premium": PREMIUM_SCHEMA.empty_table()}
         present = docs.select(pl.col(self.lang_column).drop_nulls().unique()).collect().to_series().to_list()
-        if present and self.ref_lang not in present:
+        if present and self.ref_lang not in present and not getattr(ctx, "partial", False):
             raise RunFailed(f"{self.stage_name}.ref_lang: {self.ref_lang!r} is not in the data, so every "
                             f"premium would be null; languages present: {sorted(present)}")
+        docs = self._deduplicated(docs)
         table = premium_table(docs, [t.name for t in self.tokenizers], self.ref_lang,
                               self.max_unk_share, self.lang_column)
         if table.num_rows:
@@ -68,6 +72,22 @@ class TokenCountsConfig(StageConfig):
 
             plot_premium(table, ctx.report_dir / "token_premium.png", self.ref_lang)
         return {"token_premium": table}
+
+
+    def _deduplicated(self, docs: pl.LazyFrame) -> pl.LazyFrame:
+        """One row per (id, lang): the first by (source_file, source_row), with a warning naming the
+        count of duplicates (a parallel corpus has one document per id and language)."""
+        keys = ["id", self.lang_column]
+        names = docs.collect_schema().names()
+        order = [c for c in ("source_file", "source_row") if c in names]
+        counts = docs.filter(pl.col(self.lang_column).is_not_null()).select(
+            pl.len().alias("rows"), pl.struct(keys).n_unique().alias("unique")).collect()
+        duplicates = counts["rows"][0] - counts["unique"][0]
+        if duplicates:
+            log.warning("%s: %d duplicate (id, %s) row(s); the premium counts the first of each by "
+                        "(source_file, source_row)", self.stage_name, duplicates, self.lang_column)
+        docs = docs.sort(order) if order else docs
+        return docs.unique(keys, keep="first", maintain_order=True)
 
 
 class TokenCounter:

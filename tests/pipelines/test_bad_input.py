@@ -63,13 +63,15 @@ def test_null_empty_and_whitespace_text(tmp_path, corpus, local_ray):
 
 
 def test_invalid_utf8_and_control_characters(tmp_path, corpus, local_ray):
+    """Invalid UTF-8 is quarantined with its raw bytes; a control character is data (kept, counted)."""
     pq.write_table(pa.table({"text": pa.array([b"ok bytes", b"bad \xff\xfe", b"bell \x07"], pa.binary())}),
                    corpus / "bytes.parquet")
     _, quarantine, docs = run(tmp_path, corpus)
-    assert sorted(d["text"] for d in docs) == ["A perfectly fine document.", "ok bytes"]
-    reasons = sorted(q["quarantine_reason"] for q in quarantine)
-    assert reasons[0] == f"control character U+0007 at offset 5 ({corpus / 'bytes.parquet'} row 2)"
-    assert reasons[1] == f"invalid UTF-8 at byte 4 ({corpus / 'bytes.parquet'} row 1)"
+    assert sorted(d["text"] for d in docs) == ["A perfectly fine document.", "bell \x07", "ok bytes"]
+    assert {d["text"]: d["n_control_chars"] for d in docs}["bell \x07"] == 1
+    (q,) = quarantine
+    assert q["quarantine_reason"] == f"invalid UTF-8 at byte 4 in column 'text' ({corpus / 'bytes.parquet'} row 1)"
+    assert q["text_bytes"] == b"bad \xff\xfe"
 
 
 def test_five_megabyte_document_is_processed(tmp_path, corpus, local_ray):

@@ -43,7 +43,11 @@ def test_bad_rows_are_quarantined_with_file_and_row(tmp_path):
     assert reasons[0] is None
     assert reasons[1] == f"null text ({path} row 1)"
     assert reasons[2] == f"empty or whitespace-only text ({path} row 2)"
-    assert reasons[3] == f"control character U+0000 at offset 1 ({path} row 3)"
+    assert reasons[3] is None  # input.control_chars: keep (the default): data, counted
+    assert batch.column("n_control_chars").to_pylist() == [0, None, 0, 1]
+    (batch,) = read_shard(str(path), control_chars="quarantine")
+    assert batch.column("quarantine_reason").to_pylist()[3] == (
+        f"control character U+0000 at offset 1 ({path} row 3)")
 
 
 def test_list_shards_errors_name_the_url(tmp_path):

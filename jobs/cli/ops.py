@@ -58,6 +58,9 @@ def _report(sub: argparse._SubParsersAction) -> None:
     _output(p)
     p.add_argument("--columns", nargs="+", help="score columns to chart (default: float columns)")
     p.add_argument("--rebuild", action="store_true", help="rebuild even if it exists")
+    p.add_argument("--trend", action="store_true",
+                   help="one page across nights: counts, speed, selection, score quantiles, drift flags")
+    p.add_argument("--since", type=parse_date, help="--trend: first night shown (default: all)")
     p.set_defaults(func=_lazy("jobs.ops.report", "report_command"))
 
 
@@ -72,6 +75,8 @@ def _nightly(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", help="override input.url ({date} is substituted)")
     p.add_argument("--output", help="override output.url")
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else embedded Ray)")
+    p.add_argument("--fail-on-drift", action="store_true",
+                   help="exit 3 when a night drifts (see curate report --trend); logged either way")
     p.set_defaults(func=_lazy("jobs.ops.nightly", "nightly_command"))
 
 

@@ -251,7 +251,13 @@ def latest_date(output_url: str) -> str:
 
 
 def report_command(args: argparse.Namespace) -> int:
-    """``curate report``: print the report's path, building it if missing (or ``--rebuild``)."""
+    """``curate report``: print the report's path, building it if missing (or ``--rebuild``);
+    ``--trend``: build the page across nights (``jobs.ops.trend``) and print its path."""
+    if getattr(args, "trend", False):
+        from jobs.ops.trend import write_trend
+
+        print(write_trend(args.output, args.since))
+        return 0
     run_date = args.date or latest_date(args.output)
     fs, _ = url_to_fs(args.output)
     target = report_path(args.output, run_date)

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 import uuid
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 from ray.data import ActorPoolStrategy
 
@@ -30,8 +32,9 @@ from operators.base import RunFailed, StageConfig
 from pipelines.budget import check_budget
 from pipelines.config import ConfigError, PipelineConfig, check_plan
 from pipelines.finalize import FinalizeContext, scan_staged
-from pipelines.io import batch_key, check_schemas, is_process_local, list_shards, read_shard
+from pipelines.io import batch_key, check_schemas, is_process_local, list_shards, read_shard, url_to_fs
 from pipelines.lock import LockHeld, lock_path, run_lock
+from pipelines.progress import ProgressCounter, ProgressReporter, quiet_ray_data, ray_init_options
 from pipelines.resources import READ_CPUS, WRITER_CPUS, check_resources, shortfalls
 from pipelines.stage_runner import SECONDS_PREFIX, StageRunner
 from pipelines.tables import (
@@ -97,14 +100,15 @@ def init_ray(cfg: PipelineConfig) -> None:
 def connect_ray(address: str | None = None, *, num_cpus: int | None = None,
                 object_store_memory: int | None = None) -> None:
     """Connect to ``address`` / RAY_ADDRESS, else start an embedded Ray (``num_cpus`` default: all)."""
+    quiet_ray_data()
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        ray.init(address=address, **ray_init_options())
         return
     ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-             object_store_memory=object_store_memory, log_to_driver=True)
+             object_store_memory=object_store_memory, **ray_init_options())
 
 
 def check_cpu_budget(cfg: PipelineConfig, cluster_cpus: float, autoscaling: bool = False,
@@ -155,8 +159,10 @@ class StagedWriter:
                          "quarantined_by": [json.dumps(by_stage)], "seconds_by": [json.dumps(seconds)]})
 
 
-def build_dataset(cfg: PipelineConfig, shards: list[str], layout: RunLayout) -> ray.data.Dataset:
-    """The Ray Data plan: read → stages → staged writer (lazy until consumed)."""
+def build_dataset(cfg: PipelineConfig, shards: list[str], layout: RunLayout,
+                  progress: object | None = None) -> ray.data.Dataset:
+    """The Ray Data plan: read → stages → staged writer (lazy until consumed); every stage adds its
+    rows to ``progress`` (a ``ProgressCounter`` actor) when given."""
     input_cfg = {"text_column": cfg.input.text_column, "id_column": cfg.input.id_column,
                  "batch_rows": cfg.input.read_batch_rows, "max_text_bytes": cfg.input.max_text_bytes,
                  "control_chars": cfg.input.control_chars}
@@ -167,7 +173,7 @@ def build_dataset(cfg: PipelineConfig, shards: list[str], layout: RunLayout) -> 
         ds = ds.map_batches(_read_shards, fn_kwargs={"input_cfg": input_cfg}, batch_size=1,
                             batch_format="pyarrow", num_cpus=READ_CPUS)
     for stage in cfg.stages:
-        ds = ds.map_batches(StageRunner, fn_constructor_kwargs={"stage": stage},
+        ds = ds.map_batches(StageRunner, fn_constructor_kwargs={"stage": stage, "progress": progress},
                             batch_format="pyarrow", **_resources(stage))
     return ds
 
@@ -191,6 +197,35 @@ def execute(ds: ray.data.Dataset, layout: RunLayout, write_batch_rows: int) -> l
                            compute=ActorPoolStrategy(size=1),
                            num_cpus=WRITER_CPUS)
     return stats.take_all()
+
+
+def execute_with_progress(cfg: PipelineConfig, shards: list[str], layout: RunLayout) -> list[dict]:
+    """``execute`` the plan; off a terminal, print a progress line every few seconds meanwhile."""
+    if sys.stderr.isatty():  # Ray Data's own progress bars
+        return execute(build_dataset(cfg, shards, layout), layout, cfg.output.write_batch_rows)
+    counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
+    try:
+        with ProgressReporter([s.stage_name for s in cfg.stages], count_rows(shards),
+                              lambda: ray.get(counter.snapshot.remote(), timeout=30)):
+            return execute(build_dataset(cfg, shards, layout, counter), layout, cfg.output.write_batch_rows)
+    finally:
+        ray.kill(counter)
+
+
+def count_rows(shards: list[str], max_shards: int = 2000) -> int | None:
+    """Rows of the input shards from their Parquet footers (None when there are too many to ask);
+    an unreadable shard counts one row (the read stage quarantines it as one)."""
+    if len(shards) > max_shards:
+        return None
+    total = 0
+    for url in shards:
+        try:
+            fs, path = url_to_fs(url)
+            with fs.open(path, "rb") as f:
+                total += pq.ParquetFile(f).metadata.num_rows
+        except Exception:  # noqa: BLE001 - the read stage reports it
+            total += 1
+    return total
 
 
 def stage_stats(rows: list[dict], stage_names: list[str]) -> list[StageStats]:
@@ -239,7 +274,7 @@ def _run(cfg: PipelineConfig, output, run_date: str, held: contextlib.ExitStack,
         init_ray(cfg)
         check_resources(cfg, ray.cluster_resources,
                         addressed=bool(cfg.ray.address or os.environ.get("RAY_ADDRESS")))
-        stats_rows = execute(build_dataset(cfg, shards, layout), layout, cfg.output.write_batch_rows)
+        stats_rows = execute_with_progress(cfg, shards, layout)
         result.stages = stage_stats(stats_rows, [s.stage_name for s in cfg.stages])
         check_budget(cfg, result.stages, lambda: quarantine_examples(layout))
         with tempfile.TemporaryDirectory(prefix="curate-report-") as tmp:

@@ -5,7 +5,8 @@ For each batch it
 2. if the operator raises, splits the batch in halves and retries, down to single rows, so one bad
    row (or a batch too big for memory) quarantines that row alone with the error as its reason;
 3. puts the operator's columns back in row order (null for rows it did not process);
-4. records its compute seconds in a ``__seconds__<stage>`` column (summed later, then dropped).
+4. records its compute seconds in a ``__seconds__<stage>`` column (summed later, then dropped);
+5. tells the run's progress counter (``pipelines.progress``), when it has one, how many rows it did.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ SECONDS_PREFIX = "__seconds__"
 class StageRunner:
     """Callable class for ``Dataset.map_batches``: builds the operator once, then runs batches."""
 
-    def __init__(self, stage: StageConfig) -> None:
+    def __init__(self, stage: StageConfig, progress: object | None = None) -> None:
         self.name = stage.stage_name
         self.operator: Operator = stage.build()
         self.schema = self.operator.output_schema()
+        self.progress = progress  # a ProgressCounter actor handle (fire and forget), or None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.perf_counter()
@@ -39,6 +41,8 @@ class StageRunner:
         batch = self._quarantine(batch, {live_rows[i]: why for i, why in failures.items()})
         seconds = time.perf_counter() - start
         per_row = pa.array([seconds / max(batch.num_rows, 1)] * batch.num_rows, pa.float64())
+        if self.progress is not None:
+            self.progress.add.remote(self.name, batch.num_rows)
         return batch.append_column(f"{SECONDS_PREFIX}{self.name}", per_row)
 
     def _run(self, rows: pa.Table) -> tuple[pa.Table, dict[int, str]]:

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -282,7 +283,9 @@ def _commit_table(catalog: Catalog, name: str, run_date: str, paths: list[str],
                     with txn.update_schema() as update:
                         update.union_by_name(schema)
                 if table.current_snapshot() is not None:
-                    txn.delete(EqualTo("run_date", run_date))
+                    with warnings.catch_warnings():  # a new date: nothing to delete, nothing to say
+                        warnings.filterwarnings("ignore", "Delete operation did not match any records")
+                        txn.delete(EqualTo("run_date", run_date))
                 if paths:
                     txn.add_files(paths)
         except CommitFailedException:

@@ -14,13 +14,15 @@ import json
 import tempfile
 from pathlib import Path
 
+from jobs.cli.verbs import verb
 from jobs.errors import UserError
 from pipelines.io import InputError, url_to_fs
 from pipelines.tables import read_table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="AUROC / TPR@5%%FPR / balanced accuracy of score columns vs label")
+    p = verb(sub, "eval", "AUROC, TPR@5%FPR, balanced accuracy of scores vs a label",
+             "curate eval --input labelled.parquet --output eval/")
     p.add_argument("--input", required=True, help="labelled Parquet file or directory (fsspec URL)")
     p.add_argument("--scores", help="comma-separated score columns (default: every float column)")
     p.add_argument("--label", default="label", help="label column (default: label)")

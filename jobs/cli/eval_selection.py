@@ -15,11 +15,15 @@ from dataclasses import asdict
 
 import pyarrow.parquet as pq
 
+from jobs.cli.verbs import verb
 from jobs.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval-selection", help="precision@n of SAE / cosine / BM25 selection on a labelled pool")
+    p = verb(sub, "eval-selection", "precision@n of SAE, cosine and BM25 selection",
+             "curate eval-selection --demo",
+             "curate eval-selection --pool pool.parquet --target target.parquet --model MODEL_DIR "
+             "--sae SAE_DIR --layer 15")
     p.add_argument("--pool", help="Parquet with text, label (1 = target task)")
     p.add_argument("--target", help="Parquet with text: examples of the target task")
     p.add_argument("--model", help="HF model dir")

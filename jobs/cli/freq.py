@@ -16,6 +16,7 @@ import argparse
 import logging
 import time
 
+from jobs.cli.verbs import verb
 from jobs.demo.freq import prepare_demo_freq
 from jobs.errors import UserError
 from jobs.train.freq import build_frequency_table
@@ -25,9 +26,11 @@ log = logging.getLogger("curate.freq")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("freq", help="token frequency tables (DC-PDD reference corpus)")
+    p = verb(sub, "freq", "token frequency tables of a reference corpus (for DC-PDD)",
+             "curate freq build --input s3://bucket/reference/ --model MODEL_DIR --output freq.parquet")
     actions = p.add_subparsers(dest="freq_action", required=True, metavar="ACTION")
-    b = actions.add_parser("build", help="count a Parquet corpus's tokens on Ray into a FrequencyTable")
+    b = verb(actions, "build", "count a Parquet corpus's tokens on Ray into a table",
+             "curate freq build --input s3://bucket/reference/ --model MODEL_DIR --output freq.parquet")
     b.add_argument("--input", required=True, help="Parquet file or directory of the reference corpus")
     b.add_argument("--model", required=True, help="the target model: local dir, .gguf file or Hub id")
     b.add_argument("--output", required=True, help="FrequencyTable Parquet file to write (fsspec URL)")
@@ -38,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--batch-size", type=int, default=512)
     b.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else an embedded Ray)")
     b.set_defaults(func=freq_build_command)
-    d = actions.add_parser("demo", help="build (or reuse) the demo table <cache>/demo/freq/smollm2.parquet")
+    d = verb(actions, "demo", "build (or reuse) the demo frequency table in the curate cache",
+             "curate freq demo")
     d.set_defaults(func=lambda _args: print(prepare_demo_freq()) or 0)
 
 

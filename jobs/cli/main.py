@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from jobs.errors import UserError
+from pipelines.progress import VERBOSE_ENV
 
 DESCRIPTION = "curate: distributed data curation for language-model corpora, on Ray."
 EPILOG = """examples:
@@ -24,7 +26,8 @@ COMMAND_MODULES = ["jobs.cli.run", "jobs.cli.ops", "jobs.cli.eval", "jobs.cli.fr
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="curate", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging and Ray's own logs (hidden by default)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -33,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:  # read by pipelines.progress in this process and in Ray jobs it submits
+        os.environ[VERBOSE_ENV] = "1"
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:

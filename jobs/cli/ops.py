@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable
 
 from jobs.cli.run import parse_date, today
+from jobs.cli.verbs import verb
 
 DEFAULT_OUTPUT = os.environ.get("CURATE_OUTPUT", "./output")
 
@@ -31,7 +32,8 @@ def _output(p: argparse.ArgumentParser) -> None:
 
 
 def _query(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("query", help="SQL (DuckDB) over the committed tables")
+    p = verb(sub, "query", "SQL (DuckDB) over the committed tables",
+             'curate query "SELECT lang, count(*) FROM documents GROUP BY lang" --output ./output')
     p.add_argument("sql", help='e.g. "SELECT lang, count(*) FROM documents GROUP BY lang"')
     _output(p)
     p.add_argument("--format", choices=["table", "csv", "json"], default="table",
@@ -43,22 +45,35 @@ def _query(sub: argparse._SubParsersAction) -> None:
 
 
 def _tables(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("tables", help="list tables, partitions and row counts")
+    p = verb(sub, "tables", "list the tables, their dates and row counts", "curate tables --output ./output")
     _output(p)
     p.set_defaults(func=_lazy("jobs.ops.query", "tables_command"))
 
 
 def _report(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="print the HTML report of a run date (built if missing)")
+    p = verb(sub, "report", "path of a night's HTML report, or of the trend across nights",
+             "curate report --output ./output --date 2026-01-31",
+             "curate report --trend --since 2026-01-01 --output ./output")
     p.add_argument("--date", type=parse_date, help="run date (default: the latest committed)")
     _output(p)
     p.add_argument("--columns", nargs="+", help="score columns to chart (default: float columns)")
     p.add_argument("--rebuild", action="store_true", help="rebuild even if it exists")
-    p.set_defaults(func=_lazy("jobs.ops.report", "report_command"))
+    p.add_argument("--trend", action="store_true",
+                   help="one page across nights: counts, speed, selection, score quantiles, drift flags")
+    p.add_argument("--since", type=parse_date, help="--trend: first night shown (default: all)")
+    p.set_defaults(func=_report_or_trend)
+
+
+def _report_or_trend(args: argparse.Namespace) -> int:
+    """``curate report``: one night's page, or with ``--trend`` the page across nights."""
+    if args.trend:
+        return _lazy("jobs.ops.trend", "trend_command")(args)
+    return _lazy("jobs.ops.report", "report_command")(args)
 
 
 def _nightly(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("nightly", help="run a night's input under a lock; --since catches up")
+    p = verb(sub, "nightly", "run tonight's input under a lock; --since catches up",
+             "curate nightly pipelines/nightly.yaml --since 2026-01-01 --fail-on-drift")
     p.add_argument("pipeline", help="pipeline YAML ({date} in input.url becomes the run date)")
     p.add_argument("--date", type=parse_date, default=today(), help="run date (default: today, UTC)")
     p.add_argument("--since", type=parse_date,
@@ -67,11 +82,14 @@ def _nightly(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", help="override input.url ({date} is substituted)")
     p.add_argument("--output", help="override output.url")
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else embedded Ray)")
+    p.add_argument("--fail-on-drift", action="store_true",
+                   help="exit 3 when a night drifts (see curate report --trend); logged either way")
     p.set_defaults(func=_lazy("jobs.ops.nightly", "nightly_command"))
 
 
 def _schedule(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("schedule", help="install/show/remove a nightly `curate submit` in cron")
+    p = verb(sub, "schedule", "install, show or remove a nightly curate submit in cron",
+             "curate schedule install --pipeline pipelines/nightly.yaml --at 02:00")
     p.add_argument("action", choices=["install", "show", "remove"])
     p.add_argument("--pipeline", help="pipeline YAML (remove: its name is enough)")
     p.add_argument("--at", default="02:00", help="HH:MM, cron's time zone (default 02:00)")
@@ -83,7 +101,8 @@ def _schedule(sub: argparse._SubParsersAction) -> None:
 
 
 def _submit(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("submit", help="submit a pipeline's night to a Ray cluster (Jobs API)")
+    p = verb(sub, "submit", "submit a night of a pipeline to a Ray cluster as a Ray job",
+             "curate submit pipelines/nightly.yaml --address http://head:8265 --wait")
     p.add_argument("pipeline", help="pipeline YAML, best inside the project (it is shipped)")
     p.add_argument("--address", help="Ray dashboard, e.g. http://head:8265 (default: RAY_ADDRESS)")
     p.add_argument("--date", type=parse_date, default=today(), help="run date (default: today, UTC)")
@@ -96,7 +115,8 @@ def _submit(sub: argparse._SubParsersAction) -> None:
 
 
 def _jobs(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("jobs", help="list Ray jobs, or show the status/logs of one, or stop it")
+    p = verb(sub, "jobs", "list Ray jobs, show the status or logs of one, or stop it",
+             "curate jobs logs raysubmit_XYZ --follow --address http://head:8265")
     p.add_argument("action", choices=["list", "status", "logs", "stop"])
     p.add_argument("id", nargs="?", help="submission id (status, logs, stop)")
     p.add_argument("--address", help="Ray dashboard, e.g. http://head:8265 (default: RAY_ADDRESS)")
@@ -105,10 +125,11 @@ def _jobs(sub: argparse._SubParsersAction) -> None:
 
 
 def _quarantine(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("quarantine", help="work with quarantined rows: replay a night's through the pipeline")
+    p = verb(sub, "quarantine", "replay a night's quarantined rows through the pipeline",
+             "curate quarantine replay pipelines/nightly.yaml --date 2026-01-31")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    r = actions.add_parser("replay", help="rerun a night's quarantined rows through the current pipeline, "
-                           "into a separate output; report rows in / out / still quarantined")
+    r = verb(actions, "replay", "rerun a night's quarantined rows into a separate output",
+             "curate quarantine replay pipelines/nightly.yaml --date 2026-01-31 --into ./replay")
     r.add_argument("pipeline", help="pipeline YAML (its output holds the night's quarantine table)")
     r.add_argument("--date", type=parse_date, required=True, help="the night whose quarantine is replayed")
     r.add_argument("--output", help="override output.url (where the night was committed)")

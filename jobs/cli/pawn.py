@@ -19,15 +19,18 @@ import argparse
 import json
 import time
 
+from jobs.cli.verbs import verb
 from jobs.demo.pawn import format_demo_eval, prepare_demo_pawn
 from jobs.errors import UserError
 from jobs.train.pawn import load_features
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pawn", help="train PAWN detection heads (machine-written text)")
+    p = verb(sub, "pawn", "train PAWN heads that detect machine-written text",
+             "curate pawn train --features features.parquet --output heads/pawn", "curate pawn demo")
     actions = p.add_subparsers(dest="pawn_action", required=True, metavar="ACTION")
-    t = actions.add_parser("train", help="train a PAWN head from cached features")
+    t = verb(actions, "train", "train a PAWN head from cached features or lm documents",
+             "curate pawn train --features features.parquet --output heads/pawn --epochs 5")
     t.add_argument("--features", required=True, help="feature cache or lm documents table (Parquet, fsspec)")
     t.add_argument("--output", required=True, help="directory for model.safetensors + config.json")
     t.add_argument("--epochs", type=int, default=5)
@@ -36,7 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=train_command)
-    d = actions.add_parser("demo", help="train (or reuse) the demo head and print held-out AUROCs")
+    d = verb(actions, "demo", "train (or reuse) the demo head and print its held-out AUROCs",
+             "curate pawn demo")
     d.set_defaults(func=demo_command)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from jobs.cli.verbs import verb
 from jobs.errors import UserError
 from jobs.train.preselect import (
     CHARS_PER_TOKEN,
@@ -33,10 +34,14 @@ from pipelines.io import InputError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("preselect", help="PreSelect: label documents with a model family, train the scorer")
+    p = verb(sub, "preselect", "PreSelect: label with a model family, train the scorer",
+             "curate preselect label --family family.yaml --input corpus/ --output labels.parquet",
+             "curate preselect train --labels labels.parquet --output model.bin")
     cmds = p.add_subparsers(dest="preselect_command", required=True, metavar="STEP")
 
-    lab = cmds.add_parser("label", help="predictive strength S and fastText labels for a sample")
+    lab = verb(cmds, "label", "predictive strength and fastText labels for a sample",
+             "curate preselect label --family family.yaml --input corpus/ --output labels.parquet "
+             "--max-docs 2000")
     lab.add_argument("--family", required=True, help="family YAML: models {name, path, backend, bench_score}")
     lab.add_argument("--input", required=True, help="Parquet shards (fsspec URL)")
     lab.add_argument("--output", required=True, help="labels Parquet to write")
@@ -49,7 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     lab.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else embedded Ray)")
     lab.set_defaults(func=label_command)
 
-    tr = cmds.add_parser("train", help="train the fastText scorer on labels; report held-out P/R")
+    tr = verb(cmds, "train", "train the fastText scorer; print held-out precision/recall",
+             "curate preselect train --labels labels.parquet --output model.bin")
     tr.add_argument("--labels", required=True, help="labels Parquet from `curate preselect label`")
     tr.add_argument("--output", required=True, help="fastText model .bin (path or fsspec URL)")
     tr.add_argument("--epoch", type=int, default=3)

@@ -6,6 +6,7 @@ import argparse
 import sys
 from datetime import UTC, date, datetime
 
+from jobs.cli.verbs import verb
 from jobs.errors import UserError
 from jobs.ops.summary import format_summary
 from pipelines.config import ConfigError, load_config
@@ -16,7 +17,8 @@ from pipelines.tables import CatalogError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="run a pipeline on Ray and commit its tables")
+    p = verb(sub, "run", "run a pipeline on Ray and commit its tables for one date",
+             "curate run pipelines/nightly.yaml --output ./output --date 2026-01-31")
     p.add_argument("pipeline", help="pipeline YAML, e.g. pipelines/nightly.yaml")
     p.add_argument("--date", type=parse_date, default=today(), help="run date (default: today, UTC)")
     p.add_argument("--input", help="override input.url")

@@ -16,6 +16,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
+from jobs.cli.verbs import verb
 from jobs.errors import UserError
 from jobs.train.sae import TrainSettings, train_sae
 
@@ -23,9 +24,11 @@ Log = Callable[[str], Any]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sae", help="sparse autoencoders for SAE selection")
+    p = verb(sub, "sae", "train sparse autoencoders for SAE selection",
+             "curate sae train --input corpus/ --model MODEL_DIR --layer 15 --output sae/")
     ssub = p.add_subparsers(dest="sae_command", required=True, metavar="SUBCOMMAND")
-    t = ssub.add_parser("train", help="train a TopK SAE on a model's layer-L residual stream")
+    t = verb(ssub, "train", "train a TopK SAE on one layer of a model's residual stream",
+             "curate sae train --input corpus/ --model MODEL_DIR --layer 15 --output sae/")
     t.add_argument("--input", required=True, help="Parquet corpus (file, dir or fsspec URL)")
     t.add_argument("--model", required=True, help="HF model dir (or .gguf / Hub id)")
     t.add_argument("--layer", required=True, type=int, help="HF hidden_states index, 0 ≤ L < number of blocks")

@@ -8,6 +8,8 @@
 * ``--since D`` catches up: every date from D to the target date without a ``committed`` row in
   ``runs`` (for this pipeline) runs, oldest first. A failed night does not stop the later ones;
   the command exits 1 if any night failed, and a later ``--since`` retries it.
+* Drift: after the nights ran (or, with nothing to do, for ``--date``) each night's flags
+  (``jobs.ops.trend``) are logged; ``--fail-on-drift`` then exits 3.
 """
 
 from __future__ import annotations
@@ -96,12 +98,27 @@ def nightly_command(args: argparse.Namespace) -> int:
         dates.append(args.date)
     if not dates:
         print(f"nothing to do: {cfg.name} is committed for every night up to {args.date}")
-        return 0
+        return 3 if drifted(cfg, [args.date]) and args.fail_on_drift else 0
     print(f"{cfg.name}: running {len(dates)} night(s): {', '.join(dates)}")
     failed = {d: err for d in dates if (err := run_night(args, d)) is not None}
     for d, err in failed.items():
         print(f"night {d} FAILED: {err}")
-    return 1 if failed else 0
+    drift = drifted(cfg, [d for d in dates if d not in failed])
+    return 1 if failed else 3 if drift and args.fail_on_drift else 0
+
+
+def drifted(cfg: PipelineConfig, dates: list[str]) -> bool:
+    """Log the drift flags of ``dates`` (``jobs.ops.trend``: quarantine share or a score's median more
+    than 3 MADs from the trailing 14 nights); True when any night is flagged."""
+    from jobs.ops.trend import check_drift
+
+    if not dates:
+        return False
+    try:
+        return bool(check_drift(cfg.output.url, dates, cfg.output.catalog))
+    except Exception:  # the nights are committed; a problem reading them back is only logged
+        log.exception("drift check of %s failed", ", ".join(dates))
+        return False
 
 
 def run_night(args: argparse.Namespace, run_date: str) -> str | None:

@@ -12,19 +12,18 @@ ids and lineage; integer columns are ids or counts. Without any, the size column
 from __future__ import annotations
 
 import argparse
-import base64
 import html
 import io
 import json
 import re
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
 from matplotlib.figure import Figure
 
 from jobs.errors import UserError
+from jobs.ops.html import html_img, html_page, html_table
 from jobs.ops.query import connect, is_local, partitions, sql_ident, views
 from pipelines.io import url_to_fs
 
@@ -77,7 +76,7 @@ def build_report(output_url: str, run_date: str, score_columns: list[str] | None
         ]
     finally:
         con.close()
-    return _page(f"curate report {run_date}", sections)
+    return html_page(f"curate report {run_date}", sections)
 
 
 # ------------------------------------------------------------------------------------- sections
@@ -97,14 +96,14 @@ def _run_section(con: duckdb.DuckDBPyConnection, tables: list[str], run_id: str 
     stages = json.loads(run.get("stages") or "[]")
     stage_rows = [[s.get("name"), s.get("rows_in"), s.get("rows_out"), s.get("quarantined"),
                    f"{s.get('seconds') or 0:.2f}"] for s in stages]
-    return ("<h2>Run</h2>" + _table(None, facts)
+    return ("<h2>Run</h2>" + html_table(None, facts)
             + "<h3>Stages</h3>"
-            + _table(["stage", "rows in", "rows out", "quarantined", "seconds"], stage_rows))
+            + html_table(["stage", "rows in", "rows out", "quarantined", "seconds"], stage_rows))
 
 
 def _tables_section(parts: dict) -> str:
     rows = [[t, sum(p.rows for p in ps), sum(len(p.files) for p in ps)] for t, ps in parts.items()]
-    return "<h2>Tables</h2>" + _table(["table", "rows", "files"], rows)
+    return "<h2>Tables</h2>" + html_table(["table", "rows", "files"], rows)
 
 
 def _premium_section(con: duckdb.DuckDBPyConnection, tables: list[str], output_url: str,
@@ -114,14 +113,14 @@ def _premium_section(con: duckdb.DuckDBPyConnection, tables: list[str], output_u
     chart = ""
     if fs.exists(png):
         with fs.open(png, "rb") as f:
-            chart = _img(f.read(), "token premium per language and tokenizer")
+            chart = html_img(f.read(), "token premium per language and tokenizer")
     if "token_premium" not in tables and not chart:
         return ""
     table = ""
     if "token_premium" in tables:
         rel = con.sql("SELECT * EXCLUDE (run_date) FROM token_premium "
                       "ORDER BY tokenizer, premium DESC NULLS LAST")
-        table = _table(rel.columns, rel.fetchall())
+        table = html_table(rel.columns, rel.fetchall())
     return "<h2>Token premium</h2>" + chart + table
 
 
@@ -130,7 +129,7 @@ def _quarantine_section(con: duckdb.DuckDBPyConnection, tables: list[str]) -> st
         return "<h2>Quarantine</h2><p>No quarantined rows.</p>"
     rows = con.execute("SELECT quarantine_stage, count(*) AS n FROM quarantine "
                        "GROUP BY 1 ORDER BY n DESC").fetchall()
-    return "<h2>Quarantine</h2>" + _table(["stage", "rows"], rows)
+    return "<h2>Quarantine</h2>" + html_table(["stage", "rows"], rows)
 
 
 def _scores_section(con: duckdb.DuckDBPyConnection, tables: list[str],
@@ -167,7 +166,7 @@ def _score_block(con: duckdb.DuckDBPyConnection, column: str, has_text: bool) ->
     if not n:
         return title + "<p>No values.</p>"
     stats = f"<p>{n} values, min {lo:.4g}, mean {mean:.4g}, max {hi:.4g}</p>"
-    return (title + stats + _img(histogram_png(con, column, col, valid, lo, hi), f"{column} histogram")
+    return (title + stats + html_img(histogram_png(con, column, col, valid, lo, hi), f"{column} histogram")
             + _examples(con, column, col, valid, has_text))
 
 
@@ -199,44 +198,8 @@ def _examples(con: duckdb.DuckDBPyConnection, column: str, col: str, valid: str,
                            f"ORDER BY {col} {order}, id LIMIT {EXAMPLES}").fetchall()
         shown = [[i, f"{v:.4g}", t] for i, v, t in rows]
         out.append(f"<h4>{label} {len(rows)} by {html.escape(column)}</h4>"
-                   + _table(["id", column, f"text (first {SNIPPET_CHARS} chars)"], shown))
+                   + html_table(["id", column, f"text (first {SNIPPET_CHARS} chars)"], shown))
     return "".join(out)
-
-
-# ----------------------------------------------------------------------------------------- html
-
-
-def _img(png: bytes, alt: str) -> str:
-    data = base64.b64encode(png).decode("ascii")
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
-
-
-def _table(header: list[str] | None, rows: list) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header or [])
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in row) + "</tr>" for row in rows)
-    thead = f"<thead><tr>{head}</tr></thead>" if header else ""
-    return f"<table>{thead}<tbody>{body}</tbody></table>"
-
-
-def _fmt(value: object) -> str:
-    if value is None:
-        return "<span class=null>null</span>"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return html.escape(str(value))
-
-
-_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
-table{border-collapse:collapse;margin:.5em 0 1.5em}th,td{border:1px solid #ccc;padding:.25em .6em;
-text-align:left;vertical-align:top;font-size:14px}th{background:#f0f3f8}td{max-width:700px;overflow-wrap:anywhere}
-img{max-width:100%;display:block;margin:.5em 0}.null{color:#999}h2{border-bottom:2px solid #999}"""
-
-
-def _page(title: str, sections: list[str]) -> str:
-    made = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}"
-            f"</title><style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
-            f"<p>generated {made}</p>{''.join(sections)}</body></html>\n")
 
 
 # -------------------------------------------------------------------------------------- command

@@ -1,0 +1,162 @@
+"""What a person sees while a run goes: per-stage progress, and Ray's own logs kept out of the way.
+
+* On a terminal (``sys.stderr.isatty()``) Ray Data draws its progress bars (rows done of total per
+  operator, rate, time left).
+* Elsewhere (cron, CI, a log file) one line every ``CURATE_PROGRESS_SECONDS`` (default 5) on stderr
+  names the stage that is furthest behind its input::
+
+      progress: lm_smollm2 320/840 rows, 4.1 rows/s, ETA 2m07s
+
+  Each ``StageRunner`` adds its batch's rows to a small counter actor (``ProgressCounter``); the
+  driver polls it. The total is the input shards' row count from their Parquet footers.
+* Ray's log flood (Ray Data's operator log and progress log, "uses X MiB … Ray only requests"
+  warnings, worker output) is hidden unless ``curate -v`` (``CURATE_VERBOSE=1``): Ray Data's console
+  handler is raised to ERROR (its ``ray-data.log`` file in the session directory keeps everything),
+  ``ray.init`` gets ``logging_level=ERROR`` (the "ray" logger) and ``log_to_driver=False``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import TextIO
+
+VERBOSE_ENV = "CURATE_VERBOSE"
+INTERVAL_ENV = "CURATE_PROGRESS_SECONDS"
+DEFAULT_INTERVAL = 5.0
+
+log = logging.getLogger("curate.progress")
+
+
+def verbose() -> bool:
+    """True when the user asked for Ray's own logs (``curate -v`` sets ``CURATE_VERBOSE=1``)."""
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def ray_init_options() -> dict:
+    """Keyword arguments for ``ray.init`` of an embedded or connected Ray: quiet unless verbose."""
+    if verbose():
+        return {"log_to_driver": True}
+    return {"log_to_driver": False, "logging_level": logging.ERROR}
+
+
+def quiet_ray_data(use_bars: bool | None = None) -> None:
+    """Configure Ray Data's driver output for this process (call before building a dataset).
+
+    Not verbose: Ray Data's console handlers only pass errors (the session's ``ray-data.log`` still
+    gets everything) and the high-memory warning is off. Progress bars only on a terminal.
+    """
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    if use_bars is None:
+        use_bars = sys.stderr.isatty()
+    if not use_bars:
+        ctx.enable_progress_bars = False
+        ctx.enable_operator_progress_bars = False
+    if verbose():
+        return
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, logging.FileHandler) and type(handler).__name__ != "SessionFileHandler":
+            handler.setLevel(logging.ERROR)
+    ctx.issue_detectors_config.high_memory_detector_config.detection_time_interval_s = -1
+
+
+# ------------------------------------------------------------------------------------- counting
+
+
+class ProgressCounter:
+    """Rows each stage has finished (a Ray actor: ``ray.remote(num_cpus=0)(ProgressCounter)``)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, int] = {}
+
+    def add(self, stage: str, rows: int) -> None:
+        self.rows[stage] = self.rows.get(stage, 0) + rows
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self.rows)
+
+
+def format_duration(seconds: float) -> str:
+    """``7s``, ``2m07s``, ``1h04m``."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def progress_line(stages: list[str], done: dict[str, int], total: int | None, elapsed: float) -> str | None:
+    """One line for the stage furthest behind its input (most rows waiting); None before any rows.
+
+    rows/s is that stage's rows over the time since execution started; the ETA is its rows left at
+    that rate. ``total`` None (unknown): rows without total or ETA.
+    """
+    if not any(done.get(s) for s in stages):
+        return None
+    upstream = total if total is not None else None
+    pick, backlog_max = stages[-1], -1
+    for stage in stages:
+        mine = done.get(stage, 0)
+        feed = upstream if upstream is not None else mine
+        backlog = feed - mine
+        if backlog > backlog_max:
+            pick, backlog_max = stage, backlog
+        upstream = mine
+    rows = done.get(pick, 0)
+    rate = rows / elapsed if elapsed > 0 else 0.0
+    index = stages.index(pick) + 1
+    if total is None:
+        return f"progress: {pick} (stage {index}/{len(stages)}) {rows} rows, {rate:.1f} rows/s"
+    total = max(total, rows)
+    eta = format_duration((total - rows) / rate) if rate > 0 else "?"
+    if rows >= total and all(done.get(s, 0) >= total for s in stages):
+        return f"progress: all {len(stages)} stages done, {total}/{total} rows in {format_duration(elapsed)}"
+    return (f"progress: {pick} (stage {index}/{len(stages)}) {rows}/{total} rows, "
+            f"{rate:.1f} rows/s, ETA {eta}")
+
+
+class ProgressReporter:
+    """A driver thread printing ``progress_line`` every ``interval`` seconds (and once at the end)."""
+
+    def __init__(self, stages: list[str], total: int | None, poll: Callable[[], dict[str, int]],
+                 interval: float | None = None, stream: TextIO | None = None) -> None:
+        self.stages, self.total, self.poll = stages, total, poll
+        self.interval = float(os.environ.get(INTERVAL_ENV, DEFAULT_INTERVAL)) if interval is None else interval
+        self.stream = stream or sys.stderr
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="curate-progress", daemon=True)
+        self._last: str | None = None
+        self._started = 0.0
+
+    def __enter__(self) -> ProgressReporter:
+        self._started = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        if exc[0] is None:
+            self.report()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.report()
+
+    def report(self) -> None:
+        try:
+            done = self.poll()
+        except Exception as err:  # noqa: BLE001 - progress must never break a run
+            log.debug("progress poll failed: %s", err)
+            return
+        line = progress_line(self.stages, done, self.total, time.perf_counter() - self._started)
+        if line is not None and line != self._last:
+            print(line, file=self.stream, flush=True)
+            self._last = line

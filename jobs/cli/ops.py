@@ -1,4 +1,4 @@
-"""Subcommands to operate curate: query, tables, report, nightly, schedule, submit, jobs."""
+"""Subcommands to operate curate: query, tables, report, nightly, maintain, schedule, submit, jobs."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ DEFAULT_OUTPUT = os.environ.get("CURATE_OUTPUT", "./output")
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add every operating subcommand to the ``curate`` parser."""
-    for add in (_query, _tables, _report, _nightly, _schedule, _submit, _jobs):
+    for add in (_query, _tables, _report, _nightly, _maintain, _schedule, _submit, _jobs):
         add(sub)
 
 
@@ -68,6 +68,29 @@ def _nightly(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", help="override output.url")
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else embedded Ray)")
     p.set_defaults(func=_lazy("jobs.ops.nightly", "nightly_command"))
+
+
+def _maintain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("maintain", help="expire old snapshots and remove orphan files of the tables")
+    p.add_argument("--output", help="output URL of the tables (default: the pipeline's output.url, "
+                                    "else $CURATE_OUTPUT or ./output)")
+    p.add_argument("--pipeline", help="pipeline YAML whose output (url and catalog) to maintain")
+    p.add_argument("--retain-days", dest="retain_days", type=_days, default=14, metavar="N",
+                   help="keep snapshots (and --as-of) of runs committed in the last N days (default 14); "
+                        "each date's latest run is always kept")
+    p.add_argument("--dry-run", dest="dry_run", action="store_true",
+                   help="print what would be removed, remove nothing")
+    p.set_defaults(func=_lazy("jobs.ops.maintain", "maintain_command"), default_output=DEFAULT_OUTPUT)
+
+
+def _days(value: str) -> float:
+    try:
+        days = float(value)
+    except ValueError:
+        days = -1.0
+    if not days >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of days >= 0, got {value!r}")
+    return days
 
 
 def _schedule(sub: argparse._SubParsersAction) -> None:

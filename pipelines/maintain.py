@@ -288,7 +288,8 @@ def _remove(output: Output, data_root: str, paths: list[str]) -> None:
         with contextlib.suppress(FileNotFoundError):
             fs.rm_file(full)
         dirs.add(full.rsplit("/", 1)[0])
-    for directory in sorted(dirs, reverse=True):
+    dirs |= {d.rsplit("/", 1)[0] for d in dirs}  # <table>/run_date=D/<run_id>, then <table>/run_date=D
+    for directory in sorted(dirs, key=len, reverse=True):
         with contextlib.suppress(OSError):
             if fs.isdir(directory) and not fs.ls(directory):
                 fs.rmdir(directory)

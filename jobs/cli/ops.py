@@ -94,7 +94,8 @@ def _days(value: str) -> float:
 
 
 def _schedule(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("schedule", help="install/show/remove a nightly `curate submit` in cron")
+    p = sub.add_parser("schedule", help="install/show/remove a nightly `curate submit` (or, with "
+                                        "--maintain, `curate maintain`) in cron")
     p.add_argument("action", choices=["install", "show", "remove"])
     p.add_argument("--pipeline", help="pipeline YAML (remove: its name is enough)")
     p.add_argument("--at", default="02:00", help="HH:MM, cron's time zone (default 02:00)")
@@ -102,6 +103,11 @@ def _schedule(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--print", choices=["systemd", "k8s"],
                    help="print a systemd timer or a Kubernetes CronJob instead of using cron")
     p.add_argument("--image", default="curate:latest", help="container image for --print k8s")
+    p.add_argument("--maintain", action="store_true",
+                   help="schedule `curate maintain` of the pipeline's output instead (expire old "
+                        "snapshots, remove orphan files; no --address needed)")
+    p.add_argument("--retain-days", dest="retain_days", type=_days, default=14, metavar="N",
+                   help="with --maintain: the retention in days (default 14)")
     p.set_defaults(func=_lazy("jobs.ops.schedule", "schedule_command"))
 
 

@@ -132,3 +132,24 @@ def release_lock(path: Path, owner: dict) -> None:
     holder = read_lock(path)
     if holder is not None and holder.get("token") == owner["token"]:
         path.unlink(missing_ok=True)
+
+
+def held_locks(output_url: str) -> dict[str, dict]:
+    """Run date -> holder of every lock of this output that a live run holds (``pipelines.maintain``).
+
+    Stale locks (a dead pid on this host) are left out; unreadable ones and those from other hosts
+    count as held, since nothing here can tell that their run is gone.
+    """
+    probe = lock_path(output_url, "DATE")
+    prefix, suffix = probe.name.split("DATE")
+    if not probe.parent.is_dir():
+        return {}
+    held = {}
+    for path in sorted(probe.parent.glob(f"{prefix}*{suffix}")):
+        run_date = path.name[len(prefix):len(path.name) - len(suffix)]
+        if path.name.startswith(".") or not run_date:
+            continue
+        holder = read_lock(path)
+        if holder is not None and (holder.get("unreadable") or not is_stale(holder)):
+            held[run_date] = holder
+    return held

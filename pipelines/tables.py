@@ -364,6 +364,9 @@ def committed_views(catalog: Catalog, date: str | None = None, as_of: str | None
         files: dict[str, list[str]] = {}
         rows: dict[str, int] = {}
         for snapshot, dates in snapshots.items():
+            if table.snapshot_by_id(snapshot) is None:
+                raise CatalogError(f"{name}: snapshot {snapshot} of {', '.join(sorted(dates))} was expired "
+                                   "(curate maintain keeps only the runs within its retention)")
             for task in table.scan(row_filter=In("run_date", dates), snapshot_id=snapshot).plan_files():
                 if task.delete_files:
                     raise CatalogError(f"{name}: snapshot {snapshot} has delete files; curate writes none")

@@ -1,4 +1,4 @@
-"""Subcommands to operate curate: query, tables, report, nightly, schedule, submit, jobs, quarantine."""
+"""Subcommands to operate curate: query, tables, report, nightly, maintain, schedule, submit, jobs, quarantine."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ DEFAULT_OUTPUT = os.environ.get("CURATE_OUTPUT", "./output")
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add every operating subcommand to the ``curate`` parser."""
-    for add in (_query, _tables, _report, _nightly, _schedule, _submit, _jobs, _quarantine):
+    for add in (_query, _tables, _report, _nightly, _maintain, _schedule, _submit, _jobs, _quarantine):
         add(sub)
 
 
@@ -87,9 +87,34 @@ def _nightly(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_lazy("jobs.ops.nightly", "nightly_command"))
 
 
+def _maintain(sub: argparse._SubParsersAction) -> None:
+    p = verb(sub, "maintain", "expire old snapshots and remove orphan files of the tables",
+             "curate maintain --output ./output --retain-days 14 --dry-run")
+    p.add_argument("--output", help="output URL of the tables (default: the pipeline's output.url, "
+                                    "else $CURATE_OUTPUT or ./output)")
+    p.add_argument("--pipeline", help="pipeline YAML whose output (url and catalog) to maintain")
+    p.add_argument("--retain-days", dest="retain_days", type=_days, default=14, metavar="N",
+                   help="keep snapshots (and --as-of) of runs committed in the last N days (default 14); "
+                        "each date's latest run is always kept")
+    p.add_argument("--dry-run", dest="dry_run", action="store_true",
+                   help="print what would be removed, remove nothing")
+    p.set_defaults(func=_lazy("jobs.ops.maintain", "maintain_command"), default_output=DEFAULT_OUTPUT)
+
+
+def _days(value: str) -> float:
+    try:
+        days = float(value)
+    except ValueError:
+        days = -1.0
+    if not days >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of days >= 0, got {value!r}")
+    return days
+
+
 def _schedule(sub: argparse._SubParsersAction) -> None:
-    p = verb(sub, "schedule", "install, show or remove a nightly curate submit in cron",
-             "curate schedule install --pipeline pipelines/nightly.yaml --at 02:00")
+    p = verb(sub, "schedule", "install, show or remove a nightly submit or maintain in cron",
+             "curate schedule install --pipeline pipelines/nightly.yaml --at 02:00",
+             "curate schedule install --maintain --pipeline pipelines/nightly.yaml --at 04:00")
     p.add_argument("action", choices=["install", "show", "remove"])
     p.add_argument("--pipeline", help="pipeline YAML (remove: its name is enough)")
     p.add_argument("--at", default="02:00", help="HH:MM, cron's time zone (default 02:00)")
@@ -97,6 +122,11 @@ def _schedule(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--print", choices=["systemd", "k8s"],
                    help="print a systemd timer or a Kubernetes CronJob instead of using cron")
     p.add_argument("--image", default="curate:latest", help="container image for --print k8s")
+    p.add_argument("--maintain", action="store_true",
+                   help="schedule `curate maintain` of the pipeline's output instead (expire old "
+                        "snapshots, remove orphan files; no --address needed)")
+    p.add_argument("--retain-days", dest="retain_days", type=_days, default=14, metavar="N",
+                   help="with --maintain: the retention in days (default 14)")
     p.set_defaults(func=_lazy("jobs.ops.schedule", "schedule_command"))
 
 

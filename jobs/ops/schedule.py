@@ -10,6 +10,10 @@ comment, so cron runs the line unchanged), e.g.::
 again replaces the pipeline's line (never a duplicate). The crontab is read with ``crontab -l`` and
 written with ``crontab -``; ``CURATE_CRONTAB_FILE`` points both at a plain file instead.
 ``--print systemd|k8s`` prints the equivalent systemd service+timer or Kubernetes CronJob instead.
+
+``--maintain`` does the same for the upkeep of the pipeline's output (``curate maintain --pipeline P
+--retain-days N``: expire old snapshots, remove orphan files), tagged ``# curate:<pipeline>.maintain``,
+so it is installed, shown and removed beside the nightly submit, never in its place.
 """
 
 from __future__ import annotations
@@ -57,6 +61,24 @@ def curate_command() -> str:
 def submit_args(pipeline: str, address: str) -> str:
     """The ``submit`` arguments, without the date (each scheduler writes today's date its way)."""
     return f"submit {shlex.quote(pipeline)} --address {shlex.quote(address)}"
+
+
+def maintain_args(pipeline: str, retain_days: float) -> str:
+    """The ``maintain`` arguments: the upkeep of ``pipeline``'s output (its url and catalog)."""
+    return f"maintain --pipeline {shlex.quote(pipeline)} --retain-days {retain_days:g}"
+
+
+def maintain_name(name: str) -> str:
+    """The schedule entry name of a pipeline's upkeep."""
+    return f"{name}.maintain"
+
+
+def maintain_cron_line(name: str, pipeline: str, at: str, retain_days: float, project_dir: str,
+                       curate: str) -> str:
+    """The crontab line: every day at ``at``, ``curate maintain`` the pipeline's output."""
+    hour, minute = parse_at(at)
+    command = f"cd {shlex.quote(project_dir)} && {curate} {maintain_args(pipeline, retain_days)}"
+    return f"{minute} {hour} * * * {command} {marker(maintain_name(name))}"
 
 
 def cron_line(name: str, pipeline: str, at: str, address: str, project_dir: str,
@@ -142,15 +164,21 @@ def remove(name: str) -> bool:
 
 
 def systemd_units(name: str, pipeline: str, at: str, address: str, project_dir: str,
-                  curate: str) -> str:
-    """A oneshot service and a daily UTC timer (``Persistent=true`` runs a missed night at boot)."""
+                  curate: str, maintain: float | None = None) -> str:
+    """A oneshot service and a daily UTC timer (``Persistent=true`` runs a missed night at boot);
+    ``maintain``: the upkeep of the output with that retention (days) instead of the submit."""
     hour, minute = parse_at(at)
     # systemd expands % specifiers and $VARS itself: write them %% and $$.
-    shell = f"{curate} {submit_args(pipeline, address)} --date $$(date -u +%%F)"
+    if maintain is None:
+        shell = f"{curate} {submit_args(pipeline, address)} --date $$(date -u +%%F)"
+        what = f"submit the nightly run of {name}"
+    else:
+        shell = f"{curate} {maintain_args(pipeline, maintain)}".replace("%", "%%").replace("$", "$$")
+        what, name = f"upkeep (maintain) of the output of {name}", maintain_name(name)
     return f"""\
 # /etc/systemd/system/curate-{name}.service
 [Unit]
-Description=curate: submit the nightly run of {name}
+Description=curate: {what}
 Wants=network-online.target
 After=network-online.target
 
@@ -175,10 +203,15 @@ WantedBy=timers.target
 """
 
 
-def k8s_cronjob(name: str, pipeline: str, at: str, address: str, image: str) -> str:
-    """A Kubernetes CronJob that never overlaps itself (``concurrencyPolicy: Forbid``)."""
+def k8s_cronjob(name: str, pipeline: str, at: str, address: str, image: str,
+                maintain: float | None = None) -> str:
+    """A Kubernetes CronJob that never overlaps itself (``concurrencyPolicy: Forbid``);
+    ``maintain``: the upkeep of the output with that retention (days) instead of the submit."""
     hour, minute = parse_at(at)
-    command = f"curate {submit_args(pipeline, address)} --date $(date -u +%F)"
+    if maintain is None:
+        command = f"curate {submit_args(pipeline, address)} --date $(date -u +%F)"
+    else:
+        command, name = f"curate {maintain_args(pipeline, maintain)}", maintain_name(name)
     job = {
         "apiVersion": "batch/v1", "kind": "CronJob",
         "metadata": {"name": f"curate-{name}".lower().replace("_", "-").replace(".", "-")},
@@ -188,7 +221,7 @@ def k8s_cronjob(name: str, pipeline: str, at: str, address: str, image: str) -> 
             "successfulJobsHistoryLimit": 3, "failedJobsHistoryLimit": 3,
             "jobTemplate": {"spec": {"backoffLimit": 2, "template": {"spec": {
                 "restartPolicy": "Never",
-                "containers": [{"name": "submit", "image": image,
+                "containers": [{"name": "submit" if maintain is None else "maintain", "image": image,
                                 "command": ["/bin/sh", "-c", command]}],
             }}}},
         },
@@ -204,6 +237,8 @@ def schedule_command(args: argparse.Namespace) -> int:
     if args.action == "show" and not args.print:
         return _show(args)
     name, pipeline = _pipeline(args)
+    if getattr(args, "maintain", False):
+        return _maintain(args, name, pipeline)
     if args.action == "remove":
         print(f"removed the schedule of {name}" if remove(name) else f"no schedule for {name}")
         return 0
@@ -220,9 +255,32 @@ def schedule_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _maintain(args: argparse.Namespace, name: str, pipeline: str) -> int:
+    """``--maintain``: the daily ``curate maintain`` of the pipeline's output (no Ray address)."""
+    days = args.retain_days
+    if args.action == "remove":
+        entry = maintain_name(name)
+        print(f"removed the schedule of {entry}" if remove(entry) else f"no schedule for {entry}")
+    elif args.print == "systemd":
+        print(systemd_units(name, pipeline, args.at, "", str(PROJECT_ROOT), curate_command(), maintain=days))
+    elif args.print == "k8s":
+        print(k8s_cronjob(name, pipeline, args.at, "", args.image, maintain=days), end="")
+    else:
+        line = maintain_cron_line(name, pipeline, args.at, days, str(PROJECT_ROOT), curate_command())
+        print(("installed:\n  " if install(line, maintain_name(name)) else "already installed:\n  ") + line)
+    return 0
+
+
 def _show(args: argparse.Namespace) -> int:
     name = _pipeline(args)[0] if args.pipeline else None
-    found = entries(read_crontab(), name)
+    text = read_crontab()
+    if name is None:
+        found = [line for line in entries(text)
+                 if not getattr(args, "maintain", False) or _tag(line).endswith(".maintain")]
+    elif getattr(args, "maintain", False):
+        found = entries(text, maintain_name(name))
+    else:  # the pipeline's nightly submit and its upkeep
+        found = entries(text, name) + entries(text, maintain_name(name))
     print("\n".join(found) if found else "no curate schedule installed")
     return 0
 

@@ -115,3 +115,59 @@ def test_print_k8s_cronjob(pipeline, crontab, capsys):
 
 def test_curate_command_uses_this_environment():
     assert schedule.curate_command().startswith(shlex.quote(str(Path(sys.executable).parent)))
+
+
+def test_maintain_cron_line_is_exact():
+    line = schedule.maintain_cron_line("nightly", "pipelines/nightly.yaml", "04:10", 7, "/srv/curate",
+                                       "/srv/curate/.venv/bin/curate")
+    assert line == ("10 4 * * * cd /srv/curate && /srv/curate/.venv/bin/curate maintain --pipeline "
+                    "pipelines/nightly.yaml --retain-days 7 # curate:nightly.maintain")
+
+
+def test_install_maintain_beside_the_nightly_submit(pipeline, crontab, capsys, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    nightly = ["schedule", "install", "--pipeline", str(pipeline), "--at", "01:15", "--address", ADDRESS]
+    upkeep = ["schedule", "install", "--maintain", "--pipeline", str(pipeline), "--at", "05:00",
+              "--retain-days", "30"]
+    assert main(nightly) == 0
+    assert main(upkeep) == 0  # no --address needed
+    assert main(upkeep) == 0
+    assert "already installed" in capsys.readouterr().out
+    lines = crontab.read_text().splitlines()
+    expected = schedule.maintain_cron_line("crawl", str(pipeline.resolve()), "05:00", 30,
+                                           str(schedule.PROJECT_ROOT), schedule.curate_command())
+    assert lines[0] == OTHER_LINE and lines[1].endswith("# curate:crawl") and lines[2] == expected
+    assert len(lines) == 3 and "maintain --pipeline" in expected and "--retain-days 30" in expected
+
+    assert main(["schedule", "show", "--pipeline", str(pipeline)]) == 0
+    assert capsys.readouterr().out.splitlines() == lines[1:]
+    assert main(["schedule", "show", "--maintain"]) == 0
+    assert capsys.readouterr().out.splitlines() == [expected]
+
+    assert main(["schedule", "remove", "--maintain", "--pipeline", "crawl"]) == 0  # the upkeep only
+    assert crontab.read_text().splitlines() == lines[:2]
+
+
+def test_scheduled_maintain_command_runs(pipeline, crontab, tmp_path, capsys):
+    """The installed line's command is a valid `curate maintain` (its output: the pipeline's)."""
+    assert main(["schedule", "install", "--maintain", "--pipeline", str(pipeline)]) == 0
+    line = crontab.read_text().splitlines()[-1]
+    args = shlex.split(line.split(" && ", 1)[1].split(" # curate:")[0])
+    assert args[args.index("maintain"):] == ["maintain", "--pipeline", str(pipeline.resolve()),
+                                             "--retain-days", "14"]
+    capsys.readouterr()
+    assert main(args[args.index("maintain"):]) == 2  # nothing committed under the pipeline's output yet
+    assert f"{tmp_path}/out" in capsys.readouterr().err
+
+
+def test_print_maintain_systemd_and_k8s(pipeline, crontab, capsys):
+    assert main(["schedule", "install", "--maintain", "--pipeline", str(pipeline), "--print", "systemd"]) == 0
+    out = capsys.readouterr().out
+    assert "curate-crawl.maintain.timer" in out and "maintain --pipeline" in out and "submit" not in out
+    assert main(["schedule", "install", "--maintain", "--pipeline", str(pipeline), "--print", "k8s",
+                 "--retain-days", "3"]) == 0
+    job = yaml.safe_load(capsys.readouterr().out)
+    command = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"][2]
+    assert command.startswith("curate maintain --pipeline ") and command.endswith("--retain-days 3")
+    assert job["metadata"]["name"] == "curate-crawl-maintain"
+    assert crontab.read_text() == OTHER_LINE + "\n"

@@ -61,7 +61,8 @@ def quiet_ray_data(use_bars: bool | None = None) -> None:
     if verbose():
         return
     for handler in logging.getLogger("ray.data").handlers:
-        if not isinstance(handler, logging.FileHandler) and type(handler).__name__ != "SessionFileHandler":
+        ours = type(handler).__module__.startswith("ray.")  # never another library's (pytest's, the app's)
+        if ours and not isinstance(handler, logging.FileHandler) and type(handler).__name__ != "SessionFileHandler":
             handler.setLevel(logging.ERROR)
     ctx.issue_detectors_config.high_memory_detector_config.detection_time_interval_s = -1
 

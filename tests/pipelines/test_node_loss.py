@@ -61,6 +61,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cmdline(proc: psutil.Process) -> str:
+    """A process's command line, or "" for one that has exited meanwhile (e.g. a zombie helper)."""
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:
+        return ""
+
+
 class Cluster:
     """Ray nodes started with ``ray start``, each with its own temp dir (which names its processes)."""
 
@@ -109,7 +117,8 @@ class Cluster:
         return found
 
     def raylet(self, temp: str) -> psutil.Process:
-        (raylet,) = [p for p in self.processes(temp) if "raylet/raylet" in " ".join(p.cmdline())]
+        # the command line read by process_iter: a zombie (an exited Ray helper) cannot be asked again
+        (raylet,) = [p for p in self.processes(temp) if "raylet/raylet" in " ".join(p.info["cmdline"] or [])]
         return raylet
 
     def stop(self) -> None:
@@ -187,11 +196,7 @@ def test_worker_node_lost_mid_run(tmp_path, cluster):
     ):
         time.sleep(0.05)
     assert proc.poll() is None, f"the run ended before the node could be lost:\n{log.read_text()[-3000:]}"
-    stage_actors = [
-        p
-        for p in cluster.raylet(cluster.worker).children(recursive=True)
-        if "StageRunner" in " ".join(p.cmdline())
-    ]
+    stage_actors = [p for p in cluster.raylet(cluster.worker).children(recursive=True) if "StageRunner" in cmdline(p)]
     assert stage_actors, "the stage actor is not on the worker node"
     cluster.raylet(cluster.worker).kill()  # the worker node dies with its actors and objects
     cluster.worker = cluster.start_node(head=False, num_cpus=1, memory=2048 * MiB)  # its replacement

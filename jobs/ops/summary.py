@@ -15,11 +15,11 @@ def format_summary(result: RunResult) -> str:
         lines.append(f"{s.name:<24}{s.rows_in:>9}{s.rows_out:>9}{s.quarantined:>13}{s.seconds:>10.2f}")
     lines.append(f"rows in {result.rows_in} = out {result.rows_out} + quarantined "
                  f"{result.rows_quarantined}")
-    lines.append(f"tables under {result.output_url}:")
+    lines.append(f"Iceberg tables in the catalog under {result.output_url} (run_date = {result.run_date}):")
     for table, rows in sorted(result.tables.items()):
         if table == REPORTS_TABLE:  # files (chart, report page), not rows: printed as `report:`
             continue
-        lines.append(f"  {table:<16}{rows:>9} rows   {result.output_url}/{table}/run_date={result.run_date}/")
+        lines.append(f"  {table:<16}{rows:>9} rows")
     lines.append('try: curate query "SELECT tokenizer, lang, premium FROM token_premium '
                  'ORDER BY tokenizer, premium DESC LIMIT 10"')
     return "\n".join(lines)

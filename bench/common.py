@@ -138,3 +138,17 @@ def write_shards(table: pa.Table, root: Path, shards: int = 4) -> Path:
     for k in range(shards):
         pq.write_table(table.slice(k * size, size), root / f"part-{k}.parquet")
     return root
+
+
+def summarise_seeds(runs: list[dict], scores: list[str] | tuple[str, ...]) -> dict:
+    """Mean and sd (ddof 1) over seeds of each score's AUROC and TPR@5%FPR (``runs[i]["scores"]``)."""
+    import numpy as np
+
+    out = {}
+    for name in scores:
+        a = np.array([r["scores"][name]["auroc"] for r in runs])
+        t = np.array([r["scores"][name]["tpr_at_fpr"] for r in runs])
+        out[name] = {"direction": runs[0]["scores"][name]["direction"],
+                     "auroc_mean": float(a.mean()), "auroc_sd": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
+                     "tpr_mean": float(t.mean()), "tpr_sd": float(t.std(ddof=1)) if len(t) > 1 else 0.0}
+    return out

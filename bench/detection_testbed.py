@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from bench.common import save
+from bench.common import save, summarise_seeds
 
 SCORER_BLOCKS, OBSERVER_BLOCKS = 20, 15
 SCORES = ("pawn_score", "binoculars", "ppl", "mean_entropy", "mean_log_rank")
@@ -119,14 +119,8 @@ def run_seed(scored: pa.Table, seed: int, epochs: int) -> dict:
 
 
 def summarise(runs: list[dict]) -> dict:
-    out = {}
-    for name in SCORES:
-        a = np.array([r["scores"][name]["auroc"] for r in runs])
-        t = np.array([r["scores"][name]["tpr_at_fpr"] for r in runs])
-        out[name] = {"direction": runs[0]["scores"][name]["direction"],
-                     "auroc_mean": float(a.mean()), "auroc_sd": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
-                     "tpr_mean": float(t.mean()), "tpr_sd": float(t.std(ddof=1)) if len(t) > 1 else 0.0}
-    return out
+    """Mean and sd (ddof 1) over seeds of each score's AUROC and TPR@5%FPR."""
+    return summarise_seeds(runs, SCORES)
 
 
 def main() -> None:

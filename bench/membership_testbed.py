@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from bench.common import save
+from bench.common import save, summarise_seeds
 
 MODEL = "tiny"
 SCORES = ("ppl", "zlib", "lowercase", "mink", "minkpp", "dcpdd")
@@ -152,14 +152,7 @@ def run_seed(seed: int, pool: list[str], tokenizer, freq: Path, n: int, max_toke
 
 def summarise(runs: list[dict]) -> dict:
     """Mean and sd (ddof 1) over seeds of each score's AUROC and TPR@5%FPR."""
-    out = {}
-    for name in SCORES:
-        a = np.array([r["scores"][name]["auroc"] for r in runs])
-        t = np.array([r["scores"][name]["tpr_at_fpr"] for r in runs])
-        out[name] = {"direction": runs[0]["scores"][name]["direction"],
-                     "auroc_mean": float(a.mean()), "auroc_sd": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
-                     "tpr_mean": float(t.mean()), "tpr_sd": float(t.std(ddof=1)) if len(t) > 1 else 0.0}
-    return out
+    return summarise_seeds(runs, SCORES)
 
 
 def main() -> None:

@@ -1,27 +1,29 @@
-"""LM engine throughput: our torch engine (all six metrics) vs a plain HF loop, and vs vLLM.
+"""LM engine throughput on the same documents: vLLM (exact), vLLM prompt logprobs, torch, plain HF.
 
     python -m bench.lm_engine            # CPU, demo model, 100 demo docs -> bench/results/lm_engine_cpu.json
     python -m bench.lm_engine --gpu      # GPU, random Llama-3.2-1B shapes, bf16 -> lm_engine_gpu.json
     python -m bench.lm_engine --gpu --smoke --docs 8 --max-tokens 64   # the GPU path on CPU, tiny
 
-Both torch paths get the same documents, token ids and length-sorted token-budget batches:
+CPU rows, each in its own child process (vLLM binds a process's OpenMP threads), all on the same
+token ids, best of ``--repeats`` passes after a warm-up pass:
 
-* engine: ``TorchEngine.score`` — decoder, chunked lm_head, logprob, entropy, max_logprob, rank,
-  top_p and logp2 on device, per-document arrays back on the host (plus a layer tap on GPU);
-* plain:  ``model(input_ids, attention_mask).logits`` -> ``log_softmax`` -> ``gather`` (logprob only),
-  on a stock copy of the model; on CPU also on the engine's own model (``plain_hf_same_linears``:
-  the engine routes fp32 linears through oneDNN, so this isolates the metrics' cost).
+* ``vllm_full``: the ``lm`` stage's engine with ``backend: vllm`` (exact mode): all six metrics,
+  the demo PAWN head and the demo SAE head (layer 15), every feature the pipeline uses;
+* ``vllm_prompt_logprobs``: ``vllm.mode: prompt_logprobs``, top-20 (the cheaper estimates);
+* ``torch_full``: the same stage config with ``backend: torch``;
+* ``plain_hf``: ``model(input_ids, attention_mask).logits`` -> ``log_softmax`` -> ``gather``
+  (logprob only) on a stock HF model, length-sorted token-budget batches.
 
-Throughput is real (unpadded) tokens per second after a warm-up. Each of ``--repeats`` rounds runs
-every batch through every path back to back, and a path's time is the sum over batches of its
-best round: on a shared machine other people's jobs only ever add time, so the minimum is the
-least disturbed measurement (round totals and process CPU seconds are recorded too). vLLM
-(``--vllm``, CPU only) runs in a child process, since it binds the process's OpenMP threads:
-``VLLMEngine.score`` on the same ids with ``prompt_logprobs=20``.
+The targets are ratios in one run: ``vllm_full_vs_vllm_prompt_logprobs`` ≥ 0.9 and
+``vllm_full_vs_torch`` ≥ 1.5. ``vllm_full`` also records the child's peak resident memory after
+one pass and after a pass over three times the documents (``max_batch_tokens`` 8192): equal peaks
+mean memory does not grow with the corpus.
 
-GPU MFU = (2·P·tokens + Σ_docs 2·L·T_d²·d) / seconds / 989e12: P = parameters in matmuls (the tied
-embedding counts once, as the lm_head), the second term the causal attention score and value
-products (QKᵀ and AV, 2·T²·d each per layer, halved by the causal mask); 989e12 = H100 dense bf16.
+GPU (torch engine only: vLLM does not fit on the benchmark box): the engine with a layer tap vs the
+plain loop and a one-document-at-a-time loop. MFU = (2·P·tokens + Σ_docs 2·L·T_d²·d) / seconds /
+989e12: P = parameters in matmuls (the tied embedding counts once, as the lm_head), the second term
+the causal attention score and value products (QKᵀ and AV, 2·T²·d each per layer, halved by the
+causal mask); 989e12 = H100/H200 dense bf16.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -154,52 +157,90 @@ def naive_one_doc(engine: TorchEngine, docs: list[Encoded], engine_tokens_per_s:
             "engine_vs_naive_one_doc": round(engine_tokens_per_s / rate, 3)}
 
 
-def vllm_child(model_dir: str, ids_file: str, repeats: int) -> dict:
-    """(child process) vLLM prompt-logprobs throughput on the parent's token ids."""
-    from operators.lm.vllm_engine import VLLMEngine, VLLMOptions
+#: CPU rows: how each child builds its scorer (see the module docstring).
+CPU_ROWS = ("vllm_full", "vllm_prompt_logprobs", "torch_full", "plain_hf")
 
-    start = time.perf_counter()
-    engine = VLLMEngine(ModelSpec(name="m", path=model_dir, backend="vllm"), max_tokens=1024,
-                        options=VLLMOptions(top_k=20))
-    load = time.perf_counter() - start
+
+def stage_config(row: str, model_dir: str, max_batch_tokens: int) -> Any:
+    """The ``lm`` stage config of a CPU row (heads from the demo assets, built once and cached)."""
+    from jobs.demo.pawn import prepare_demo_pawn
+    from jobs.demo.sae import DEMO_LAYER, prepare_demo_sae
+    from operators.lm.stage import LMStageConfig
+
+    backend = "torch" if row == "torch_full" else "vllm"
+    cfg: dict[str, Any] = {"model": {"name": "m", "path": model_dir, "backend": backend},
+                           "max_tokens": 1024, "max_batch_tokens": max_batch_tokens}
+    if row == "vllm_prompt_logprobs":
+        cfg["vllm"] = {"mode": "prompt_logprobs", "top_k": 20}
+    else:
+        quiet = lambda _m: None  # noqa: E731
+        cfg["heads"] = [{"kind": "pawn", "params": {"path": str(prepare_demo_pawn(log=quiet))}},
+                        {"kind": "sae", "params": {"sae": str(prepare_demo_sae(log=quiet)), "layer": DEMO_LAYER}}]
+    return LMStageConfig(**cfg)
+
+
+def peak_rss_mib() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def row_child(row: str, model_dir: str, ids_file: str, repeats: int, max_batch_tokens: int) -> dict:
+    """(child process) tokens/s of one CPU row on the parent's token ids."""
     docs = [Encoded(ids, False) for ids in json.loads(Path(ids_file).read_text())]
     tokens = sum(len(d.ids) for d in docs)
-    engine.score(docs)
-    seconds = [round(timed(lambda: engine.score(docs), "cpu"), 3) for _ in range(repeats)]
-    return {"vllm_tokens_per_s": round(tokens / min(seconds), 1), "vllm_round_seconds": seconds,
-            "vllm_load_seconds": round(load, 1), "vllm_tokens": tokens}
+    start = time.perf_counter()
+    if row == "plain_hf":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa").eval()
+        batches = plan_batches([len(d.ids) for d in docs], max_batch_tokens)
+        run = lambda: plain_loop(model, docs, batches, "cpu")  # noqa: E731
+    else:
+        op = stage_config(row, model_dir, max_batch_tokens).build()
+        run = lambda: op.engine.score(docs, op.heads, set())  # noqa: E731
+    load = time.perf_counter() - start
+    run()  # warm-up
+    seconds = [round(timed(run, "cpu"), 3) for _ in range(repeats)]
+    out = {"tokens_per_s": round(tokens / min(seconds), 1), "round_seconds": seconds,
+           "load_seconds": round(load, 1), "tokens": tokens, "peak_rss_mib": peak_rss_mib()}
+    if row == "vllm_full":  # a pass over 3x the documents: the peak must not move
+        op.engine.score(docs * 3, op.heads, set())
+        out["peak_rss_mib_after_3x_docs"] = peak_rss_mib()
+    return out
 
 
-def run_vllm(model_dir: Path, docs: list[Encoded], repeats: int) -> dict:
-    """vLLM in a child process (it binds the process's OpenMP threads), same ids, same threads."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+def run_row(row: str, model_dir: Path, docs: list[Encoded], repeats: int, max_batch_tokens: int) -> dict:
+    """One CPU row in a child process on the same ids."""
     with tempfile.NamedTemporaryFile("w", suffix=".json") as ids_file:
         json.dump([d.ids for d in docs], ids_file)
         ids_file.flush()
-        cmd = [sys.executable, "-m", "bench.lm_engine", "--vllm-child", str(model_dir), "--ids", ids_file.name,
-               "--repeats", str(repeats)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).parent.parent)
+        cmd = [sys.executable, "-m", "bench.lm_engine", "--row-child", row, "--model-dir", str(model_dir),
+               "--ids", ids_file.name, "--repeats", str(repeats), "--max-batch-tokens", str(max_batch_tokens)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     if proc.returncode != 0:
-        raise RuntimeError(f"vLLM child failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{row} child failed:\n{proc.stderr[-3000:]}")
+    print(f"{row}: {proc.stdout.strip().splitlines()[-1]}", file=sys.stderr)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def cpu_bench(args: argparse.Namespace) -> None:
-    from transformers import AutoModelForCausalLM
-
     from jobs.demo.model import prepare_demo_model
+    from operators.lm.models import TextEncoder, load_tokenizer
 
     model_dir = prepare_demo_model(log=lambda _m: None)
-    engine = TorchEngine(ModelSpec(name="m", path=str(model_dir)), max_tokens=1024,
-                         max_batch_tokens=args.max_batch_tokens, device="cpu")
-    stock = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa").eval()
-    docs = engine.encode(demo_texts(args.docs))
-    result = {"model": "SmolLM2-135M-Instruct (fp32)", "torch_threads": torch.get_num_threads(),
-              **compare(engine, docs, args.repeats, stock)}
-    if args.vllm:
-        result.update(run_vllm(model_dir, docs, args.repeats))
-        result["engine_vs_vllm"] = round(result["engine_tokens_per_s"] / result["vllm_tokens_per_s"], 3)
-    result["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    stage_config("vllm_full", str(model_dir), args.max_batch_tokens)  # heads built before timing
+    tokenizer = load_tokenizer(ModelSpec(name="m", path=str(model_dir)))
+    docs = [d for d in TextEncoder(tokenizer, 1024).encode(demo_texts(args.docs)) if d.scored]
+    rows = {row: run_row(row, model_dir, docs, args.repeats, args.max_batch_tokens) for row in CPU_ROWS}
+    rate = {row: r["tokens_per_s"] for row, r in rows.items()}
+    result = {"model": "SmolLM2-135M-Instruct (fp32)", "docs": len(docs), "tokens": sum(len(d.ids) for d in docs),
+              "max_batch_tokens": args.max_batch_tokens, "repeats": args.repeats,
+              **{f"{row}_tokens_per_s": rate[row] for row in CPU_ROWS},
+              "vllm_full_vs_vllm_prompt_logprobs": round(rate["vllm_full"] / rate["vllm_prompt_logprobs"], 3),
+              "vllm_full_vs_torch": round(rate["vllm_full"] / rate["torch_full"], 3),
+              "torch_vs_plain_hf": round(rate["torch_full"] / rate["plain_hf"], 3),
+              "rows": rows, "load_average": [round(x, 2) for x in os.getloadavg()]}
     save("lm_engine_cpu", result)
 
 
@@ -243,18 +284,18 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="GPU variant (random Llama-3.2-1B shapes, bf16)")
     parser.add_argument("--smoke", action="store_true", help="with --gpu: tiny shapes on CPU, nothing saved")
     parser.add_argument("--docs", type=int, default=None, help="documents (CPU 100, GPU 512)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-batch-tokens", type=int, default=None, help="CPU 8192, GPU 16384")
     parser.add_argument("--max-tokens", type=int, default=1024)
-    parser.add_argument("--no-vllm", dest="vllm", action="store_false", help="skip the vLLM comparison")
-    parser.add_argument("--vllm-child", help=argparse.SUPPRESS)
+    parser.add_argument("--row-child", choices=CPU_ROWS, help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--ids", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.vllm_child:
-        print(json.dumps(vllm_child(args.vllm_child, args.ids, args.repeats)))
+    args.max_batch_tokens = args.max_batch_tokens or (16384 if args.gpu else 8192)
+    if args.row_child:
+        print(json.dumps(row_child(args.row_child, args.model_dir, args.ids, args.repeats, args.max_batch_tokens)))
         return
     args.docs = args.docs or (512 if args.gpu else 100)
-    args.max_batch_tokens = args.max_batch_tokens or (16384 if args.gpu else 8192)
     print(f"machine: {machine()}", file=sys.stderr)
     (gpu_bench if args.gpu else cpu_bench)(args)
 

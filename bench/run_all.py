@@ -43,7 +43,7 @@ BENCHES = [
     Bench("tokenizer_stage", ("--docs", "4000", "--repeats", "2"), "tokenizer_stage"),
     Bench("preselect_fasttext", ("--docs", "200000", "--repeats", "3"),
           "preselect_fasttext"),
-    Bench("lm_engine", ("--docs", "40", "--repeats", "1"), "lm_engine_cpu"),
+    Bench("lm_engine", ("--docs", "60", "--repeats", "2"), "lm_engine_cpu"),
     Bench("one_pass", ("--docs", "48", "--repeats", "1"), "one_pass"),
     Bench("membership_testbed", (), "membership_testbed"),
     Bench("detection_testbed", (), "detection_testbed"),
@@ -118,18 +118,21 @@ def preselect_rows(r: dict) -> list[Row]:
 
 
 def lm_engine_rows(r: dict) -> list[Row]:
-    engine = _n(r["engine_tokens_per_s"])
-    rows = [("lm_engine (CPU)", "engine (6 metrics) vs plain HF loop (logprob only), tokens/s",
-             r["engine_vs_plain_hf"],
-             f"{engine} vs {_n(r['plain_hf_tokens_per_s'])} ({_n(r['tokens'])} tokens)")]
-    if "engine_vs_plain_hf_same_linears" in r:
-        rows.append(("lm_engine (CPU)", "engine vs plain HF loop on the engine's own model, tokens/s",
-                     r["engine_vs_plain_hf_same_linears"],
-                     f"{engine} vs {_n(r['plain_hf_same_linears_tokens_per_s'])}"))
-    if "engine_vs_vllm" in r:
-        rows.append(("lm_engine (CPU)", "engine vs vLLM-CPU prompt logprobs, tokens/s", r["engine_vs_vllm"],
-                     f"{engine} vs {_n(r['vllm_tokens_per_s'])}"))
-    return rows
+    full = _n(r["vllm_full_tokens_per_s"])
+    memory = r["rows"]["vllm_full"]
+    return [
+        ("lm_engine (CPU)", "vLLM engine (6 exact metrics + PAWN + SAE heads) vs vLLM prompt logprobs "
+         "(top-20), tokens/s (target ≥ 0.9)", r["vllm_full_vs_vllm_prompt_logprobs"],
+         f"{full} vs {_n(r['vllm_prompt_logprobs_tokens_per_s'])} ({_n(r['tokens'])} tokens)"),
+        ("lm_engine (CPU)", "vLLM engine vs torch engine, same config, tokens/s (target ≥ 1.5)",
+         r["vllm_full_vs_torch"], f"{full} vs {_n(r['torch_full_tokens_per_s'])}"),
+        ("lm_engine (CPU)", "torch engine (6 metrics + heads) vs plain HF loop (logprob only), tokens/s",
+         r["torch_vs_plain_hf"], f"{_n(r['torch_full_tokens_per_s'])} vs {_n(r['plain_hf_tokens_per_s'])}"),
+        ("lm_engine (CPU)", "vLLM engine peak RSS, a pass over 3× the documents vs 1×",
+         round(memory["peak_rss_mib_after_3x_docs"] / memory["peak_rss_mib"], 3),
+         f"{_n(memory['peak_rss_mib_after_3x_docs'])} vs {_n(memory['peak_rss_mib'])} MiB "
+         f"(max_batch_tokens {_n(r['max_batch_tokens'])})"),
+    ]
 
 
 def one_pass_rows(r: dict) -> list[Row]:

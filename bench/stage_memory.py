@@ -70,6 +70,7 @@ def stages() -> dict[str, dict]:
         },
         "lowercase_text": {"op": "lowercase_text", "resources": {"batch_size": 1024}},
         "lm": lm,
+        "lm_vllm": {**lm, "model": {**model, "backend": "vllm"}},
         "scores": {"op": "scores", "model": "smollm2", "zlib": True, "resources": {"batch_size": 256}},
     }
 

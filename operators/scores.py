@@ -30,11 +30,12 @@ Lowercase needs a second LM pass over lower(text), which doubles the model cost:
 ``smollm2_lower``, reading ``text_column: text_lower``) scores it, and ``lowercase.model`` names
 that second prefix here.
 
-No silent estimates. The vLLM backend gives only top-k estimates of the entropy and of E[ln²p]
-(``entropy_topk`` / ``logp2_topk``), and Min-K%++ from them is a different number: on Zipf-like
-logits (V = 49,152, k = 20) σ is off by 7–22% on average (README, "Min-K%++ from top-k
-estimates"). The stage reads them only with ``allow_topk_estimates: true``, and then names what it
-computes from them for what it is:
+No silent estimates. vLLM's cheaper ``vllm.mode: prompt_logprobs`` gives only top-k estimates of
+the entropy and of E[ln²p] (``entropy_topk`` / ``logp2_topk``), and Min-K%++ from them is a
+different number: on Zipf-like logits (V = 49,152, k = 20) σ is off by 1.3–3.8% on average and the
+per-token z by a median of 7–39% (README, "Min-K%++ from top-k estimates"). The stage reads
+them only with ``allow_topk_estimates: true``, and then names what it computes from them for
+what it is:
 
     M__minkpp_topk          Min-K%++ with μ, σ from the top-k estimates            higher ⇒ member
     M__mean_entropy_topk    mean of the top-k entropy estimate                     lower ⇒ machine
@@ -86,7 +87,7 @@ def score_direction(column: str) -> Literal["higher", "lower"] | None:
     """The registered direction of a score column (``M__ppl`` -> "lower"), or None if unknown."""
     return SCORE_DIRECTIONS.get(column.split("__", 1)[-1])
 _PREFIX = r"^[A-Za-z][A-Za-z0-9_]*$"
-#: Exact metric -> the vLLM backend's estimate of it (used when the exact column is absent).
+#: Exact metric -> vLLM prompt_logprobs mode's estimate of it (used when the exact column is absent).
 _ESTIMATES = {"entropy": "entropy_topk", "logp2": "logp2_topk"}
 #: float32 rank fractions c/V carry ~1e-7 relative error: c·(1 ± 1e-7) must round to c.
 _RANK_TOLERANCE = 1e-3
@@ -152,10 +153,10 @@ class ScoresConfig(StageConfig):
         def lm(metric: str, field: str = "model", value: object = m, hint: str = "") -> Need:
             if metric in _ESTIMATES and self.allow_topk_estimates:
                 return Need((f"{m}__{_ESTIMATES[metric]}",), "allow_topk_estimates", True,
-                            f"an lm stage for {m!r} with backend: vllm (its top-k estimates); with exact "
+                            f"an lm stage for {m!r} with vllm.mode: prompt_logprobs (top-k estimates); with exact "
                             "metrics leave allow_topk_estimates false")
             hint = hint or (f"an earlier lm stage with model.name {m!r} that computes {metric!r} exactly "
-                            "(backend: torch; with keep_positions: true)" + (
+                            "(either backend, not vllm.mode: prompt_logprobs; with keep_positions: true)" + (
                                 f"; vLLM's {_ESTIMATES[metric]!r} estimate is used only with "
                                 "allow_topk_estimates: true" if metric in _ESTIMATES else ""))
             return Need((f"{m}__{metric}",), field, value, hint, prefix=field == "model")
@@ -318,7 +319,7 @@ class ScoreOperator:
             if estimate in batch.column_names:
                 raise KeyError(f"column {exact!r} not found, only the top-k estimate {estimate!r}: Min-K%++ "
                                "from estimates is a different number; set allow_topk_estimates: true to "
-                               "write it as M__minkpp_topk, or use backend: torch")
+                               "write it as M__minkpp_topk, or use exact metrics (vllm.mode: exact or backend: torch)")
         for name in (self.col(metric, model),):
             if name in batch.column_names:
                 return name

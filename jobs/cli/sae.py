@@ -3,7 +3,7 @@
     curate sae train --input CORPUS --model MODEL_DIR --layer 15 --output DIR [--d-sae 2304 --k 32]
 
 1. Read the texts of a Parquet corpus (file, directory or fsspec URL), shuffled with ``--seed``.
-2. Run them through the LM engine (``TorchEngine``, documents cut at ``--max-tokens``) and keep the
+2. Run them through the LM engine (the torch backend for a model path; documents cut at ``--max-tokens``) and keep the
    layer-L states of the positions the SAE head pools (t ≥ ``--skip-first``), up to ``--max-rows``.
 3. Train a TopK SAE (``operators.sae.train_topk_sae``) and save it in the sparsify layout under
    ``DIR/layers.<L-1>/`` (sparsify names the output of block L-1, HF hidden_states[L]; ``cfg.json``, ``sae.safetensors``, plus ``train_stats.json``).

@@ -76,6 +76,17 @@ class Engine(Protocol):
         ...
 
 
+def hf_layer_index(layer: Layer, num_layers: int, model: str) -> int:
+    """HF ``hidden_states`` index of ``layer``: "last" and -1 are the final (normed) layer n, 0 the
+    embeddings, L in 1..n-1 the output of block L-1; ValueError if out of range."""
+    n = num_layers
+    index = n if layer == "last" else int(layer)
+    index = n + 1 + index if index < 0 else index
+    if not 0 <= index <= n:
+        raise ValueError(f"layer {layer!r} out of range for {model!r} ({n} layers: 0..{n}, 'last')")
+    return index
+
+
 #: ``model.backend`` -> the engine class ("module:Class"), imported only when used.
 BACKENDS: dict[str, str] = {"torch": "operators.lm.torch_engine:TorchEngine",
                             "vllm": "operators.lm.vllm_engine:VLLMEngine"}

@@ -1,7 +1,7 @@
 """The ``lm`` stage: one causal LM per stage, one forward pass per document, every LM feature.
 
     - op: lm
-      model: {name: smollm2, path: ~/.cache/curate/demo/smollm2-135m-instruct, backend: torch}
+      model: {name: smollm2, path: ~/.cache/curate/demo/smollm2-135m-instruct, backend: vllm}  # or torch
       metrics: [logprob, entropy, rank]           # default: all the backend computes
       taps: [last]                                # hidden states heads may read (on device)
       cache_hidden: [last]                        # hidden states written out (PAWN training)
@@ -12,10 +12,11 @@
 Output columns, prefixed by the model's name ``<m>`` (row j of every list scores token x_{j+1}):
 
     <m>__token_ids           list<int32>        ids scored (BOS first when the tokenizer adds one)
-    <m>__<metric>            list<float32>      per position; torch: logprob, entropy, max_logprob,
-                                                rank, top_p, logp2 (see operators.lm.metrics);
-                                                vllm: logprob, max_logprob, rank (exact) and
-                                                entropy_topk, top_p_topk, logp2_topk (estimates)
+    <m>__<metric>            list<float32>      per position: logprob, entropy, max_logprob, rank,
+                                                top_p, logp2 (see operators.lm.metrics), on either
+                                                backend; vllm.mode prompt_logprobs: logprob,
+                                                max_logprob, rank (exact) and entropy_topk,
+                                                top_p_topk, logp2_topk (estimates)
     <m>__xent                list<float32>      with an observer: -Σ softmax(obs)·log softmax(<m>)
     <m>__hidden_<L>          list<list<float32>> for each ``cache_hidden`` layer: [n_scored + 1][H],
                                                 row j = layer L's state at token x_j, every token
@@ -46,9 +47,9 @@ from operators.lm.engine import DocResult, Engine, EngineSettings, open_engine
 from operators.lm.heads import Head, HeadSpec, Layer, PawnHeadSpec, SAEHeadSpec, resolve_head_factory
 from operators.lm.metrics import EXACT_METRICS, TOPK_METRICS, nll_sum
 from operators.lm.models import Encoded, ModelSpec, is_local_path
-from operators.lm.vllm_engine import VLLMOptions
+from operators.lm.vllm_setup import VLLMOptions, kv_cache_bytes
 
-_VLLM_EXACT_ALTERNATIVE = {"entropy": "entropy_topk", "top_p": "top_p_topk", "logp2": "logp2_topk"}
+_TOPK_ALTERNATIVE = {"entropy": "entropy_topk", "top_p": "top_p_topk", "logp2": "logp2_topk"}
 
 
 class LMStageConfig(StageConfig):
@@ -56,7 +57,7 @@ class LMStageConfig(StageConfig):
 
     op: Literal["lm"] = "lm"
     model: ModelSpec
-    observer: ModelSpec | None = Field(None, description="Binoculars observer (torch backend).")
+    observer: ModelSpec | None = Field(None, description="Binoculars observer (same tokenizer).")
     text_column: str = Field("text", min_length=1, description="Column scored (e.g. 'text_lower' for a second pass).")
     max_tokens: int = Field(1024, ge=2, description="Tokens per document (BOS included); the rest is cut.")
     metrics: list[str] | None = Field(None, description="Per-position metrics; default all of the backend's.")
@@ -105,41 +106,57 @@ class LMStageConfig(StageConfig):
         on_gpu = bool(self.resources.num_gpus)
         weights = sum(model_ram_bytes(m, on_gpu) for m in (self.model, self.observer) if m is not None)
         pawn = sum(PAWN_HEAD_MEMORY for h in self.heads if isinstance(h, PawnHeadSpec))
-        return LM_ACTOR_OVERHEAD + weights + pawn
+        vllm = 0
+        if self.model.backend == "vllm":
+            models = [m for m in (self.model, self.observer) if m is not None]
+            vllm = VLLM_RUNTIME_MEMORY * len(models)
+            if not on_gpu:
+                vllm += sum(kv_cache_bytes(m, self.max_tokens, self.max_batch_tokens, self.vllm) for m in models)
+        return LM_ACTOR_OVERHEAD + weights + pawn + vllm
+
+    @property
+    def topk_estimates(self) -> bool:
+        """vLLM's top-k prompt logprobs (``vllm.mode: prompt_logprobs``) instead of the exact metrics."""
+        return self.model.backend == "vllm" and self.vllm.mode == "prompt_logprobs"
 
     @property
     def metric_names(self) -> tuple[str, ...]:
-        default = TOPK_METRICS if self.model.backend == "vllm" else EXACT_METRICS
+        default = TOPK_METRICS if self.topk_estimates else EXACT_METRICS
         return tuple(self.metrics) if self.metrics is not None else default
 
     @model_validator(mode="after")
     def _check(self) -> LMStageConfig:
-        if self.model.backend == "vllm":
-            self._check_vllm()
+        if self.topk_estimates:
+            self._check_prompt_logprobs()
         else:
             unknown = [m for m in self.metric_names if m not in EXACT_METRICS]
+            estimates = [m for m in unknown if m in TOPK_METRICS]
+            if estimates:
+                raise ValueError(f"metrics: {estimates} are top-k estimates, made only with model.backend: vllm "
+                                 f"and vllm.mode: prompt_logprobs; exact metrics: {list(EXACT_METRICS)}")
             if unknown:
-                raise ValueError(f"metrics: {unknown} unknown for backend 'torch'; choose from {list(EXACT_METRICS)}")
+                raise ValueError(f"metrics: {unknown} unknown; choose from {list(EXACT_METRICS)}")
         if len(set(self.metric_names)) != len(self.metric_names):
             raise ValueError(f"metrics: repeated names in {list(self.metric_names)}")
         if self.observer is not None and self.observer.name == self.model.name:
             raise ValueError("observer.name must differ from model.name")
         return self
 
-    def _check_vllm(self) -> None:
+    def _check_prompt_logprobs(self) -> None:
         asked = {"taps": self.taps, "cache_hidden": self.cache_hidden, "heads": self.heads,
                  "observer": self.observer}
         for field_name, value in asked.items():
             if value:
-                raise ValueError(f"{field_name}: backend 'vllm' gives no hidden states or second model; "
-                                 f"set model.backend: torch to use {field_name}")
+                raise ValueError(f"{field_name}: vllm.mode 'prompt_logprobs' gives no hidden states or second "
+                                 f"model; leave vllm.mode at 'exact' to use {field_name}")
         for m in self.metric_names:
-            if m in _VLLM_EXACT_ALTERNATIVE:
-                raise ValueError(f"metrics: backend 'vllm' sees only the top-k logprobs and cannot compute "
-                                 f"exact {m!r}; use model.backend: torch, or the estimate "
-                                 f"{_VLLM_EXACT_ALTERNATIVE[m]!r}")
+            if m in _TOPK_ALTERNATIVE:
+                raise ValueError(f"metrics: vllm.mode 'prompt_logprobs' sees only the top-k logprobs and cannot "
+                                 f"compute exact {m!r}; use vllm.mode: exact, or the estimate "
+                                 f"{_TOPK_ALTERNATIVE[m]!r}")
             if m not in TOPK_METRICS:
-                raise ValueError(f"metrics: {m!r} unknown for backend 'vllm'; choose from {list(TOPK_METRICS)}")
+                raise ValueError(f"metrics: {m!r} unknown for vllm.mode 'prompt_logprobs'; "
+                                 f"choose from {list(TOPK_METRICS)}")
 
     def build(self) -> LMOperator:
         return LMOperator(self)
@@ -149,6 +166,10 @@ class LMStageConfig(StageConfig):
 #: float32 weights) on CPU, batch 32, peaks at 969 MiB USS; Ray Data wants 1.25x = 1211 MiB, and
 #: 768 MiB + the weights leaves room for longer documents.
 LM_ACTOR_OVERHEAD = 768 * MiB
+#: vLLM's own runtime per loaded model beyond the torch engine's (its KV cache on CPU comes on top,
+#: ``vllm_setup.kv_cache_bytes``). Measured the same way: SmolLM2-135M with backend vllm at
+#: max_tokens 256, batch 32.
+VLLM_RUNTIME_MEMORY = 512 * MiB
 #: A PAWN head on the LM's device (its weights and per-batch features), measured the same way.
 PAWN_HEAD_MEMORY = 64 * MiB
 #: Weights of a model we cannot size on disk (a Hub id not in the local cache): a 1B model in bf16.

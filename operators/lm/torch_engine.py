@@ -28,13 +28,13 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from operators.lm.engine import DocResult
+from operators.lm.batch import LogitMetrics, batch_results, pad_tokens
+from operators.lm.engine import hf_layer_index
 from operators.lm.heads import Head, ModelInfo
-from operators.lm.metrics import EXACT_METRICS, chunk_rows, chunks, cross_entropy, token_metrics
+from operators.lm.metrics import EXACT_METRICS
 from operators.lm.models import (
     PROBE_TEXT,
     Encoded,
@@ -48,7 +48,7 @@ from operators.lm.models import (
 )
 
 if TYPE_CHECKING:
-    from operators.lm.engine import EngineSettings
+    from operators.lm.engine import DocResult, EngineSettings
 
 log = logging.getLogger("curate.lm")
 
@@ -154,17 +154,22 @@ def restore_linears(model: nn.Module) -> None:
 class LMHead:
     """Hidden states [c,H] -> logits [c,V] as the model computes them (softcap / scale included)."""
 
-    def __init__(self, model: nn.Module) -> None:
-        head = model.get_output_embeddings()
-        if head is None:
-            raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head)")
-        self.weight, self.bias = head.weight, getattr(head, "bias", None)   # [V,H], [V]
-        cfg = model.config.get_text_config()
-        self.scale = getattr(cfg, "logit_scale", None)
-        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, config: Any) -> None:
+        self.weight, self.bias = weight, bias                                       # [V,H], [V]
+        text = config.get_text_config()
+        self.scale = getattr(text, "logit_scale", None)
+        self.softcap = getattr(text, "final_logit_softcapping", None)
         self.vocab_size = self.weight.shape[0]
         cpu_fp32 = self.weight.device.type == "cpu" and self.weight.dtype == torch.float32
         self.linear = (onednn_linear() if cpu_fp32 else None) or nn.functional.linear
+
+    @classmethod
+    def of(cls, model: nn.Module) -> LMHead:
+        """The output head of an HF causal LM."""
+        head = model.get_output_embeddings()
+        if head is None:
+            raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head)")
+        return cls(head.weight, getattr(head, "bias", None), model.config)
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         z = self.linear(h, self.weight, self.bias)
@@ -187,7 +192,7 @@ class TorchEngine:
         self.tokenizer = load_tokenizer(spec)
         self.encoder = TextEncoder(self.tokenizer, max_tokens, score_first_token)
         self.model = load_causal_lm(spec, self.device)
-        self.head = LMHead(self.model)
+        self.head = LMHead.of(self.model)
         check_tokenizer_fits(self.tokenizer, self.head.vocab_size, spec)
         self.num_layers = self.model.config.get_text_config().num_hidden_layers
         self.hidden_size = self.model.config.get_text_config().hidden_size
@@ -198,14 +203,12 @@ class TorchEngine:
             check_same_tokenizer(self.tokenizer, load_tokenizer(observer),
                                  f"observer {observer.name!r} vs performer {spec.name!r}")
             self.observer = load_causal_lm(observer, self.device)
-            self.observer_head = LMHead(self.observer)
+            self.observer_head = LMHead.of(self.observer)
             self._check_head(self.observer, self.observer_head)
             if self.observer_head.vocab_size != self.head.vocab_size:
                 raise ValueError(f"observer {observer.name!r} has {self.observer_head.vocab_size} logits, "
                                  f"performer {spec.name!r} {self.head.vocab_size}: they must match")
-        # logits rows per chunk: [rows, V] float32 buffers of 128 MiB on CPU, 512 MiB on GPU
-        self.rows = chunk_rows(self.head.vocab_size, 1 << (27 if self.device.startswith("cuda") else 25))
-        self._scratch: tuple[torch.Tensor, ...] | None = None
+        self.metrics_of = LogitMetrics(self.head, self.head.vocab_size, metrics, self.device, self.observer_head)
 
     @classmethod
     def from_settings(cls, s: EngineSettings) -> TorchEngine:
@@ -220,13 +223,7 @@ class TorchEngine:
                          self.device, self.model.dtype)
 
     def resolve_layer(self, layer: int | str) -> int:
-        """HF ``hidden_states`` index: "last" and -1 are the final (normed) layer n; 0 the embeddings."""
-        n = self.num_layers
-        index = n if layer == "last" else int(layer)
-        index = n + 1 + index if index < 0 else index
-        if not 0 <= index <= n:
-            raise ValueError(f"layer {layer!r} out of range for {self.spec.name!r} ({n} layers: 0..{n}, 'last')")
-        return index
+        return hf_layer_index(layer, self.num_layers, self.spec.name)
 
     def add_taps(self, layers: set[int | str]) -> None:
         """Also capture ``layers`` (e.g. those heads read)."""
@@ -277,59 +274,11 @@ class TorchEngine:
     @torch.inference_mode()
     def _score_batch(self, ids: list[list[int]], heads: list[Head],
                      cache_layers: set[int]) -> list[DocResult]:
-        lengths = torch.tensor([len(x) for x in ids], device=self.device)           # [B]
-        tokens = torch.zeros(len(ids), int(lengths.max()), dtype=torch.long)       # [B,T]
-        for b, row in enumerate(ids):
-            tokens[b, : len(row)] = torch.tensor(row)
-        tokens = tokens.to(self.device)
+        tokens, lengths = pad_tokens(ids, self.device)                              # [B,T], [B]
         last = self.model.base_model(input_ids=tokens, use_cache=False).last_hidden_state   # [B,T,H]
         hidden = self.taps.take(last)                                               # L -> [B,T,H]
-        t = torch.arange(tokens.shape[1], device=self.device)
-        tmask = t[None, :] < lengths[:, None]                                       # [B,T] real tokens
-        mask = tmask[:, 1:]                                                         # [B,T-1] scored rows
-        targets = tokens[:, 1:][mask]                                               # [N]
         obs = None
         if self.observer is not None:
-            obs = self.observer.base_model(input_ids=tokens, use_cache=False).last_hidden_state[:, :-1][mask]
-        flat = self._metrics(last[:, :-1][mask], targets, obs)                     # name -> [N]
-        bounds = np.cumsum((lengths - 1).tolist())[:-1]                            # per-doc row splits
-        per_doc = {k: np.split(v.cpu().numpy(), bounds) for k, v in flat.items()}
-        results = [DocResult({k: parts[b] for k, parts in per_doc.items()}) for b in range(len(ids))]
-        token_bounds = np.cumsum(lengths.tolist())[:-1]                            # per-doc token splits
-        for layer in cache_layers:
-            cached = hidden[layer][tmask].float().cpu().numpy()                    # [Σ n_b, H]
-            for r, part in zip(results, np.split(cached, token_bounds), strict=True):
-                r.hidden[layer] = part
-        if heads:
-            dense = {}
-            for k, v in flat.items():
-                dense[k] = torch.zeros(mask.shape, dtype=v.dtype, device=v.device)  # [B,T-1]
-                dense[k][mask] = v
-            for head in heads:
-                taps = {layer: hidden[self.resolve_layer(layer)] for layer in head.layers}
-                for col, values in head(dense, taps, mask).items():
-                    for r, value in zip(results, values, strict=True):
-                        r.heads[col] = value
-        return results
-
-    def _metrics(self, h: torch.Tensor, targets: torch.Tensor, obs: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """Per-position metrics of ``targets`` [N] from final hidden states ``h`` [N,H], chunk by chunk."""
-        scratch = self._workspace(min(self.rows, h.shape[0]))
-        parts: dict[str, list[torch.Tensor]] = {}
-        for rows in chunks(h.shape[0], self.rows):
-            logits = self.head(h[rows])                                             # [c,V]
-            if obs is not None:
-                x = cross_entropy(self.observer_head(obs[rows]), logits)           # [c]
-                parts.setdefault("xent", []).append(x)
-            for k, v in token_metrics(logits, targets[rows], self.metrics, scratch).items():
-                parts.setdefault(k, []).append(v)
-        if not parts:
-            return {k: torch.empty(0, device=h.device) for k in ("logprob", *self.metrics)}
-        return {k: torch.cat(v) for k, v in parts.items()}
-
-    def _workspace(self, rows: int) -> tuple[torch.Tensor, ...]:
-        """Two reusable [rows, V] float32 scratch buffers for the metrics."""
-        if self._scratch is None or self._scratch[0].shape[0] < rows:
-            self._scratch = tuple(torch.empty(rows, self.head.vocab_size, device=self.device)
-                                  for _ in range(2))
-        return self._scratch
+            obs = self.observer.base_model(input_ids=tokens, use_cache=False).last_hidden_state
+        return batch_results(tokens, lengths, last, hidden, obs, self.metrics_of, heads, cache_layers,
+                             self.resolve_layer)

@@ -13,7 +13,7 @@ from operators.lm.metrics import chunks
 from operators.sae.head import SAEHead, hidden_mean_column, idx_column, val_column
 
 # ---------------------------------------------------------------------------------------------
-# Outside Ray: the same head through a TorchEngine
+# Outside the lm stage: the same head through the same engine
 # ---------------------------------------------------------------------------------------------
 
 
@@ -28,14 +28,16 @@ class Embeddings:
     d_sae: int
 
 
-def open_tap_engine(model: Any, layer: int, max_tokens: int = 1024, max_batch_tokens: int = 8192) -> Any:
-    """A ``TorchEngine`` for ``model`` (a ``ModelSpec`` or a local path) tapping ``layer``."""
+def open_tap_engine(model: Any, layer: int, max_tokens: int = 1024, max_batch_tokens: int = 8192,
+                    vllm: Any = None) -> Any:
+    """The engine of ``model`` (a ``ModelSpec``, whose backend it uses, or a local path: torch)
+    tapping ``layer``; ``vllm``: the lm stage's ``VLLMOptions``."""
+    from operators.lm.engine import EngineSettings, open_engine
     from operators.lm.models import ModelSpec
-    from operators.lm.torch_engine import TorchEngine
 
     spec = model if isinstance(model, ModelSpec) else ModelSpec(name="lm", path=str(model))
-    return TorchEngine(spec, max_tokens=max_tokens, metrics=(), layers={layer},
-                       max_batch_tokens=max_batch_tokens)
+    return open_engine(EngineSettings(model=spec, max_tokens=max_tokens, metrics=(), layers={layer},
+                                      max_batch_tokens=max_batch_tokens, vllm=vllm))
 
 
 def embed_texts(engine: Any, head: SAEHead, texts: Sequence[str | None], batch: int = 64) -> Embeddings:

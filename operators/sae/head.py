@@ -27,7 +27,7 @@ module has been imported, e.g. through ``operators.registry``)::
       model: {name: smollm2, path: ...}
       heads: [{kind: "operators.sae.head:build_head", params: {sae: DIR_OR_URL, layer: 15, name: sae}}]
 
-Outside Ray, ``embed_texts`` runs the same head through a ``TorchEngine`` (target examples,
+Outside Ray, ``embed_texts`` runs the same head through the same engine (target examples,
 evaluation) and ``collect_activations`` gathers the pooled positions' states (SAE training).
 """
 

@@ -162,7 +162,7 @@ class SAESelectConfig(StageConfig):
     def build(self) -> SAESimilarity:
         if self._lm is None or self._head is None:
             raise RuntimeError("sae_select is not bound to its lm stage: build it through a pipeline config")
-        engine = open_tap_engine(self._lm.model, self._head.layer, self._lm.max_tokens)
+        engine = open_tap_engine(self._lm.model, self._head.layer, self._lm.max_tokens, vllm=self._lm.vllm)
         head = SAEHead(self._head, engine.model_info())
         texts = read_texts(self.target, self.target_text_column)
         refs = reference_rows(embed_texts(engine, head, texts), self.aggregate, self.target)

@@ -1,0 +1,113 @@
+"""One forward pass's states -> per-document results; shared by every engine backend.
+
+A backend runs the decoder over a micro-batch of B documents and hands over right-padded tensors:
+
+    tokens [B,T]   ids (pads after each document's length)
+    last   [B,T,H] final (normed) hidden states, the LM head's input
+    hidden {L: [B,T,H]} tapped layers (HF ``hidden_states`` indexing)
+    obs    [B,T,H] the Binoculars observer's final states, or None
+
+``batch_results`` turns them into one ``DocResult`` per document: the exact per-position metrics
+(``LogitMetrics``: logits built ``rows`` at a time on the states' device, never [N, V]), the
+cached layers, and the heads' columns. Row j of every metric scores x_{j+1}; hidden row j is the
+state at x_j, every token included (see ``operators.lm.torch_engine``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from operators.lm.engine import DocResult
+from operators.lm.metrics import chunk_rows, chunks, cross_entropy, token_metrics
+
+if TYPE_CHECKING:
+    import torch
+
+    from operators.lm.heads import Head
+
+Logits = Callable[["torch.Tensor"], "torch.Tensor"]   # hidden [c,H] -> logits [c,V]
+
+
+class LogitMetrics:
+    """Exact per-position metrics from final hidden states, one chunk of logits at a time."""
+
+    def __init__(self, head: Logits, vocab_size: int, names: tuple[str, ...], device: str,
+                 observer_head: Logits | None = None) -> None:
+        self.head, self.observer_head = head, observer_head
+        self.vocab_size, self.names, self.device = vocab_size, names, device
+        # logits rows per chunk: [rows, V] float32 buffers of 128 MiB on CPU, 512 MiB on GPU
+        self.rows = chunk_rows(vocab_size, 1 << (27 if str(device).startswith("cuda") else 25))
+        self._scratch: tuple[torch.Tensor, ...] | None = None
+
+    def __call__(self, h: torch.Tensor, targets: torch.Tensor,
+                 obs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Metrics of ``targets`` [N] after final states ``h`` [N,H] (observer states ``obs`` [N,H])."""
+        import torch
+
+        scratch = self._workspace(min(self.rows, h.shape[0]))
+        parts: dict[str, list[torch.Tensor]] = {}
+        for rows in chunks(h.shape[0], self.rows):
+            logits = self.head(h[rows])                                             # [c,V]
+            if obs is not None and self.observer_head is not None:
+                parts.setdefault("xent", []).append(cross_entropy(self.observer_head(obs[rows]), logits))
+            for k, v in token_metrics(logits, targets[rows], self.names, scratch).items():
+                parts.setdefault(k, []).append(v)
+        if not parts:
+            return {k: torch.empty(0, device=h.device) for k in ("logprob", *self.names)}
+        return {k: torch.cat(v) for k, v in parts.items()}
+
+    def _workspace(self, rows: int) -> tuple[torch.Tensor, ...]:
+        """Two reusable [rows, V] float32 scratch buffers."""
+        import torch
+
+        if self._scratch is None or self._scratch[0].shape[0] < rows:
+            self._scratch = tuple(torch.empty(rows, self.vocab_size, device=self.device) for _ in range(2))
+        return self._scratch
+
+
+def pad_tokens(ids: list[list[int]], device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids [B,T] (pad 0) and lengths [B] on ``device``."""
+    import torch
+
+    lengths = torch.tensor([len(x) for x in ids])
+    tokens = torch.zeros(len(ids), int(lengths.max()), dtype=torch.long)
+    for b, row in enumerate(ids):
+        tokens[b, : len(row)] = torch.tensor(row)
+    return tokens.to(device), lengths.to(device)
+
+
+def batch_results(tokens: torch.Tensor, lengths: torch.Tensor, last: torch.Tensor,
+                  hidden: dict[int, torch.Tensor], obs: torch.Tensor | None, metrics: LogitMetrics,
+                  heads: list[Head], cache_layers: set[int],
+                  resolve_layer: Callable[[int | str], int]) -> list[DocResult]:
+    """One DocResult per row of a right-padded micro-batch (see the module docstring)."""
+    import torch
+
+    t = torch.arange(tokens.shape[1], device=tokens.device)
+    tmask = t[None, :] < lengths[:, None]                                       # [B,T] real tokens
+    mask = tmask[:, 1:]                                                         # [B,T-1] scored rows
+    targets = tokens[:, 1:][mask]                                               # [N]
+    obs_rows = obs[:, :-1][mask] if obs is not None else None
+    flat = metrics(last[:, :-1][mask], targets, obs_rows)                      # name -> [N]
+    bounds = np.cumsum((lengths - 1).tolist())[:-1]                            # per-doc row splits
+    per_doc = {k: np.split(v.cpu().numpy(), bounds) for k, v in flat.items()}
+    results = [DocResult({k: parts[b] for k, parts in per_doc.items()}) for b in range(tokens.shape[0])]
+    token_bounds = np.cumsum(lengths.tolist())[:-1]                            # per-doc token splits
+    for layer in cache_layers:
+        cached = hidden[layer][tmask].float().cpu().numpy()                    # [Σ n_b, H]
+        for r, part in zip(results, np.split(cached, token_bounds), strict=True):
+            r.hidden[layer] = part
+    if heads:
+        dense = {}
+        for k, v in flat.items():
+            dense[k] = torch.zeros(mask.shape, dtype=v.dtype, device=v.device)  # [B,T-1]
+            dense[k][mask] = v
+        for head in heads:
+            taps = {layer: hidden[resolve_layer(layer)] for layer in head.layers}
+            for col, values in head(dense, taps, mask).items():
+                for r, value in zip(results, values, strict=True):
+                    r.heads[col] = value
+    return results

@@ -1,0 +1,262 @@
+"""The vLLM engine: exact metrics, hidden-state taps, heads and a Binoculars observer, on vLLM.
+
+vLLM runs the causal LM as a per-token pooling model (``runner: pooling``, ``pooling_type: ALL``,
+see ``operators.lm.vllm_setup``): ``LLM.encode`` hands back, for every prompt token, the decoder's
+final (normed) hidden state, the LM head's input. From there the engine does what the torch
+engine does, with the same code (``operators.lm.batch``):
+
+    ids ──vLLM──> [n, H·(k+1)] per document: k tapped layers, then the final state
+        final state × output embedding (scale / softcap as in HF) = logits, ``rows`` at a time on
+        the model's device → exact per-position metrics (never [N, V]); taps → heads, cached layers
+
+Taps: ``HiddenTaps`` hooks the decoder blocks of the loaded model (in-process, eager) and makes
+the model's forward return the tapped layers next to the final state, so vLLM's pooler slices
+each request's rows for us, chunked prefill included. HF ``hidden_states[L]`` is the output of
+block L-1, which in vLLM's fused-residual blocks is ``hidden + residual``; L = 0 is block 0's
+input. The observer is a second vLLM model in the same actor.
+
+The top-k prompt-logprob engine (``vllm.mode: prompt_logprobs``) is ``operators.lm.vllm_logprobs``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from operators.lm.batch import LogitMetrics, batch_results, pad_tokens
+from operators.lm.engine import hf_layer_index
+from operators.lm.heads import Head, ModelInfo
+from operators.lm.metrics import EXACT_METRICS
+from operators.lm.models import (
+    Encoded,
+    ModelSpec,
+    TextEncoder,
+    check_same_tokenizer,
+    check_tokenizer_fits,
+    is_local_path,
+    load_tokenizer,
+)
+from operators.lm.torch_engine import LMHead, plan_batches
+from operators.lm.vllm_setup import VLLMOptions, engine_kwargs, load_llm, vllm_environment
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from operators.lm.engine import DocResult, EngineSettings
+
+log = logging.getLogger("curate.lm")
+
+
+def decoder_blocks(model: nn.Module, num_layers: int) -> nn.ModuleList:
+    """The loaded model's list of ``num_layers`` decoder blocks."""
+    from torch import nn
+
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            return module
+    raise ValueError(f"{type(model).__name__}: no ModuleList of {num_layers} decoder blocks found for taps")
+
+
+def residual_stream(output: Any) -> torch.Tensor:
+    """A vLLM block's output as HF's ``hidden_states`` entry: ``hidden + residual`` when fused."""
+    if isinstance(output, tuple):
+        hidden, residual = output[0], output[1] if len(output) > 1 else None
+        return hidden if residual is None else hidden + residual
+    return output
+
+
+class HiddenTaps:
+    """Makes a vLLM model's forward return [tokens, H·(k+1)]: tapped layers (ascending), final state."""
+
+    def __init__(self, model: nn.Module, num_layers: int) -> None:
+        self.model, self.num_layers = model, num_layers
+        self.blocks = decoder_blocks(model, num_layers)
+        self.layers: list[int] = []
+        self._captured: dict[int, torch.Tensor] = {}
+        self._handles: list[Any] = []
+        inner = model.forward
+
+        def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+            import torch
+
+            final = inner(*args, **kwargs)
+            if not self.layers:
+                return final
+            parts, self._captured = [self._captured[layer] for layer in self.layers], {}
+            return torch.cat([*parts, final], dim=-1)
+
+        model.forward = forward
+
+    def set_layers(self, layers: set[int]) -> None:
+        """Tap these HF indices (the final layer n is always the last block of the output)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self.layers = [], sorted(layers - {self.num_layers})
+        for layer in self.layers:
+            if layer == 0:
+                hook = self.blocks[0].register_forward_pre_hook(self._block_input, with_kwargs=True)
+            else:
+                hook = self.blocks[layer - 1].register_forward_hook(self._block_output(layer))
+            self._handles.append(hook)
+
+    def _block_input(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._captured[0] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[1]
+
+    def _block_output(self, layer: int) -> Callable:
+        def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
+            self._captured[layer] = residual_stream(output)
+        return hook
+
+
+def checkpoint_tensor(spec: ModelSpec, names: tuple[str, ...]) -> torch.Tensor:
+    """The first of ``names`` found in the model's safetensors files (local dir or Hub snapshot)."""
+    from safetensors import safe_open
+
+    if is_local_path(spec.path):
+        folder = Path(spec.path).expanduser()
+    else:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(spec.path, revision=spec.revision, allow_patterns=["*.safetensors"]))
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in names:
+                if name in f.keys():  # noqa: SIM118 (safe_open has keys(), not __contains__)
+                    return f.get_tensor(name)
+    raise ValueError(f"model {spec.name!r}: none of {list(names)} in {folder}/*.safetensors")
+
+
+def output_head(llm: Any, model: nn.Module, spec: ModelSpec, vocab_size: int) -> LMHead:
+    """The LM head vLLM's pooling runner leaves out: the tied input embedding, else the
+    checkpoint's ``lm_head.weight``, on the model's device and dtype."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    config = llm.llm_engine.model_config.hf_config
+    embed = next((m for m in model.modules() if isinstance(m, VocabParallelEmbedding)), None)
+    tied = getattr(config.get_text_config(), "tie_word_embeddings", getattr(config, "tie_word_embeddings", False))
+    if tied and embed is not None and embed.weight.is_floating_point():
+        weight = embed.weight[:vocab_size]
+    elif spec.is_gguf:
+        raise ValueError(f"model {spec.name!r}: vllm.mode 'exact' needs the output embedding in floating "
+                         "point; convert the GGUF file to a safetensors directory first")
+    else:
+        param = next(model.parameters())
+        weight = checkpoint_tensor(spec, ("lm_head.weight", "model.lm_head.weight"))
+        weight = weight[:vocab_size].to(device=param.device, dtype=param.dtype)
+    return LMHead(weight, None, config)
+
+
+class LoadedLM:
+    """One model inside vLLM, as a per-token pooling model, and the head that makes its logits."""
+
+    def __init__(self, spec: ModelSpec, max_tokens: int, options: VLLMOptions, max_batch_tokens: int) -> None:
+        import torch
+
+        self.spec = spec
+        self.on_gpu = torch.cuda.is_available()
+        self.llm = load_llm(spec, engine_kwargs(spec, max_tokens, options, self.on_gpu, max_batch_tokens))
+        config = self.llm.llm_engine.model_config
+        self.vocab_size, self.hidden_size = config.get_vocab_size(), config.get_hidden_size()
+        self.num_layers = config.hf_text_config.num_hidden_layers
+        self.dtype = config.dtype
+        self.model = self.llm.apply_model(lambda m: m)[0]   # in-process engine core: the live module
+        self.device = str(next(self.model.parameters()).device)
+        self.head = output_head(self.llm, self.model, spec, self.vocab_size)
+
+    def pool(self, ids: list[list[int]], width: int) -> torch.Tensor:
+        """Per-token pooled states of each document, right-padded: [B, T, width]."""
+        from torch.nn.utils.rnn import pad_sequence
+        from vllm.inputs import TokensPrompt
+
+        outputs = self.llm.encode([TokensPrompt(prompt_token_ids=x) for x in ids],
+                                  pooling_task="token_embed", use_tqdm=False)
+        states = [out.outputs.data for out in outputs]
+        for x, state in zip(ids, states, strict=True):
+            if tuple(state.shape) != (len(x), width):
+                raise RuntimeError(f"vLLM pooled {tuple(state.shape)} for {len(x)} tokens; expected "
+                                   f"({len(x)}, {width})")
+        return pad_sequence(states, batch_first=True).to(self.device)
+
+
+class VLLMEngine:
+    """Scores documents on vLLM with every feature of the ``lm`` stage (see the module docstring)."""
+
+    def __init__(self, spec: ModelSpec, *, max_tokens: int = 1024, metrics: tuple[str, ...] = EXACT_METRICS,
+                 layers: set[int | str] | None = None, observer: ModelSpec | None = None,
+                 options: VLLMOptions | None = None, max_batch_tokens: int = 8192,
+                 score_first_token: bool = False) -> None:
+        options = options or VLLMOptions()
+        vllm_environment(options)
+        self.spec, self.max_batch_tokens = spec, max_batch_tokens
+        self.tokenizer = load_tokenizer(spec)
+        self.encoder = TextEncoder(self.tokenizer, max_tokens, score_first_token)
+        self.lm = LoadedLM(spec, max_tokens, options, max_batch_tokens)
+        check_tokenizer_fits(self.tokenizer, self.lm.vocab_size, spec)
+        self.num_layers, self.hidden_size, self.device = self.lm.num_layers, self.lm.hidden_size, self.lm.device
+        self.taps = HiddenTaps(self.lm.model, self.num_layers)
+        self.taps.set_layers({self.resolve_layer(x) for x in layers or ()})
+        self.observer = None
+        if observer is not None:
+            check_same_tokenizer(self.tokenizer, load_tokenizer(observer),
+                                 f"observer {observer.name!r} vs performer {spec.name!r}")
+            self.observer = LoadedLM(observer, max_tokens, options, max_batch_tokens)
+            if self.observer.vocab_size != self.lm.vocab_size:
+                raise ValueError(f"observer {observer.name!r} has {self.observer.vocab_size} logits, "
+                                 f"performer {spec.name!r} {self.lm.vocab_size}: they must match")
+        self.metrics_of = LogitMetrics(self.lm.head, self.lm.vocab_size, metrics, self.device,
+                                       self.observer.head if self.observer else None)
+
+    @classmethod
+    def from_settings(cls, s: EngineSettings) -> Any:
+        """The exact engine, or the prompt-logprobs one for ``vllm.mode: prompt_logprobs``."""
+        options = s.vllm or VLLMOptions()
+        if options.mode == "prompt_logprobs":
+            from operators.lm.vllm_logprobs import VLLMPromptLogprobsEngine
+
+            return VLLMPromptLogprobsEngine.from_settings(s)
+        return cls(s.model, max_tokens=s.max_tokens, metrics=s.metrics, layers=s.layers, observer=s.observer,
+                   options=options, max_batch_tokens=s.max_batch_tokens, score_first_token=s.score_first_token)
+
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(self.spec.name, self.hidden_size, self.num_layers, self.lm.vocab_size,
+                         self.device, self.lm.dtype)
+
+    def resolve_layer(self, layer: int | str) -> int:
+        return hf_layer_index(layer, self.num_layers, self.spec.name)
+
+    def add_taps(self, layers: set[int | str]) -> None:
+        wanted = set(self.taps.layers) | {self.resolve_layer(x) for x in layers}
+        if wanted - {self.num_layers} != set(self.taps.layers):
+            self.taps.set_layers(wanted)
+
+    def encode(self, texts: list[str | None]) -> list[Encoded]:
+        return self.encoder.encode(texts)
+
+    def score(self, docs: list[Encoded], heads: list[Head] | None = None,
+              cache_layers: set[int] | None = None) -> list[DocResult | None]:
+        """DocResult per scored document (None for skipped ones), in input order."""
+        heads, cache_layers = heads or [], cache_layers or set()
+        results: list[DocResult | None] = [None] * len(docs)
+        live = [i for i, d in enumerate(docs) if d.scored]
+        for group in plan_batches([len(docs[i].ids or ()) for i in live], self.max_batch_tokens):
+            rows = [live[g] for g in group]
+            for i, result in zip(rows, self._score_batch([docs[i].ids for i in rows], heads, cache_layers),
+                                 strict=True):
+                results[i] = result
+        return results
+
+    def _score_batch(self, ids: list[list[int]], heads: list[Head], cache_layers: set[int]) -> list[DocResult]:
+        import torch
+
+        with torch.inference_mode():
+            width = self.hidden_size
+            states = self.lm.pool(ids, width * (len(self.taps.layers) + 1))          # [B,T,H·(k+1)]
+            hidden = {layer: states[..., k * width:(k + 1) * width] for k, layer in enumerate(self.taps.layers)}
+            last = hidden[self.num_layers] = states[..., -width:]
+            obs = self.observer.pool(ids, width) if self.observer is not None else None
+            tokens, lengths = pad_tokens(ids, self.device)
+            return batch_results(tokens, lengths, last, hidden, obs, self.metrics_of, heads, cache_layers,
+                                 self.resolve_layer)

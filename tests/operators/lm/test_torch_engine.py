@@ -180,12 +180,12 @@ def test_batched_equals_one_by_one_and_chunking_changes_nothing(op):
     docs = op.engine.encode(TEXTS)
     together = op.engine.score(docs)
     assert len({len(d.ids) for d in docs if d.scored}) > 2  # really padded batches
-    rows = op.engine.rows
+    rows = op.engine.metrics_of.rows
     try:
-        op.engine.rows = 7  # 7 positions per logits chunk
+        op.engine.metrics_of.rows = 7  # 7 positions per logits chunk
         alone = [op.engine.score([d])[0] for d in docs]
     finally:
-        op.engine.rows = rows
+        op.engine.metrics_of.rows = rows
     for a, b in zip(together, alone, strict=True):
         assert (a is None) == (b is None)
         if a is not None:
@@ -258,7 +258,7 @@ def test_config_errors_name_the_field(demo_model):
         parse_config({**base, "stages": [stage]})
     hub = parse_config({**base, "stages": [{"op": "lm", "model": {"name": "m", "path": "HuggingFaceTB/SmolLM2-135M"}}]})
     assert hub.stages[0].stage_name == "lm_m"
-    with pytest.raises(ValueError, match="unknown for backend 'torch'"):
+    with pytest.raises(ValueError, match="top-k estimates, made only with"):
         LMStageConfig(model={"name": "m", "path": str(demo_model)}, metrics=["entropy_topk"])
     with pytest.raises(ValueError, match="cannot import"):
         LMStageConfig(model={"name": "m", "path": str(demo_model)}, heads=[{"kind": "nowhere:Head"}])

@@ -107,7 +107,8 @@ def timed(fn, device: str) -> float:
     return time.perf_counter() - start
 
 
-def compare(engine: TorchEngine, docs: list[Encoded], repeats: int, stock: torch.nn.Module | None = None) -> dict:
+def compare(engine: TorchEngine, docs: list[Encoded], repeats: int, stock: torch.nn.Module | None = None,
+            heads: list | None = None) -> dict:
     """Median tokens/s of the engine and the plain loop on the same batches.
 
     ``stock``: an unmodified copy of the model for the plain loop. On CPU the engine routes its
@@ -116,7 +117,7 @@ def compare(engine: TorchEngine, docs: list[Encoded], repeats: int, stock: torch
     """
     batches = plan_batches([len(d.ids) for d in docs], engine.max_batch_tokens)
     tokens = sum(len(d.ids) for d in docs)
-    runs = {"engine": lambda group: engine.score([docs[i] for i in group]),
+    runs = {"engine": lambda group: engine.score([docs[i] for i in group], heads),
             "plain_hf": lambda group: plain_loop(stock or engine.model, docs, [group], engine.device)}
     if stock is not None:
         runs["plain_hf_same_linears"] = lambda group: plain_loop(engine.model, docs, [group], engine.device)
@@ -244,6 +245,29 @@ def cpu_bench(args: argparse.Namespace) -> None:
     save("lm_engine_cpu", result)
 
 
+SAE_TAP = 8
+
+
+def random_heads_stage(model_dir: str, hidden: int, args: argparse.Namespace) -> Any:
+    """The lm stage (torch backend) on ``model_dir`` with every metric, a PAWN head and a TopK SAE
+    (random weights, saved next to the model) on layer ``SAE_TAP``."""
+    from operators.detection.pawn import PawnConfig, PawnHead, save_pawn
+    from operators.lm.stage import LMStageConfig
+    from operators.sae.io import save_sparsify
+    from operators.sae.model import SAEConfig, SparseAutoencoder
+
+    save_pawn(PawnHead(PawnConfig(hidden_size=hidden)), f"{model_dir}/pawn")
+    sae = SparseAutoencoder(SAEConfig(d_in=hidden, d_sae=4 * hidden, activation="topk", k=32))
+    with torch.no_grad():
+        for weight in (sae.W_enc, sae.W_dec):
+            weight.normal_(0, hidden ** -0.5)
+    save_sparsify(sae, f"{model_dir}/sae", layer=SAE_TAP)
+    return LMStageConfig(model={"name": "m", "path": model_dir}, max_tokens=args.max_tokens,
+                         max_batch_tokens=args.max_batch_tokens,
+                         heads=[{"kind": "pawn", "params": {"path": f"{model_dir}/pawn"}},
+                                {"kind": "sae", "params": {"sae": f"{model_dir}/sae", "layer": SAE_TAP}}])
+
+
 def gpu_bench(args: argparse.Namespace) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -259,11 +283,12 @@ def gpu_bench(args: argparse.Namespace) -> None:
         model.save_pretrained(tmp)
         train_tokenizer(tmp)  # ids < 8192: valid for any vocabulary above
         del model
-        engine = TorchEngine(ModelSpec(name="m", path=tmp), max_tokens=args.max_tokens, layers={"last", 8},
-                             max_batch_tokens=args.max_batch_tokens, device=device)
+        op = random_heads_stage(tmp, config.hidden_size, args).build()
+        engine = op.engine
         docs = engine.encode(long_texts(args.docs, 8 * args.max_tokens))
         label = "random tiny Llama (fp32, smoke)" if args.smoke else "random Llama-3.2-1B shapes (bf16)"
-        result = {"model": label, "taps": [8, "last"], **compare(engine, docs, args.repeats)}
+        result = {"model": label, "heads": ["pawn (last layer)", f"sae (layer {SAE_TAP}, d_sae 4·H, k 32)"],
+                  **compare(engine, docs, args.repeats, heads=op.heads)}
         result.update(naive_one_doc(engine, docs, result["engine_tokens_per_s"]))
     params = sum(p.numel() for p in engine.model.parameters())  # tied: embedding counted once (as lm_head)
     n_layers, width = config.num_hidden_layers, config.hidden_size

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from jobs.errors import UserError
 from jobs.ops.nightly import night_url, raw_input_url
 from pipelines.config import ConfigError, load_config
+from pipelines.progress import verbose as ray_logs_verbose
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -66,9 +67,11 @@ def next_submission_id(jobs: Iterable[tuple[str, str]], base: str, force: bool =
 
 
 def entrypoint(pipeline: str, run_date: str, output: str | None = None,
-               input_url: str | None = None) -> str:
-    """The shell command the job runs on the cluster (inside the shipped working_dir)."""
-    args = ["python", "-m", "jobs.cli", "run", pipeline, "--date", run_date]
+               input_url: str | None = None, verbose: bool | None = None) -> str:
+    """The shell command the job runs on the cluster (inside the shipped working_dir); ``curate -v``
+    here (``verbose``, default: this process's setting) is ``-v`` there."""
+    verbose = ray_logs_verbose() if verbose is None else verbose
+    args = ["python", "-m", "jobs.cli", *(["-v"] if verbose else []), "run", pipeline, "--date", run_date]
     if input_url:
         args += ["--input", input_url]
     if output:

@@ -62,9 +62,13 @@ def test_a_failed_night_is_resubmitted_with_the_next_suffix(status):
     assert submit.next_submission_id(jobs, "curate-p-2026-04-05") == "curate-p-2026-04-05-r4"
 
 
-def test_entrypoint_and_runtime_env():
+def test_entrypoint_and_runtime_env(monkeypatch):
+    monkeypatch.delenv("CURATE_VERBOSE", raising=False)
     assert submit.entrypoint("pipelines/nightly.yaml", DATE, "s3://b/out") == (
         "python -m jobs.cli run pipelines/nightly.yaml --date 2026-04-05 --output s3://b/out")
+    monkeypatch.setenv("CURATE_VERBOSE", "1")  # curate -v submit ... -> the job logs verbosely too
+    assert submit.entrypoint("pipelines/nightly.yaml", DATE) == (
+        "python -m jobs.cli -v run pipelines/nightly.yaml --date 2026-04-05")
     env = submit.runtime_env()
     assert env["working_dir"] == str(submit.PROJECT_ROOT)
     assert {".venv", ".git", "output", "__pycache__"} <= set(env["excludes"])

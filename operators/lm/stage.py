@@ -101,19 +101,11 @@ class LMStageConfig(StageConfig):
         return [h for h in self.heads if isinstance(h, SAEHeadSpec)]
 
     def memory_bytes(self) -> int:
-        """``resources.memory``, else the measured actor overhead + the weights in RAM + PAWN heads."""
+        """``resources.memory``, else the engine's measured RAM + PAWN heads."""
         if self.resources.memory:
             return self.resources.memory
-        on_gpu = bool(self.resources.num_gpus)
-        weights = sum(model_ram_bytes(m, on_gpu) for m in (self.model, self.observer) if m is not None)
         pawn = sum(PAWN_HEAD_MEMORY for h in self.heads if isinstance(h, PawnHeadSpec))
-        vllm = 0
-        if self.model.backend == "vllm":
-            models = [m for m in (self.model, self.observer) if m is not None]
-            vllm = VLLM_RUNTIME_MEMORY * len(models)
-            if not on_gpu:
-                vllm += sum(kv_cache_bytes(m, self.max_tokens, self.max_batch_tokens, self.vllm) for m in models)
-        return LM_ACTOR_OVERHEAD + weights + pawn + vllm
+        return engine_memory_bytes(self, on_gpu=bool(self.resources.num_gpus)) + pawn
 
     @property
     def topk_estimates(self) -> bool:
@@ -169,8 +161,9 @@ class LMStageConfig(StageConfig):
 LM_ACTOR_OVERHEAD = 768 * MiB
 #: vLLM's own runtime per loaded model beyond the torch engine's (its KV cache on CPU comes on top,
 #: ``vllm_setup.kv_cache_bytes``). Measured the same way: SmolLM2-135M with backend vllm at
-#: max_tokens 256, batch 32.
-VLLM_RUNTIME_MEMORY = 512 * MiB
+#: max_tokens 256, batch 32, peaks at 2,185 MiB USS (Ray Data wants 2,731); 768 + 513 + 1,152 + a
+#: 383 MiB KV cache = 2,816 MiB.
+VLLM_RUNTIME_MEMORY = 1152 * MiB
 #: A PAWN head on the LM's device (its weights and per-batch features), measured the same way.
 PAWN_HEAD_MEMORY = 64 * MiB
 #: Weights of a model we cannot size on disk (a Hub id not in the local cache): a 1B model in bf16.
@@ -198,6 +191,18 @@ def model_ram_bytes(spec: ModelSpec, on_gpu: bool) -> int:
         stored = str(meta.get("torch_dtype") or meta.get("dtype") or "")
     upcast = not on_gpu and spec.dtype in ("auto", "float32") and stored in ("bfloat16", "float16")
     return 2 * size if upcast else size
+
+
+def engine_memory_bytes(cfg: LMStageConfig, on_gpu: bool, with_observer: bool = True) -> int:
+    """Host RAM of one engine of ``cfg``: the measured actor overhead, the weights in RAM, and with
+    backend vllm its runtime and (on CPU) its KV cache, per loaded model."""
+    models = [cfg.model] + ([cfg.observer] if with_observer and cfg.observer is not None else [])
+    total = LM_ACTOR_OVERHEAD + sum(model_ram_bytes(m, on_gpu) for m in models)
+    if cfg.model.backend == "vllm":
+        total += VLLM_RUNTIME_MEMORY * len(models)
+        if not on_gpu:
+            total += sum(kv_cache_bytes(m, cfg.max_tokens, cfg.max_batch_tokens, cfg.vllm) for m in models)
+    return total
 
 
 def engine_settings(cfg: LMStageConfig) -> EngineSettings:

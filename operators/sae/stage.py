@@ -39,7 +39,7 @@ from pydantic import Field, PrivateAttr, model_validator
 
 from operators.base import MiB, Need, PlanError, Resources, StageConfig
 from operators.lm.heads import SAEHeadParams
-from operators.lm.stage import LM_ACTOR_OVERHEAD, LMStageConfig, model_ram_bytes
+from operators.lm.stage import LM_ACTOR_OVERHEAD, LMStageConfig, engine_memory_bytes
 from operators.sae.embed import Embeddings, embed_texts, open_tap_engine
 from operators.sae.head import SAEHead, idx_column, val_column
 from operators.sae.math import generalized_jaccard_many, prototype
@@ -144,11 +144,11 @@ class SAESelectConfig(StageConfig):
         return bound
 
     def memory_bytes(self) -> int:
-        """Its own copy of the lm stage's model (the target is embedded in this actor)."""
+        """Its own engine of the lm stage's model (the target is embedded in this actor)."""
         if self.resources.memory:
             return self.resources.memory
-        weights = model_ram_bytes(self._lm.model, on_gpu=False) if self._lm is not None else 0
-        return LM_ACTOR_OVERHEAD + weights + self.default_memory
+        engine = engine_memory_bytes(self._lm, on_gpu=False, with_observer=False) if self._lm else LM_ACTOR_OVERHEAD
+        return engine + self.default_memory
 
     @property
     def score_column(self) -> str:

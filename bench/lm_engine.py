@@ -41,8 +41,9 @@ from typing import Any
 import torch
 
 from bench.common import machine, save
+from operators.lm.batch import plan_batches
 from operators.lm.models import Encoded, ModelSpec
-from operators.lm.torch_engine import TorchEngine, plan_batches
+from operators.lm.torch_engine import TorchEngine
 
 H100_BF16_DENSE = 989e12
 LLAMA_32_1B = {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     import torch
 
     from operators.lm.heads import Head
+    from operators.lm.models import Encoded
 
 Logits = Callable[["torch.Tensor"], "torch.Tensor"]   # hidden [c,H] -> logits [c,V]
 
@@ -66,6 +67,34 @@ class LogitMetrics:
         if self._scratch is None or self._scratch[0].shape[0] < rows:
             self._scratch = tuple(torch.empty(rows, self.vocab_size, device=self.device) for _ in range(2))
         return self._scratch
+
+
+def plan_batches(lengths: list[int], max_batch_tokens: int) -> list[list[int]]:
+    """Indices grouped longest-first so that len(group) · max length ≤ ``max_batch_tokens``.
+
+    A document longer than the budget gets a batch of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def score_in_batches(docs: list[Encoded], max_batch_tokens: int,
+                     score_batch: Callable[[list[list[int]]], list[DocResult]]) -> list[DocResult | None]:
+    """``score_batch`` over length-sorted micro-batches of the scored documents; one result per
+    document in input order (None for skipped ones)."""
+    results: list[DocResult | None] = [None] * len(docs)
+    live = [i for i, d in enumerate(docs) if d.scored]
+    for group in plan_batches([len(docs[i].ids or ()) for i in live], max_batch_tokens):
+        rows = [live[g] for g in group]
+        for i, result in zip(rows, score_batch([docs[i].ids for i in rows]), strict=True):
+            results[i] = result
+    return results
 
 
 def pad_tokens(ids: list[list[int]], device: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from operators.lm.batch import LogitMetrics, batch_results, pad_tokens
+from operators.lm.batch import LogitMetrics, batch_results, pad_tokens, score_in_batches
 from operators.lm.engine import hf_layer_index
 from operators.lm.heads import Head, ModelInfo
 from operators.lm.metrics import EXACT_METRICS
@@ -51,21 +51,6 @@ if TYPE_CHECKING:
     from operators.lm.engine import DocResult, EngineSettings
 
 log = logging.getLogger("curate.lm")
-
-
-def plan_batches(lengths: list[int], max_batch_tokens: int) -> list[list[int]]:
-    """Indices grouped longest-first so that len(group) · max length ≤ ``max_batch_tokens``.
-
-    A document longer than the budget gets a batch of its own.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    for i in order:
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_batch_tokens:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return batches
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -261,15 +246,8 @@ class TorchEngine:
     def score(self, docs: list[Encoded], heads: list[Head] | None = None,
               cache_layers: set[int] | None = None) -> list[DocResult | None]:
         """DocResult per scored document (None for skipped ones), in input order."""
-        heads, cache_layers = heads or [], cache_layers or set()
-        results: list[DocResult | None] = [None] * len(docs)
-        live = [i for i, d in enumerate(docs) if d.scored]
-        for group in plan_batches([len(docs[i].ids or ()) for i in live], self.max_batch_tokens):
-            rows = [live[g] for g in group]
-            for i, result in zip(rows, self._score_batch([docs[i].ids for i in rows], heads, cache_layers),
-                                 strict=True):
-                results[i] = result
-        return results
+        return score_in_batches(docs, self.max_batch_tokens,
+                                lambda ids: self._score_batch(ids, heads or [], cache_layers or set()))
 
     @torch.inference_mode()
     def _score_batch(self, ids: list[list[int]], heads: list[Head],

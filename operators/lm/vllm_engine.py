@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from operators.lm.batch import LogitMetrics, batch_results, pad_tokens
+from operators.lm.batch import LogitMetrics, batch_results, pad_tokens, score_in_batches
 from operators.lm.engine import hf_layer_index
 from operators.lm.heads import Head, ModelInfo
 from operators.lm.metrics import EXACT_METRICS
@@ -38,7 +38,7 @@ from operators.lm.models import (
     is_local_path,
     load_tokenizer,
 )
-from operators.lm.torch_engine import LMHead, plan_batches
+from operators.lm.torch_engine import LMHead
 from operators.lm.vllm_setup import VLLMOptions, engine_kwargs, load_llm, vllm_environment
 
 if TYPE_CHECKING:
@@ -238,15 +238,8 @@ class VLLMEngine:
     def score(self, docs: list[Encoded], heads: list[Head] | None = None,
               cache_layers: set[int] | None = None) -> list[DocResult | None]:
         """DocResult per scored document (None for skipped ones), in input order."""
-        heads, cache_layers = heads or [], cache_layers or set()
-        results: list[DocResult | None] = [None] * len(docs)
-        live = [i for i, d in enumerate(docs) if d.scored]
-        for group in plan_batches([len(docs[i].ids or ()) for i in live], self.max_batch_tokens):
-            rows = [live[g] for g in group]
-            for i, result in zip(rows, self._score_batch([docs[i].ids for i in rows], heads, cache_layers),
-                                 strict=True):
-                results[i] = result
-        return results
+        return score_in_batches(docs, self.max_batch_tokens,
+                                lambda ids: self._score_batch(ids, heads or [], cache_layers or set()))
 
     def _score_batch(self, ids: list[list[int]], heads: list[Head], cache_layers: set[int]) -> list[DocResult]:
         import torch

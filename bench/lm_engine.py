@@ -195,15 +195,16 @@ def row_child(row: str, model_dir: str, ids_file: str, repeats: int, max_batch_t
     if row == "plain_hf":
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa").eval()
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa").to(device).eval()
         batches = plan_batches([len(d.ids) for d in docs], max_batch_tokens)
-        run = lambda: plain_loop(model, docs, batches, "cpu")  # noqa: E731
+        run = lambda: plain_loop(model, docs, batches, device)  # noqa: E731
     else:
         op = stage_config(row, model_dir, max_batch_tokens).build()
         run = lambda: op.engine.score(docs, op.heads, set())  # noqa: E731
     load = time.perf_counter() - start
     run()  # warm-up
-    seconds = [round(timed(run, "cpu"), 3) for _ in range(repeats)]
+    seconds = [round(timed(run, "cuda" if torch.cuda.is_available() else "cpu"), 3) for _ in range(repeats)]
     out = {"tokens_per_s": round(tokens / min(seconds), 1), "round_seconds": seconds,
            "load_seconds": round(load, 1), "tokens": tokens, "peak_rss_mib": peak_rss_mib()}
     if row == "vllm_full":  # a pass over 3x the documents: the peak must not move

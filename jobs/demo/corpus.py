@@ -21,7 +21,17 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.demo.cache import DemoAssetError, Log, atomic_dir, demo_dir, is_complete, locked, write_json_atomic
+from jobs.demo.cache import (
+    DemoAssetError,
+    Log,
+    atomic_dir,
+    demo_dir,
+    free_threads,
+    is_complete,
+    locked,
+    torch_threads,
+    write_json_atomic,
+)
 from jobs.demo.model import WHEEL_PACKAGE, WHEEL_VERSION, prepare_demo_model
 
 PARALLEL_FILE = Path(__file__).parent / "data" / "parallel_sentences.json"
@@ -235,9 +245,8 @@ def pick_generator() -> str:
 
 def _generate_vllm(prompts: list[str], model_dir: Path, params: GenerationParams, log: Log) -> list[str]:
     """Sample the raw continuations with vLLM in a child process (``jobs.demo.vllm_generate``)."""
-    threads = generation_threads()
-    log(f"demo corpus: generating {len(prompts)} texts with vLLM in one batch, {threads} thread(s) "
-        f"(load {os.getloadavg()[0]:.1f})")
+    threads = free_threads()
+    log(f"demo corpus: generating {len(prompts)} texts with vLLM in one batch, {threads} thread(s)")
     with tempfile.TemporaryDirectory(prefix="curate-generate-") as tmp:
         job, out = Path(tmp) / "job.json", Path(tmp) / "out.json"
         job.write_text(json.dumps({"model": str(model_dir), "prompts": prompts, "params": asdict(params),
@@ -254,36 +263,18 @@ def _generate_vllm(prompts: list[str], model_dir: Path, params: GenerationParams
 
 def _generate_transformers(prompts: list[str], model_dir: Path, params: GenerationParams, log: Log) -> list[str]:
     """Load the model and sample the continuations batch by batch on the cores that are free."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    threads, default_threads = generation_threads(), torch.get_num_threads()
+    threads = free_threads()
     log(f"demo corpus: generating {len(prompts)} texts with transformers (vLLM is not installed), "
-        f"batches of {params.batch_size}, {threads} thread(s) (load {os.getloadavg()[0]:.1f})")
-    torch.set_num_threads(threads)
-    try:
+        f"batches of {params.batch_size}, {threads} thread(s)")
+    with torch_threads(threads):
         return _sample_batches(model, tokenizer, prompts, params, log)
-    finally:
-        torch.set_num_threads(default_threads)
 
 
 GENERATORS = {"vllm": _generate_vllm, "transformers": _generate_transformers}
-
-
-def generation_threads() -> int:
-    """Threads for generation: the cores other processes leave idle, at least 1.
-
-    Oversubscribed cores make torch's OpenMP barriers crawl (5x slower on a 2-core box with one
-    busy neighbour), so fewer threads win. ``CURATE_DEMO_THREADS`` overrides.
-    """
-    import torch
-
-    if env := os.environ.get("CURATE_DEMO_THREADS"):
-        return max(1, int(env))
-    idle = (os.cpu_count() or 1) - round(os.getloadavg()[0])
-    return max(1, min(torch.get_num_threads(), idle))
 
 
 def _sample_batches(model: Any, tokenizer: Any, prompts: list[str], params: GenerationParams,

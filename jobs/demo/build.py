@@ -22,7 +22,9 @@ def prepare_pipeline_assets(cache: Path | None = None, log: Log = print) -> dict
     from jobs.demo.sae import prepare_demo_sae
     from jobs.demo.selection import build_demo_selection_pool
 
-    with torch_threads(free_threads()):
+    threads = free_threads()
+    log(f"demo: building the pipeline assets with {threads} torch thread(s) (the cores free now)")
+    with torch_threads(threads):
         return {"freq": prepare_demo_freq(cache, log), "pawn": timed(prepare_demo_pawn, cache, log),
                 "preselect": timed(prepare_demo_preselect, cache, log), "sae": timed(prepare_demo_sae, cache, log),
                 "selection target": build_demo_selection_pool(cache, log)[1]}

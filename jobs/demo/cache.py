@@ -109,14 +109,13 @@ def build_once(name: str, build: Callable[[Path], dict[str, Any]], cache: Path |
 
 
 def busy_cores(window: float = 0.5) -> float:
-    """Cores in use right now by processes of normal priority: ``/proc/stat`` sampled ``window`` s
-    apart (the 1-min load average where there is no ``/proc``). Niced time counts as free: those
-    processes yield to ours (e.g. Ray's workers, nice 15, took a core from a 1-thread build that
-    could have had two)."""
+    """Cores in use right now by all processes: ``/proc/stat`` sampled ``window`` s apart (the 1-min
+    load average where there is no ``/proc``). Niced time counts as busy: with the kernel's
+    autogroup scheduling (the default), a niced process of another session still takes its share."""
 
     def sample() -> tuple[int, int]:
         fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return sum(fields), fields[1] + fields[3] + fields[4]  # total, nice + idle + iowait
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
 
     try:
         total0, idle0 = sample()

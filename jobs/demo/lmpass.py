@@ -12,14 +12,16 @@ layer they need tapped, replaces three engine runs (and the PreSelect family's f
   Member k (the first k blocks + final norm + LM head) is read off the full model: its logits are
   ``lm_head(norm(hidden_states[k]))``, the very computation of the cut checkpoint (early exit).
 
-All documents are cut to ``DEMO_MAX_TOKENS`` (256) tokens, with no context token added
-(``score_first_token`` off, as in ``pipelines/nightly.yaml``): the members share one tokenizer, so
-every member's loss covers the same span.
+The PAWN documents are cut to ``DEMO_MAX_TOKENS`` (256) tokens, with no context token added
+(``score_first_token`` off, as in ``pipelines/nightly.yaml``); the others to ``SHORT_TOKENS`` (128),
+all that the SAE and the family read (the family reads the first 128 tokens of every document). The
+members share one tokenizer, so every member's loss covers the same span.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +31,14 @@ import pyarrow.parquet as pq
 
 from jobs.demo.cache import Log
 from jobs.demo.pawn import DEMO_MAX_TOKENS, DEMO_MODEL, demo_documents
-from jobs.demo.preselect import DEMO_LAYERS, human_docs, member_name
+from jobs.demo.preselect import DEMO_LAYERS, FAMILY_TOKENS, human_docs, member_name
 from jobs.demo.sae import DEMO_SAE
 from jobs.train.sae import shuffled_texts
 
-#: 1: PAWN documents, SAE activations and family losses from one 256-token pass.
-ASSET_VERSION = 1
+#: 2: documents PAWN does not read cut to 128 tokens (the family reads 128; version 1: 256).
+ASSET_VERSION = 2
+#: Tokens kept of the documents PAWN does not read.
+SHORT_TOKENS = max(FAMILY_TOKENS, DEMO_SAE.max_tokens)
 #: Texts per engine call (the engine packs them into forward passes of ≤ 8192 padded tokens).
 BATCH_ROWS = 16
 
@@ -48,7 +52,7 @@ def prepare_demo_lmpass(cache: Path | None = None, log: Log = print) -> Path:
         counts = run_pass(model_dir, corpus, tmp, log)
         seconds = round(time.perf_counter() - start, 1)
         log(f"demo lm pass: {counts} in {seconds} s")
-        return {**counts, "seconds": seconds, "max_tokens": DEMO_MAX_TOKENS}
+        return {**counts, "seconds": seconds, "max_tokens": DEMO_MAX_TOKENS, "short_tokens": SHORT_TOKENS}
 
     return build_demo_asset("lmpass", build, cache, log, ASSET_VERSION)
 
@@ -64,12 +68,14 @@ def run_pass(model_dir: Path, corpus: Path, out: Path, log: Log) -> dict[str, in
     texts = shuffled_texts(str(corpus), DEMO_SAE)  # the SAE's order; then what it does not reach
     seen = set(texts)
     texts += [t for t in dict.fromkeys([*keeper.pawn_texts, *keeper.family.texts]) if t not in seen]
-    log(f"demo lm pass: {DEMO_MODEL} over up to {len(texts)} texts (max {DEMO_MAX_TOKENS} tokens; layers "
+    log(f"demo lm pass: {DEMO_MODEL} over up to {len(texts)} texts ({DEMO_MAX_TOKENS} tokens for PAWN, else "
+        f"{SHORT_TOKENS}; layers "
         f"{keeper.family.layers} for the PreSelect family, {DEMO_SAE.layer} for the SAE, last for PAWN)")
     start = time.perf_counter()
     for first in range(0, len(texts), BATCH_ROWS):
         chunk = [t for t in texts[first: first + BATCH_ROWS] if keeper.wants(t)]
-        docs = op.engine.encode(chunk)
+        docs = [d if t in keeper.pawn_texts else cut(d, SHORT_TOKENS) for t, d in zip(chunk, op.engine.encode(chunk),
+                                                                                      strict=True)]
         for text, doc, res in zip(chunk, docs, op.engine.score(docs, op.heads, keeper.cache_layers), strict=True):
             keeper.keep(text, doc, res)
         done = min(first + BATCH_ROWS, len(texts))
@@ -84,6 +90,13 @@ def run_pass(model_dir: Path, corpus: Path, out: Path, log: Log) -> dict[str, in
     pq.write_table(pa.Table.from_pylist(rows), out / "family.parquet")
     return {"texts": len(texts), "pawn_docs": pawn.num_rows, "sae_rows": len(acts), "sae_texts": keeper.sae_texts,
             "family_docs": len(rows)}
+
+
+def cut(doc: Any, tokens: int) -> Any:
+    """``doc`` (an ``Encoded``) cut to its first ``tokens`` ids."""
+    if doc.ids is None or len(doc.ids) <= tokens:
+        return doc
+    return replace(doc, ids=doc.ids[:tokens], truncated=True)
 
 
 class Keeper:
@@ -143,20 +156,24 @@ class FamilyReader:
         self.rows: dict[str, dict[str, Any]] = {}
 
     def read(self, text: str, doc: Any, res: Any) -> None:
-        """Row of ``text``: ``<member>__nll_sum``, ``__hits`` (arg-max next tokens), ``__tokens``
-        (scored positions), and ``scored_text`` (the text its ``max_tokens`` ids cover)."""
+        """Row of ``text`` over its first ``FAMILY_TOKENS`` ids: ``<member>__nll_sum``, ``__hits``
+        (arg-max next tokens), ``__tokens`` (scored positions), and ``scored_text`` (the text those
+        ids cover)."""
         import torch
 
         from operators.lm.metrics import nll_sum, token_metrics
 
-        targets = torch.tensor(doc.ids[1:])
-        per_member = {self.full: (res.metrics["logprob"], res.metrics["max_logprob"])}
+        ids = doc.ids[:FAMILY_TOKENS]
+        rows = len(ids) - 1  # scored positions
+        targets = torch.tensor(ids[1:])
+        per_member = {self.full: (res.metrics["logprob"][:rows], res.metrics["max_logprob"][:rows])}
         with torch.inference_mode():
             for k in self.layers:
-                logits = self.engine.head(self.norm(torch.from_numpy(res.hidden[k][:-1])))
+                logits = self.engine.head(self.norm(torch.from_numpy(res.hidden[k][:rows])))
                 m = token_metrics(logits, targets, ("max_logprob",))
                 per_member[k] = (m["logprob"].numpy(), m["max_logprob"].numpy())
-        scored_text = self.engine.tokenizer.decode(doc.ids, skip_special_tokens=True) if doc.truncated else text
+        cut_here = doc.truncated or len(doc.ids) > len(ids)
+        scored_text = self.engine.tokenizer.decode(ids, skip_special_tokens=True) if cut_here else text
         row: dict[str, Any] = {"scored_text": scored_text}
         for k, (logprob, max_logprob) in per_member.items():
             name = member_name(k)

@@ -15,7 +15,7 @@
 
 The members' losses come from the shared demo lm pass (``jobs.demo.lmpass``): one pass of the full
 model, member k read off its layer-k hidden states (``lm_head(norm(h_k))`` is what the cut
-checkpoint computes), all documents cut to ``DEMO_MAX_TOKENS`` tokens. The members share one
+checkpoint computes), all documents cut to ``FAMILY_TOKENS`` tokens. The members share one
 tokenizer, so their losses cover the same span and no document is skipped as truncated.
 
 Every step is cached: a finished directory holds a marker written last and is moved into place
@@ -43,10 +43,12 @@ from jobs.train.preselect import Family, train_from_labels, write_labels
 #: document reaches S = 1 (k=6 has a lower loss than k=15 everywhere), with 20, 24, 28, 30 every
 #: one does. The per-document disagreement that S needs comes from the 15/20 pair, hence these.
 DEMO_LAYERS = (10, 15, 20, 30)
-DEMO_MAX_TOKENS = 256
+#: The members score each document's first 128 tokens: the shared lm pass reads the documents that
+#: only the family and the SAE use (128 tokens each) no further, and the cut models rank the same.
+FAMILY_TOKENS = 128
 #: Human docs not held out that get labelled (of ~190).
 DEMO_LABEL_DOCS = 160
-#: 2: members scored by the shared lm pass (early exit), 256-token windows, no context token.
+#: 2: members scored by the shared lm pass (early exit), 128-token windows, no context token.
 FAMILY_VERSION = 2
 PRESELECT_VERSION = 2
 #: ``curate preselect train`` defaults; a larger held-out share, since the demo labels ~80 docs.
@@ -167,7 +169,7 @@ def prepare_demo_family(cache: Path | None = None, log: Log = print) -> Path:
         check_increasing(scores, {n: k for n, (_, k) in members.items()})
         family = {
             "benchmark": {"metric": "next_token_accuracy", "split": "demo human docs, int(id[:8], 16) % 5 == 0",
-                          "docs": heldout.height, "max_tokens": DEMO_MAX_TOKENS, "version": FAMILY_VERSION,
+                          "docs": heldout.height, "max_tokens": FAMILY_TOKENS, "version": FAMILY_VERSION,
                           "scored_by": "jobs.demo.lmpass (one pass of the full model, early exit per member)",
                           "tokens": {n: m["tokens"] for n, m in measured.items()}},
             "models": [{"name": n, "path": str(p), "backend": "torch", "bench_score": round(scores[n], 6),
@@ -200,8 +202,8 @@ def prepare_demo_preselect(cache: Path | None = None, log: Log = print) -> Path:
         docs, scored = label_pool(prepare_demo_corpus(cache, log), family_losses(cache, log), family)
         meta = {"asset_version": PRESELECT_VERSION, "family": str(family_path), "docs": docs.num_rows}
         with atomic_dir(out, meta) as tmp:
-            log(f"preselect demo: labelling {docs.num_rows} human docs (max {DEMO_MAX_TOKENS} tokens)")
-            write_labels(family, docs, scored, str(tmp / "labels.parquet"), max_tokens=DEMO_MAX_TOKENS, log=log)
+            log(f"preselect demo: labelling {docs.num_rows} human docs (max {FAMILY_TOKENS} tokens)")
+            write_labels(family, docs, scored, str(tmp / "labels.parquet"), max_tokens=FAMILY_TOKENS, log=log)
             report = train_from_labels(str(tmp / "labels.parquet"), str(tmp / "model.bin"), **DEMO_TRAIN)
             report_json = {**report.__dict__, "model_path": str(out / "model.bin")}
             (tmp / "train.json").write_text(json.dumps(report_json, indent=2) + "\n")

@@ -83,6 +83,7 @@ class GenerationParams:
     max_new_tokens: int = 160
     temperature: float = 0.8
     top_p: float = 0.95
+    top_k: int = 50  # transformers' default, which its generate applied here before it was explicit
     repetition_penalty: float = 1.1
     batch_size: int = 30  # transformers only: vLLM takes every prompt in one batch
     seed: int = 1234
@@ -291,7 +292,7 @@ def _sample_batches(model: Any, tokenizer: Any, prompts: list[str], params: Gene
         enc = tokenizer(batch, return_tensors="pt", padding=True)
         with torch.inference_mode():
             out = model.generate(
-                **enc, do_sample=True, temperature=params.temperature, top_p=params.top_p,
+                **enc, do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
                 max_new_tokens=params.max_new_tokens, repetition_penalty=params.repetition_penalty,
                 pad_token_id=tokenizer.pad_token_id)
         new = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -41,7 +41,7 @@ def sample(model: str, prompts: list[str], params: dict[str, Any], threads: int 
 
     llm = LLM(model=model, dtype="float32", enforce_eager=True, seed=params["seed"],
               max_model_len=MAX_MODEL_LEN, max_num_seqs=len(prompts), kv_cache_memory_bytes=KV_CACHE_BYTES)
-    sampling = [SamplingParams(temperature=params["temperature"], top_p=params["top_p"],
+    sampling = [SamplingParams(temperature=params["temperature"], top_p=params["top_p"], top_k=params["top_k"],
                                repetition_penalty=params["repetition_penalty"],
                                max_tokens=params["max_new_tokens"], seed=params["seed"] + i,
                                skip_special_tokens=True)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from jobs.demo.assets import prepare_demo_assets
-from jobs.demo.cache import DemoAssetError, Log
+from jobs.demo.cache import DemoAssetError, Log, free_threads, torch_threads
 
 
 def prepare_pipeline_assets(cache: Path | None = None, log: Log = print) -> dict[str, Path]:
@@ -20,9 +22,20 @@ def prepare_pipeline_assets(cache: Path | None = None, log: Log = print) -> dict
     from jobs.demo.sae import prepare_demo_sae
     from jobs.demo.selection import build_demo_selection_pool
 
-    return {"freq": prepare_demo_freq(cache, log), "pawn": prepare_demo_pawn(cache, log),
-            "preselect": prepare_demo_preselect(cache, log), "sae": prepare_demo_sae(cache, log),
-            "selection target": build_demo_selection_pool(cache, log)[1]}
+    threads = free_threads()
+    log(f"demo: building the pipeline assets with {threads} torch thread(s) (the cores free now)")
+    with torch_threads(threads):
+        return {"freq": prepare_demo_freq(cache, log), "pawn": timed(prepare_demo_pawn, cache, log),
+                "preselect": timed(prepare_demo_preselect, cache, log), "sae": timed(prepare_demo_sae, cache, log),
+                "selection target": build_demo_selection_pool(cache, log)[1]}
+
+
+def timed(prepare: Callable[[Path | None, Log], Path], cache: Path | None, log: Log) -> Path:
+    """``prepare(cache, log)``, saying how long it took."""
+    start = time.perf_counter()
+    out = prepare(cache, log)
+    log(f"demo: {prepare.__name__} done in {time.perf_counter() - start:.1f} s")
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

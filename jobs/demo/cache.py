@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -102,3 +103,51 @@ def build_once(name: str, build: Callable[[Path], dict[str, Any]], cache: Path |
                 meta.update(build(tmp))
             log(f"demo {name}: ready at {out}")
     return out
+
+
+# ---------------------------------------------------------------- CPU threads
+
+
+def busy_cores(window: float = 0.5) -> float:
+    """Cores in use right now by all processes: ``/proc/stat`` sampled ``window`` s apart (the 1-min
+    load average where there is no ``/proc``). Niced time counts as busy: with the kernel's
+    autogroup scheduling (the default), a niced process of another session still takes its share."""
+
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(window)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0]
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / max(1, total1 - total0))
+
+
+def free_threads() -> int:
+    """Threads for the demo's torch work: the cores other processes leave idle, at least 1.
+
+    Oversubscribed cores make torch's OpenMP barriers crawl (5x slower on a 2-core box with one
+    busy neighbour), so fewer threads win. ``CURATE_DEMO_THREADS`` overrides.
+    """
+    import torch
+
+    if env := os.environ.get("CURATE_DEMO_THREADS"):
+        return max(1, int(env))
+    idle = (os.cpu_count() or 1) - round(busy_cores())
+    return max(1, min(torch.get_num_threads(), idle))
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run the block with ``threads`` torch threads, then restore the previous count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

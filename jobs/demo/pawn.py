@@ -9,14 +9,16 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 DEMO_MODEL = "smollm2"
 DEMO_MAX_TOKENS = 256
 DEMO_DOCS_PER_CLASS = 80
 HOLDOUT = 0.3
 ZERO_SHOT = ("ppl", "mean_entropy", "mean_log_rank", "binoculars")
-#: 2: trained with the real h_{t+1} of the last row (the engine keeps the last token's state)
-ASSET_VERSION = 2
+#: 2: trained with the real h_{t+1} of the last row (the engine keeps the last token's state).
+#: 3: features from the shared demo lm pass (``jobs.demo.lmpass``; the corpus's machine docs are vLLM's).
+ASSET_VERSION = 3
 
 
 # ---------------------------------------------------------------------------- the demo head
@@ -42,30 +44,6 @@ def demo_documents(corpus: Path, per_class: int = DEMO_DOCS_PER_CLASS) -> pa.Tab
     return frame.select("id", "text", "label").to_arrow()
 
 
-def score_documents(docs: pa.Table, model_dir: Path, max_tokens: int, batch_rows: int = 16,
-                    log: Any = print) -> pa.Table:
-    """Run the lm operator (last hidden state cached) and the scores operator over ``docs`` in-process."""
-    from operators.lm.stage import LMStageConfig
-    from operators.scores import ScoresConfig
-
-    lm = LMStageConfig(model={"name": DEMO_MODEL, "path": str(model_dir)}, max_tokens=max_tokens,
-                       cache_hidden=["last"]).build()
-    scores = ScoresConfig(model=DEMO_MODEL, zlib=False).build()
-    parts, start = [], time.perf_counter()
-    for first in range(0, docs.num_rows, batch_rows):
-        batch = docs.slice(first, batch_rows)
-        cols = lm.process(batch)
-        for name in cols.column_names:
-            batch = batch.append_column(cols.field(name), cols.column(name))
-        cols = scores.process(batch)
-        for name in cols.column_names:
-            batch = batch.append_column(cols.field(name), cols.column(name))
-        parts.append(batch)
-        log(f"demo pawn: scored {min(first + batch_rows, docs.num_rows)}/{docs.num_rows} docs "
-            f"({time.perf_counter() - start:.0f} s)")
-    return pa.concat_tables(parts)
-
-
 def heldout_eval(head: Any, test_features: pa.Table, scored_test: pa.Table) -> dict[str, dict]:
     """AUROC etc. of PAWN and of every zero-shot score present, on the same held-out documents."""
     from jobs.eval.roc import evaluate_score
@@ -89,35 +67,37 @@ def heldout_eval(head: Any, test_features: pa.Table, scored_test: pa.Table) -> d
     return results
 
 
-def prepare_demo_pawn(cache: Path | None = None, log: Any = print, seed: int = 0,
-                      per_class: int = DEMO_DOCS_PER_CLASS, epochs: int = 5) -> Path:
-    """Train (once) a PAWN head on the demo corpus; return ``<cache>/demo/pawn`` (head + eval.json)."""
+def prepare_demo_pawn(cache: Path | None = None, log: Any = print, seed: int = 0, epochs: int = 5) -> Path:
+    """Train (once) a PAWN head on the demo corpus's PAWN documents (``demo_documents``, scored by the
+    shared lm pass); return ``<cache>/demo/pawn`` (head + eval.json)."""
     from jobs.demo.assets import build_demo_asset
     from operators.detection.pawn import save_pawn
 
     def build(tmp: Path, model_dir: Path, corpus: Path) -> dict:
+        from jobs.demo.lmpass import prepare_demo_lmpass
+
         start = time.perf_counter()
-        report = _train_demo(model_dir, corpus, seed, per_class, epochs, log)
+        scored = pq.read_table(prepare_demo_lmpass(cache, log) / "pawn.parquet")
+        report = _train_demo(model_dir, scored, seed, epochs, log)
         report["seconds"] = round(time.perf_counter() - start, 1)
         save_pawn(report.pop("head"), str(tmp))
         (tmp / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
-        return {"seed": seed, "per_class": per_class, "epochs": epochs}
+        return {"seed": seed, "per_class": DEMO_DOCS_PER_CLASS, "epochs": epochs}
 
     out = build_demo_asset("pawn", build, cache, log, ASSET_VERSION)
     log(format_demo_eval(json.loads((out / "eval.json").read_text())))
     return out
 
 
-def _train_demo(model_dir: Path, corpus: Path, seed: int, per_class: int, epochs: int,
-                log: Any) -> dict:
+def _train_demo(model_dir: Path, scored: pa.Table, seed: int, epochs: int, log: Any) -> dict:
+    """Train on the scored PAWN documents (``demo_documents`` + the lm and scores columns) but a
+    stratified held-out share, and evaluate there."""
     from operators.detection.features import features_from_documents
     from operators.detection.train import train_pawn
 
-    docs = demo_documents(corpus, per_class)
-    held = stratified_holdout(docs.column("label").to_numpy(), HOLDOUT, seed)
-    log(f"demo pawn: {docs.num_rows} docs ({int(held.sum())} held out), scoring with {model_dir.name} "
+    held = stratified_holdout(scored.column("label").to_numpy(), HOLDOUT, seed)
+    log(f"demo pawn: {scored.num_rows} docs ({int(held.sum())} held out), scored by {model_dir.name} "
         f"(max {DEMO_MAX_TOKENS} tokens)")
-    scored = score_documents(docs, model_dir, DEMO_MAX_TOKENS, log=log)
     train, test = scored.filter(pa.array(~held)), scored.filter(pa.array(held))
     head, history = train_pawn(features_from_documents(train, DEMO_MODEL), epochs=epochs, seed=seed)
     log(f"demo pawn: trained {epochs} epochs, last train loss {history[-1]['loss']:.3f}")

@@ -10,8 +10,13 @@
       acc_i = Σ_d Σ_j 1[log p_i(x_{j+1} | x_≤j) = max_v log p_i(v | x_≤j)] / Σ_d n_scored(d)
 
   (the ``lm`` stage's ``logprob == max_logprob``: u_t = 0 exactly at the arg-max);
-* ``preselect/``: ``labels.parquet`` (the other human docs, labelled by ``curate preselect
-  label``), ``model.bin`` (``curate preselect train``) and ``train.json`` (its report).
+* ``preselect/``: ``labels.parquet`` (the other human docs, labelled by predictive strength as
+  ``curate preselect label`` does), ``model.bin`` (``curate preselect train``) and ``train.json``.
+
+The members' losses come from the shared demo lm pass (``jobs.demo.lmpass``): one pass of the full
+model, member k read off its layer-k hidden states (``lm_head(norm(h_k))`` is what the cut
+checkpoint computes), all documents cut to ``FAMILY_TOKENS`` tokens. The members share one
+tokenizer, so their losses cover the same span and no document is skipped as truncated.
 
 Every step is cached: a finished directory holds a marker written last and is moved into place
 atomically (the helpers of ``jobs.demo``), so a rerun does no work.
@@ -21,20 +26,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 import yaml
 
 from jobs.demo.cache import Log, atomic_dir, demo_dir, is_complete, locked
 from jobs.demo.corpus import prepare_demo_corpus
 from jobs.demo.model import prepare_demo_model
-from jobs.train.preselect import Family, label_documents, score_with_family, train_from_labels
+from jobs.train.preselect import Family, train_from_labels, write_labels
 
 #: Blocks kept per family member (the demo model has 30); the last is the demo model itself.
 #: Measured on the demo corpus (256 tokens): accuracy rises with k (k=6..30: .03 .04 .08 .11 .20
@@ -42,9 +43,14 @@ from jobs.train.preselect import Family, label_documents, score_with_family, tra
 #: document reaches S = 1 (k=6 has a lower loss than k=15 everywhere), with 20, 24, 28, 30 every
 #: one does. The per-document disagreement that S needs comes from the 15/20 pair, hence these.
 DEMO_LAYERS = (10, 15, 20, 30)
-DEMO_MAX_TOKENS = 256
-#: Human docs not held out that get labelled (of ~190); keeps labelling to a few minutes.
+#: The members score each document's first 128 tokens: the shared lm pass reads the documents that
+#: only the family and the SAE use (128 tokens each) no further, and the cut models rank the same.
+FAMILY_TOKENS = 128
+#: Human docs not held out that get labelled (of ~190).
 DEMO_LABEL_DOCS = 160
+#: 2: members scored by the shared lm pass (early exit), 128-token windows, no context token.
+FAMILY_VERSION = 2
+PRESELECT_VERSION = 2
 #: ``curate preselect train`` defaults; a larger held-out share, since the demo labels ~80 docs.
 DEMO_TRAIN = {"valid_fraction": 0.2}
 FAMILY_FILE = "family.yaml"
@@ -110,29 +116,6 @@ def human_docs(corpus: Path) -> pa.Table:
     return frame.filter(pl.col("label") == 0).select("id", "text").sort("id").to_arrow()
 
 
-def next_token_accuracy(scored: pl.DataFrame, names: list[str]) -> dict[str, dict[str, float]]:
-    """acc = #(logprob == max_logprob) / #scored positions, per model, over all documents."""
-    out = {}
-    for n in names:
-        hits = tokens = 0
-        for lp, mx in zip(scored[f"{n}__logprob"].to_list(), scored[f"{n}__max_logprob"].to_list(), strict=True):
-            if lp is None:
-                continue
-            lp, mx = np.asarray(lp, np.float32), np.asarray(mx, np.float32)
-            hits, tokens = hits + int((lp == mx).sum()), tokens + lp.size
-        out[n] = {"accuracy": hits / tokens if tokens else float("nan"), "tokens": tokens}
-    return out
-
-
-def measure_family(members: dict[str, tuple[Path, int]], heldout: pa.Table, log: Log) -> dict:
-    """Score every member on ``heldout`` in one pipeline; their next-token accuracies."""
-    unscored = Family(models=[{"name": n, "path": str(p), "bench_score": 0.0, "layers": k}
-                              for n, (p, k) in members.items()])
-    scored = score_with_family(unscored, heldout, DEMO_MAX_TOKENS, metrics=("logprob", "max_logprob"),
-                               keep_positions=True, batch_size=8, log=log)
-    return next_token_accuracy(scored, list(members))
-
-
 def check_increasing(scores: dict[str, float], layers: dict[str, int]) -> None:
     """Raise unless the benchmark score strictly increases with the number of blocks."""
     ordered = sorted(scores, key=lambda n: layers[n])
@@ -142,30 +125,52 @@ def check_increasing(scores: dict[str, float], layers: dict[str, int]) -> None:
         raise RuntimeError(f"benchmark scores do not increase with depth: {shown}")
 
 
+def family_losses(cache: Path | None, log: Log) -> pl.DataFrame:
+    """Per human doc (id, scored_text): each member's nll_sum, hits and tokens (the shared lm pass)."""
+    from jobs.demo.lmpass import prepare_demo_lmpass
+
+    return pl.read_parquet(prepare_demo_lmpass(cache, log) / "family.parquet")
+
+
+def next_token_accuracy(losses: pl.DataFrame, names: list[str]) -> dict[str, dict[str, float]]:
+    """acc = Σ hits / Σ scored positions, per member, over the documents of ``losses``."""
+    out = {}
+    for n in names:
+        hits, tokens = int(losses[f"{n}__hits"].sum()), int(losses[f"{n}__tokens"].sum())
+        out[n] = {"accuracy": hits / tokens if tokens else float("nan"), "tokens": tokens}
+    return out
+
+
+def family_is_current(path: Path) -> bool:
+    """``family.yaml`` exists and was measured the way this version measures it."""
+    if not path.is_file():
+        return False
+    return (yaml.safe_load(path.read_text()) or {}).get("benchmark", {}).get("version") == FAMILY_VERSION
+
+
 def prepare_demo_family(cache: Path | None = None, log: Log = print) -> Path:
     """Build (or reuse) the demo family and its measured ``family.yaml``; return its path."""
     demo = demo_dir(cache)
     path = demo / "family" / FAMILY_FILE
-    if path.is_file():
+    if family_is_current(path):
         log(f"preselect family: cached at {path}")
         return path
-    model_dir, corpus = prepare_demo_model(cache, log), prepare_demo_corpus(cache, log)
+    model_dir = prepare_demo_model(cache, log)
     (demo / "family").mkdir(exist_ok=True)
     with locked(demo / "family", FAMILY_FILE):
-        if path.is_file():
+        if family_is_current(path):
             return path
         members = {member_name(k): (prepare_member(demo, model_dir, k, log), k) for k in DEMO_LAYERS}
-        docs = human_docs(corpus)
-        heldout = docs.filter(pa.array([is_heldout(i) for i in docs.column("id").to_pylist()]))
-        start = time.perf_counter()
-        measured = measure_family(members, heldout, log)
+        losses = family_losses(cache, log)
+        heldout = losses.filter(pl.col("id").map_elements(is_heldout, return_dtype=pl.Boolean))
+        measured = next_token_accuracy(heldout, list(members))
         scores = {n: m["accuracy"] for n, m in measured.items()}
-        log("preselect family: next-token accuracy " + ", ".join(f"{n} {s:.4f}" for n, s in scores.items())
-            + f" ({time.perf_counter() - start:.0f} s)")
+        log("preselect family: next-token accuracy " + ", ".join(f"{n} {s:.4f}" for n, s in scores.items()))
         check_increasing(scores, {n: k for n, (_, k) in members.items()})
         family = {
             "benchmark": {"metric": "next_token_accuracy", "split": "demo human docs, int(id[:8], 16) % 5 == 0",
-                          "docs": heldout.num_rows, "max_tokens": DEMO_MAX_TOKENS,
+                          "docs": heldout.height, "max_tokens": FAMILY_TOKENS, "version": FAMILY_VERSION,
+                          "scored_by": "jobs.demo.lmpass (one pass of the full model, early exit per member)",
                           "tokens": {n: m["tokens"] for n, m in measured.items()}},
             "models": [{"name": n, "path": str(p), "backend": "torch", "bench_score": round(scores[n], 6),
                         "layers": k} for n, (p, k) in members.items()],
@@ -182,31 +187,42 @@ def prepare_demo_family(cache: Path | None = None, log: Log = print) -> Path:
 
 
 def prepare_demo_preselect(cache: Path | None = None, log: Log = print) -> Path:
-    """Build (or reuse) the demo PreSelect scorer ``<cache>/demo/preselect/model.bin``."""
+    """Build (or reuse) the demo PreSelect scorer ``<cache>/demo/preselect/model.bin``: the first
+    ``DEMO_LABEL_DOCS`` human docs not held out, labelled by predictive strength over the family."""
     demo = demo_dir(cache)
     out = demo / "preselect"
-    if is_complete(out):
+    if is_complete(out, PRESELECT_VERSION):
         log(f"preselect demo: cached at {out / 'model.bin'}")
         return out / "model.bin"
     family_path = prepare_demo_family(cache, log)
-    corpus = prepare_demo_corpus(cache, log)
     with locked(demo, "preselect"):
-        if is_complete(out):
+        if is_complete(out, PRESELECT_VERSION):
             return out / "model.bin"
         family = Family.model_validate(yaml.safe_load(family_path.read_text()))
-        docs = human_docs(corpus)
-        pool = docs.filter(pa.array([not is_heldout(i) for i in docs.column("id").to_pylist()]))
-        pool = pool.slice(0, DEMO_LABEL_DOCS)
-        with tempfile.TemporaryDirectory(prefix="curate-preselect-demo-") as sample, \
-                atomic_dir(out, {"family": str(family_path), "docs": pool.num_rows}) as tmp:
-            pq.write_table(pool, Path(sample) / "sample.parquet")
-            label_documents(family, sample, str(tmp / "labels.parquet"), max_tokens=DEMO_MAX_TOKENS, log=log)
+        docs, scored = label_pool(prepare_demo_corpus(cache, log), family_losses(cache, log), family)
+        meta = {"asset_version": PRESELECT_VERSION, "family": str(family_path), "docs": docs.num_rows}
+        with atomic_dir(out, meta) as tmp:
+            log(f"preselect demo: labelling {docs.num_rows} human docs (max {FAMILY_TOKENS} tokens)")
+            write_labels(family, docs, scored, str(tmp / "labels.parquet"), max_tokens=FAMILY_TOKENS, log=log)
             report = train_from_labels(str(tmp / "labels.parquet"), str(tmp / "model.bin"), **DEMO_TRAIN)
             report_json = {**report.__dict__, "model_path": str(out / "model.bin")}
             (tmp / "train.json").write_text(json.dumps(report_json, indent=2) + "\n")
             log(f"preselect demo: held-out precision {report.precision:.3f}, recall {report.recall:.3f}")
     log(f"preselect demo: ready at {out / 'model.bin'}")
     return out / "model.bin"
+
+
+def label_pool(corpus: Path, losses: pl.DataFrame, family: Family) -> tuple[pa.Table, pl.DataFrame]:
+    """The docs to label (id, text, scored_text) and their members' losses (``label_frame`` input).
+
+    ``<member>__truncated`` is False throughout: every member scored the same ``max_tokens`` ids."""
+    docs = human_docs(corpus)
+    pool = docs.filter(pa.array([not is_heldout(i) for i in docs.column("id").to_pylist()])).slice(0, DEMO_LABEL_DOCS)
+    pool_losses = pl.DataFrame({"id": pool.column("id").to_pylist()}).join(losses, on="id", how="left")
+    pool = pool.append_column("scored_text", pool_losses["scored_text"].to_arrow())
+    scored = pool_losses.select("id", *[pl.col(f"{m.name}__nll_sum") for m in family.models],
+                                *[pl.lit(False).alias(f"{m.name}__truncated") for m in family.models])
+    return pool, scored
 
 
 def main() -> None:

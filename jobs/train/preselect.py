@@ -229,6 +229,14 @@ def label_documents(family: Family, input_url: str, output: str, *, max_docs: in
         + (f"; {dupes} repeated ids dropped)" if dupes else ")"))
     scored_input = docs.select(["id", "scored_text"]).rename_columns(["id", "text"])
     scored = score_with_family(family, scored_input, max_tokens, batch_size=batch_size, address=address, log=log)
+    return write_labels(family, docs, scored, output, max_tokens=max_tokens, n_positive=n_positive,
+                        n_negative=n_negative, log=log)
+
+
+def write_labels(family: Family, docs: pa.Table, scored: pl.DataFrame, output: str, *, max_tokens: int,
+                 n_positive: int | None = None, n_negative: int | None = None, log=print) -> pl.DataFrame:
+    """Label ``docs`` (id, text, scored_text) from the family's losses ``scored`` (``label_frame``),
+    say how, write ``output``; return the labels."""
     labels, skipped, strength = label_frame(family, docs, scored, n_positive, n_negative)
     n_skipped = sum(skipped.values())
     log(f"skipped {n_skipped} documents (missing a model's loss: {skipped['missing_loss']}, "

@@ -49,38 +49,57 @@ class SAETrainReport:
                 f"  held-out FVU {self.fvu:.4f}   dead latents {100 * self.dead_fraction:.1f}%")
 
 
+def shuffled_texts(input_url: str, s: TrainSettings) -> list[str]:
+    """The texts activations are collected from, in collection order (a shuffle seeded by ``s.seed``)."""
+    from operators.sae.stage import read_texts
+
+    texts = read_texts(input_url, s.text_column)
+    random.Random(s.seed).shuffle(texts)
+    return texts
+
+
 def train_sae(input_url: str, model: str, output: str | Path, s: TrainSettings, log: Log = print) -> SAETrainReport:
     """Collect activations through the LM engine, train, save (sparsify layout), report.
 
     ``s.layer`` is the HF ``hidden_states`` index; sparsify names the output of block L-1, so the
     SAE is written to ``<output>/layers.<L-1>/``."""
-    import torch
-
     from operators.sae.embed import collect_activations, open_tap_engine
     from operators.sae.head import check_sae_layer
-    from operators.sae.io import save_sparsify
-    from operators.sae.stage import read_texts
-    from operators.sae.train import train_topk_sae
 
-    texts = read_texts(input_url, s.text_column)
-    random.Random(s.seed).shuffle(texts)
+    texts = shuffled_texts(input_url, s)
     start = time.perf_counter()
     engine = open_tap_engine(model, s.layer, max_tokens=s.max_tokens)
     check_sae_layer(s.layer, engine.num_layers, f"model {model!r}")
     log(f"sae train: collecting up to {s.max_rows} layer-{s.layer} activations from {len(texts)} texts")
     acts = collect_activations(engine, texts, s.layer, s.max_rows, s.skip_first)
     del engine
-    collected = time.perf_counter() - start
-    log(f"sae train: {acts.shape[0]} activations [{acts.shape[1]}] in {collected:.1f} s; "
+    source = {"input": str(input_url), "model": str(model), "n_texts": len(texts),
+              "seconds_collect": round(time.perf_counter() - start, 1)}
+    return train_on_activations(acts, output, s, source, log)
+
+
+def train_on_activations(acts: Any, output: str | Path, s: TrainSettings, source: dict[str, Any],
+                         log: Log = print) -> SAETrainReport:
+    """Train on collected activations [N, H], save (sparsify layout), write ``train_stats.json``.
+
+    ``source`` says where the activations came from: ``input``, ``model``, ``n_texts`` and
+    ``seconds_collect`` (reported), and anything else worth recording."""
+    import torch
+
+    from operators.sae.io import save_sparsify
+    from operators.sae.train import train_topk_sae
+
+    log(f"sae train: {acts.shape[0]} activations [{acts.shape[1]}] in {source['seconds_collect']:.1f} s; "
         f"training d_sae={s.d_sae} k={s.k} for {s.epochs} epochs")
     start = time.perf_counter()
     sae, stats = train_topk_sae(acts, s.d_sae, s.k, epochs=s.epochs, lr=s.lr, batch_size=s.batch_size,
                                 seed=s.seed)
     trained = time.perf_counter() - start
     path = save_sparsify(sae, output, layer=s.layer)
-    report = SAETrainReport(path, stats.fvu, stats.dead_fraction, stats.n_train, stats.n_valid, len(texts),
-                         round(collected, 1), round(trained, 1))
-    meta = {**{k: v for k, v in asdict(report).items() if k != "path"},
-            "settings": asdict(s), "input": str(input_url), "model": str(model), "torch": torch.__version__}
+    report = SAETrainReport(path, stats.fvu, stats.dead_fraction, stats.n_train, stats.n_valid,
+                            source["n_texts"], source["seconds_collect"], round(trained, 1))
+    meta = {**{k: v for k, v in asdict(report).items() if k != "path"}, "settings": asdict(s),
+            **{k: v for k, v in source.items() if k not in ("n_texts", "seconds_collect")},
+            "torch": torch.__version__}
     (path / "train_stats.json").write_text(json.dumps(meta, indent=2) + "\n")
     return report

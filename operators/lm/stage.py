@@ -68,8 +68,8 @@ class LMStageConfig(StageConfig):
     keep_positions: bool = Field(True, description="False: only per-document scalars.")
     max_batch_tokens: int = Field(8192, gt=0, description="Padded tokens per forward pass (B·T).")
     cpu_threads: int | None = Field(
-        None, gt=0, description="torch threads on CPU (default: Ray's, = resources.num_cpus rounded up to 1); "
-        "vLLM binds its own (the cores the actor may use).")
+        None, gt=0, description="threads on CPU (torch default: Ray's, = resources.num_cpus rounded up to 1; "
+        "vLLM default: the cores the actor may use).")
     score_first_token: bool = Field(
         False, description="Prepend BOS, else EOS, where the tokenizer adds neither, so the first content "
         "token is scored too (PreSelect model families with mixed BOS policies).")

@@ -187,9 +187,9 @@ class VLLMEngine:
     def __init__(self, spec: ModelSpec, *, max_tokens: int = 1024, metrics: tuple[str, ...] = EXACT_METRICS,
                  layers: set[int | str] | None = None, observer: ModelSpec | None = None,
                  options: VLLMOptions | None = None, max_batch_tokens: int = 8192,
-                 score_first_token: bool = False) -> None:
+                 score_first_token: bool = False, cpu_threads: int | None = None) -> None:
         options = options or VLLMOptions()
-        vllm_environment(options)
+        vllm_environment(options, cpu_threads)
         self.spec, self.max_batch_tokens = spec, max_batch_tokens
         self.tokenizer = load_tokenizer(spec)
         self.encoder = TextEncoder(self.tokenizer, max_tokens, score_first_token)
@@ -218,7 +218,8 @@ class VLLMEngine:
 
             return VLLMPromptLogprobsEngine.from_settings(s)
         return cls(s.model, max_tokens=s.max_tokens, metrics=s.metrics, layers=s.layers, observer=s.observer,
-                   options=options, max_batch_tokens=s.max_batch_tokens, score_first_token=s.score_first_token)
+                   options=options, max_batch_tokens=s.max_batch_tokens, score_first_token=s.score_first_token,
+                   cpu_threads=s.cpu_threads)
 
     def model_info(self) -> ModelInfo:
         return ModelInfo(self.spec.name, self.hidden_size, self.num_layers, self.lm.vocab_size,

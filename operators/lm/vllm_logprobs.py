@@ -31,8 +31,8 @@ class VLLMPromptLogprobsEngine:
     """Scores documents with ``vllm.LLM`` prompt logprobs (see the module docstring)."""
 
     def __init__(self, spec: ModelSpec, *, max_tokens: int, metrics: tuple[str, ...] = TOPK_METRICS,
-                 options: VLLMOptions, score_first_token: bool = False) -> None:
-        vllm_environment(options)
+                 options: VLLMOptions, score_first_token: bool = False, cpu_threads: int | None = None) -> None:
+        vllm_environment(options, cpu_threads)
         import torch
         from vllm import SamplingParams
 
@@ -51,7 +51,7 @@ class VLLMPromptLogprobsEngine:
         if s.observer is not None or s.layers:
             raise ValueError("vllm.mode 'prompt_logprobs' has no hidden-state taps or observer; use mode: exact")
         return cls(s.model, max_tokens=s.max_tokens, metrics=s.metrics, options=s.vllm or VLLMOptions(),
-                   score_first_token=s.score_first_token)
+                   score_first_token=s.score_first_token, cpu_threads=s.cpu_threads)
 
     def model_info(self) -> ModelInfo:
         config = self.llm.llm_engine.model_config

@@ -58,9 +58,18 @@ class VLLMOptions(StrictModel):
         return self
 
 
-def vllm_environment(options: VLLMOptions) -> None:
-    """Process environment vLLM reads at import / engine start."""
+def vllm_environment(options: VLLMOptions, cpu_threads: int | None = None) -> None:
+    """Process environment vLLM reads at import / engine start.
+
+    On CPU vLLM would pin one OpenMP thread per core it sees; a pinned thread whose core another
+    process also uses stalls every parallel region (decoding ran ~20x slower on the 2-core dev box
+    next to a busy neighbour), and a pipeline's actors share cores. So threads are not pinned
+    (``VLLM_CPU_OMP_THREADS_BIND=nobind``; set the variable to pin) and their number is
+    ``cpu_threads`` (default: the cores this process may use).
+    """
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if options.multiprocessing else "0"
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    os.environ["OMP_NUM_THREADS"] = str(cpu_threads or len(os.sched_getaffinity(0)))
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -152,7 +152,6 @@ class FamilyReader:
         self.full = engine.num_layers
         self.layers = [k for k in DEMO_LAYERS if k != self.full]
         self.cache_layers = {engine.resolve_layer(k) for k in self.layers}
-        self.norm = engine.model.base_model.norm  # the final norm every cut checkpoint keeps
         self.rows: dict[str, dict[str, Any]] = {}
 
     def read(self, text: str, doc: Any, res: Any) -> None:
@@ -169,7 +168,7 @@ class FamilyReader:
         per_member = {self.full: (res.metrics["logprob"][:rows], res.metrics["max_logprob"][:rows])}
         with torch.inference_mode():
             for k in self.layers:
-                logits = self.engine.head(self.norm(torch.from_numpy(res.hidden[k][:rows])))
+                logits = self.engine.early_exit_logits(torch.from_numpy(res.hidden[k][:rows]))
                 m = token_metrics(logits, targets, ("max_logprob",))
                 per_member[k] = (m["logprob"].numpy(), m["max_logprob"].numpy())
         cut_here = doc.truncated or len(doc.ids) > len(ids)

@@ -203,6 +203,11 @@ class TorchEngine:
                    observer=s.observer, max_batch_tokens=s.max_batch_tokens,
                    score_first_token=s.score_first_token)
 
+    def early_exit_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [N,V] of the model cut after the block whose output is ``hidden`` [N,H]: the final
+        norm, then the LM head (what a checkpoint keeping only the first k blocks computes)."""
+        return self.head(self.model.base_model.norm(hidden.to(self.device)))
+
     def model_info(self) -> ModelInfo:
         return ModelInfo(self.spec.name, self.hidden_size, self.num_layers, self.head.vocab_size,
                          self.device, self.model.dtype)

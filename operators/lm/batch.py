@@ -39,8 +39,11 @@ class LogitMetrics:
                  observer_head: Logits | None = None) -> None:
         self.head, self.observer_head = head, observer_head
         self.vocab_size, self.names, self.device = vocab_size, names, device
-        # logits rows per chunk: [rows, V] float32 buffers of 128 MiB on CPU, 512 MiB on GPU
-        self.rows = chunk_rows(vocab_size, 1 << (27 if str(device).startswith("cuda") else 25))
+        # logits rows per chunk: [rows, V] float32 buffers of 512 MiB on GPU; on CPU ~20 MiB (106
+        # rows of SmolLM2's 49,152), so that the ~10 passes over a chunk run from cache: metrics of
+        # 13k tokens took 3.6 s in 682-row chunks and 1.7 s in 96-row ones on the 2-core dev box
+        # (the vllm_full row of bench.lm_engine: 702 -> 853 tokens/s)
+        self.rows = chunk_rows(vocab_size, (1 << 27) if str(device).startswith("cuda") else (5 << 20))
         self._scratch: tuple[torch.Tensor, ...] | None = None
 
     def __call__(self, h: torch.Tensor, targets: torch.Tensor,

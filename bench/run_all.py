@@ -128,7 +128,8 @@ def lm_engine_rows(r: dict) -> list[Row]:
          r["vllm_full_vs_torch"], f"{full} vs {_n(r['torch_full_tokens_per_s'])}"),
         ("lm_engine (CPU)", "torch engine (6 metrics + heads) vs plain HF loop (logprob only), tokens/s",
          r["torch_vs_plain_hf"], f"{_n(r['torch_full_tokens_per_s'])} vs {_n(r['plain_hf_tokens_per_s'])}"),
-        ("lm_engine (CPU)", "vLLM engine peak RSS, a pass over 3× the documents vs 1×",
+        ("lm_engine (CPU)", "vLLM engine peak RSS after 3× the documents more in the stage's batches of 32 "
+         "vs after the timed passes (see README: not yet understood)",
          round(memory["peak_rss_mib_after_3x_docs"] / memory["peak_rss_mib"], 3),
          f"{_n(memory['peak_rss_mib_after_3x_docs'])} vs {_n(memory['peak_rss_mib'])} MiB "
          f"(max_batch_tokens {_n(r['max_batch_tokens'])})"),

@@ -20,7 +20,6 @@ The top-k prompt-logprob engine (``vllm.mode: prompt_logprobs``) is ``operators.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,9 +45,6 @@ if TYPE_CHECKING:
     from torch import nn
 
     from operators.lm.engine import DocResult, EngineSettings
-
-log = logging.getLogger("curate.lm")
-
 
 def decoder_blocks(model: nn.Module, num_layers: int) -> nn.ModuleList:
     """The loaded model's list of ``num_layers`` decoder blocks."""

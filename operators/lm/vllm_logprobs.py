@@ -10,7 +10,6 @@ exact, and the top-k logprobs, from which ``topk_metrics`` estimates entropy, to
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,9 +22,6 @@ from operators.lm.vllm_setup import VLLMOptions, engine_kwargs, load_llm, vllm_e
 
 if TYPE_CHECKING:
     from operators.lm.engine import EngineSettings
-
-log = logging.getLogger("curate.lm")
-
 
 class VLLMPromptLogprobsEngine:
     """Scores documents with ``vllm.LLM`` prompt logprobs (see the module docstring)."""

@@ -74,12 +74,12 @@ def vllm_environment(options: VLLMOptions, cpu_threads: int | None = None) -> No
     # A Ray worker's OpenMP runtime is already up with Ray's OMP_NUM_THREADS (1 for a fractional
     # CPU), and vLLM's CPU worker then turns torch.set_num_threads into a no-op: set it now, with
     # the function vLLM does not replace (the lm stage ran on one thread in a Ray actor otherwise).
-    import torch
-
-    torch._C.set_num_threads(threads)
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    torch._C.set_num_threads(threads)
 
 
 def engine_kwargs(spec: ModelSpec, max_tokens: int, options: VLLMOptions, on_gpu: bool,

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: install run test lint bench demo pipeline-assets clean chromium
+.PHONY: install run test lint bench demo pipeline-assets clean chromium postgres
 
 $(BIN)/python:
 	@echo "==> creating $(VENV) with $(PY)"
@@ -41,7 +41,14 @@ chromium:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	else echo "==> chromium missing and not root: the report screenshot test will skip"; fi
 
-test: demo chromium
+postgres:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then echo "==> postgres present (many-machines tests)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "==> installing Debian postgresql for the many-machines tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	else echo "==> postgres missing and not root: the many-machines tests will skip"; fi
+
+test: demo chromium postgres
 	@echo "==> running the test suite"
 	$(BIN)/python -m pytest -q tests
 

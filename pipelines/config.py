@@ -22,6 +22,7 @@ from pydantic import Field, ValidationError, field_validator
 from operators.base import StrictModel
 from operators.registry import STAGE_CONFIGS
 from pipelines.plan import plan_errors
+from pipelines.storage import StorageConfig
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _DEFAULTS = {"CURATE_CACHE": str(Path.home() / ".cache" / "curate")}
@@ -57,6 +58,9 @@ class OutputConfig(StrictModel):
     catalog: dict[str, str | int | bool] = Field(
         default_factory=dict, description="pyiceberg catalog properties (type, uri, warehouse, ...); "
         "empty: a SQLite catalog inside the output (local outputs only).")
+    storage: StorageConfig | None = Field(
+        None, description="Object store endpoint, region and credentials, for fsspec and the catalog's "
+        "FileIO alike (each field defaults to its AWS_* environment variable).")
     write_batch_rows: int = Field(4096, gt=0, description="Rows per staged Parquet file (at most).")
 
 

@@ -1,10 +1,11 @@
 """Turn a pipeline definition into a Ray Data plan, run it, and commit its tables.
 
-    lock + preflight ──> shards ──read (tasks)──> stage 1 (actor pool) ──> … ──> staged writer
+    lock + preflight ──> shards ──read (tasks)──> stage 1 (actor pool) ──> … ──> staged writer (tasks)
         ──> finalize ──> commit (one Iceberg transaction per table) ──> runs row (the commit point)
 
-The driver only lists shard URLs and collects one small stats row per written batch; documents
-stream through Ray's object store and are written by the workers.
+The driver only lists shard URLs and collects one small stats row per written batch, which names
+the files the batch was written to (``pipelines.staging.StagedFile``); documents stream through
+Ray's object store and are written by the workers. The commit adds exactly the reported files.
 """
 
 from __future__ import annotations
@@ -37,16 +38,16 @@ from pipelines.lock import LockHeld, lock_path, run_lock
 from pipelines.progress import ProgressCounter, ProgressReporter, quiet_ray_data, ray_init_options
 from pipelines.resources import READ_CPUS, WRITER_CPUS, check_resources, shortfalls
 from pipelines.stage_runner import SECONDS_PREFIX, StageRunner
+from pipelines.staging import StagedFile, decode_files, discard, encode_files, stage_rows
+from pipelines.storage import apply_storage
 from pipelines.tables import (
     RunLayout,
     append_run_row,
     commit_night,
-    discard_staged,
     load_table,
     now,
     open_output,
     preflight,
-    stage_rows,
 )
 
 __all__ = ["RunFailed", "RunResult", "check_cpu_budget", "run_pipeline"]
@@ -130,33 +131,32 @@ def check_cpu_budget(cfg: PipelineConfig, cluster_cpus: float, autoscaling: bool
         raise ConfigError("\n".join(missing))
 
 
-def _read_shards(batch: pa.Table, input_cfg: dict) -> pa.Table:
+def _read_shards(batch: pa.Table, input_cfg: dict, storage: object = None) -> pa.Table:
+    apply_storage(storage)  # input shards on the output's object store use its settings
     for url in batch.column("url").to_pylist():
         yield from read_shard(url, **input_cfg)
 
 
-class StagedWriter:
-    """Last stage: write each batch's documents and quarantine rows to staging; emit its stats."""
-
-    def __init__(self, layout: RunLayout) -> None:
-        self.layout = layout
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        seconds = {c.removeprefix(SECONDS_PREFIX): pc.sum(batch.column(c)).as_py() or 0.0
-                   for c in batch.column_names if c.startswith(SECONDS_PREFIX)}
-        batch = batch.drop_columns([c for c in batch.column_names if c.startswith(SECONDS_PREFIX)])
-        bad = pc.is_valid(batch.column("quarantine_reason"))
-        key = batch_key(batch)
-        docs, quarantined = batch.filter(pc.invert(bad)), batch.filter(bad)
-        for table, rows in (("documents", docs), ("quarantine", quarantined)):
-            if rows.num_rows:
-                rows = rows.drop_columns([c for c in ("quarantine_reason", "quarantine_stage", "text_bytes")
-                                          if c in rows.column_names]) if table == "documents" else rows
-                stage_rows(self.layout.output, table, self.layout.run_date, self.layout.run_id,
-                           f"part-{key}", rows)
-        by_stage = Counter(quarantined.column("quarantine_stage").to_pylist())
-        return pa.table({"key": [key], "rows": [batch.num_rows],
-                         "quarantined_by": [json.dumps(by_stage)], "seconds_by": [json.dumps(seconds)]})
+def write_staged(batch: pa.Table, layout: RunLayout) -> pa.Table:
+    """Last step (a Ray task per batch): write the batch's documents and quarantine rows to staging;
+    emit its stats row, which names the files written (``files``: encoded ``StagedFile``s)."""
+    seconds = {c.removeprefix(SECONDS_PREFIX): pc.sum(batch.column(c)).as_py() or 0.0
+               for c in batch.column_names if c.startswith(SECONDS_PREFIX)}
+    batch = batch.drop_columns([c for c in batch.column_names if c.startswith(SECONDS_PREFIX)])
+    bad = pc.is_valid(batch.column("quarantine_reason"))
+    key = batch_key(batch)
+    docs, quarantined = batch.filter(pc.invert(bad)), batch.filter(bad)
+    written = []
+    for table, rows in (("documents", docs), ("quarantine", quarantined)):
+        if rows.num_rows:
+            rows = rows.drop_columns([c for c in ("quarantine_reason", "quarantine_stage", "text_bytes")
+                                      if c in rows.column_names]) if table == "documents" else rows
+            written.append(stage_rows(layout.output, table, layout.run_date, layout.run_id,
+                                      f"part-{key}", rows))
+    by_stage = Counter(quarantined.column("quarantine_stage").to_pylist())
+    return pa.table({"key": [key], "rows": [batch.num_rows],
+                     "quarantined_by": [json.dumps(by_stage)], "seconds_by": [json.dumps(seconds)],
+                     "files": pa.array([encode_files(written)], pa.binary())})
 
 
 def build_dataset(cfg: PipelineConfig, shards: list[str], layout: RunLayout,
@@ -170,8 +170,8 @@ def build_dataset(cfg: PipelineConfig, shards: list[str], layout: RunLayout,
         ds = ray.data.from_arrow([t for url in shards for t in read_shard(url, **input_cfg)])
     else:
         ds = ray.data.from_items([{"url": u} for u in shards], override_num_blocks=len(shards))
-        ds = ds.map_batches(_read_shards, fn_kwargs={"input_cfg": input_cfg}, batch_size=1,
-                            batch_format="pyarrow", num_cpus=READ_CPUS)
+        ds = ds.map_batches(_read_shards, fn_kwargs={"input_cfg": input_cfg, "storage": cfg.output.storage},
+                            batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS)
     for stage in cfg.stages:
         ds = ds.map_batches(StageRunner, fn_constructor_kwargs={"stage": stage, "progress": progress},
                             batch_format="pyarrow", **_resources(stage))
@@ -187,15 +187,13 @@ def _resources(stage: StageConfig) -> dict:
 
 
 def execute(ds: ray.data.Dataset, layout: RunLayout, write_batch_rows: int) -> list[dict]:
-    """Run the plan; return one stats row per written batch."""
+    """Run the plan; return one stats row per written batch. The writers are Ray tasks, as many as
+    the cluster has room for: they scale with it."""
     if is_process_local(layout.url(layout.root)):  # memory:// output: write from the driver
-        writer = StagedWriter(layout)
-        return [writer(b).to_pylist()[0]
+        return [write_staged(b, layout).to_pylist()[0]
                 for b in ds.iter_batches(batch_size=write_batch_rows, batch_format="pyarrow")]
-    stats = ds.map_batches(StagedWriter, fn_constructor_kwargs={"layout": layout},
-                           batch_size=write_batch_rows, batch_format="pyarrow",
-                           compute=ActorPoolStrategy(size=1),
-                           num_cpus=WRITER_CPUS)
+    stats = ds.map_batches(write_staged, fn_kwargs={"layout": layout},
+                           batch_size=write_batch_rows, batch_format="pyarrow", num_cpus=WRITER_CPUS)
     return stats.take_all()
 
 
@@ -243,6 +241,11 @@ def stage_stats(rows: list[dict], stage_names: list[str]) -> list[StageStats]:
     return out
 
 
+def staged_of(rows: list[dict]) -> list[StagedFile]:
+    """Every file the writers reported in their stats rows."""
+    return decode_files(r.get("files") for r in rows)
+
+
 def run_pipeline(cfg: PipelineConfig, run_date: str, *, partial: bool = False) -> RunResult:
     """Run ``cfg`` for ``run_date`` and commit its tables as one night. Raises on failure (``RunFailed``
     when the error budget or a whole-run check says the night must not commit; see ``pipelines.budget``;
@@ -251,7 +254,7 @@ def run_pipeline(cfg: PipelineConfig, run_date: str, *, partial: bool = False) -
     that need the whole corpus (``FinalizeContext.partial``).
     """
     cfg = check_plan(cfg)  # loaded configs are checked already; this covers ones built in code
-    output = open_output(cfg.output.url, cfg.output.catalog)
+    output = open_output(cfg.output.url, cfg.output.catalog, cfg.output.storage)
     with contextlib.ExitStack() as held:
         return _run(cfg, output, run_date, held, partial)
 
@@ -262,7 +265,7 @@ def _run(cfg: PipelineConfig, output, run_date: str, held: contextlib.ExitStack,
     run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     layout = RunLayout(output, run_date, run_id)
     result = RunResult(run_id, run_date, "running", cfg.output.url)
-    catalog, snapshots = None, {}
+    catalog, snapshots, staged = None, {}, []
     with contextlib.suppress(Exception):  # usable for the runs row even if preflight fails below
         catalog = output.catalog(create=True)
     try:
@@ -275,11 +278,12 @@ def _run(cfg: PipelineConfig, output, run_date: str, held: contextlib.ExitStack,
         check_resources(cfg, ray.cluster_resources,
                         addressed=bool(cfg.ray.address or os.environ.get("RAY_ADDRESS")))
         stats_rows = execute_with_progress(cfg, shards, layout)
+        staged = staged_of(stats_rows)
         result.stages = stage_stats(stats_rows, [s.stage_name for s in cfg.stages])
-        check_budget(cfg, result.stages, lambda: quarantine_examples(layout))
+        check_budget(cfg, result.stages, lambda: quarantine_examples(layout, staged))
         with tempfile.TemporaryDirectory(prefix="curate-report-") as tmp:
-            _finalize(cfg, layout, Path(tmp), partial)
-            committed = commit_night(output, catalog, run_date, run_id)
+            staged += _finalize(cfg, layout, staged, Path(tmp), partial)
+            committed = commit_night(catalog, run_date, staged)
             _publish_reports(layout, Path(tmp))
         snapshots = {t: snap for t, (snap, _) in committed.items()}
         result.tables = {t: rows for t, (snap, rows) in committed.items() if snap is not None}
@@ -290,7 +294,7 @@ def _run(cfg: PipelineConfig, output, run_date: str, held: contextlib.ExitStack,
             catalog = None
         if isinstance(err, RunFailed):  # a whole-run verdict: nothing of this run may be committed
             err.result = result  # type: ignore[attr-defined]
-            discard_staged(output, run_date, run_id)
+            discard(output, staged)
         raise
     finally:
         result.seconds = round(time.perf_counter() - started, 2)
@@ -313,21 +317,25 @@ def check_input(cfg: PipelineConfig, shards: list[str], catalog) -> None:  # noq
         log.warning("%s", warning)
 
 
-def quarantine_examples(layout: RunLayout, n: int = 3) -> list[str]:
+def quarantine_examples(layout: RunLayout, files: list[StagedFile], n: int = 3) -> list[str]:
     """Up to ``n`` distinct quarantine reasons staged by this run (its quarantine table is not committed)."""
-    staged = scan_staged(layout, ["quarantine"])
+    staged = scan_staged(layout, files, ["quarantine"])
     if "quarantine_reason" not in staged.collect_schema().names():
         return []
     reasons = staged.select("quarantine_reason").unique(maintain_order=True).head(n).collect()
     return [r[:300] for r in reasons.to_series().to_list() if r]
 
 
-def _finalize(cfg: PipelineConfig, layout: RunLayout, report_dir: Path, partial: bool = False) -> None:
-    """Run every stage's whole-run step; stage its tables with the run, its files in ``report_dir``."""
-    ctx = FinalizeContext(layout, report_dir, partial)
+def _finalize(cfg: PipelineConfig, layout: RunLayout, staged: list[StagedFile], report_dir: Path,
+              partial: bool = False) -> list[StagedFile]:
+    """Run every stage's whole-run step over the staged files; stage its tables with the run (the
+    files written), its report files in ``report_dir``."""
+    ctx = FinalizeContext(layout, report_dir, staged, partial)
+    written = []
     for stage in cfg.stages:
         for table, rows in stage.finalize(ctx).items():
-            stage_rows(layout.output, table, layout.run_date, layout.run_id, f"part-{stage.stage_name}", rows)
+            written += ctx.stage(table, rows, f"part-{stage.stage_name}")
+    return written
 
 
 def _publish_reports(layout: RunLayout, report_dir: Path) -> None:

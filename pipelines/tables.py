@@ -5,11 +5,12 @@ Layout under the output URL (the default, embedded catalog)::
     _catalog/catalog.db                         SQLite catalog (``output.catalog`` names another)
     curate.db/<table>/metadata/...              Iceberg metadata of each table
     _data/<table>/run_date=D/<run_id>/*.parquet data files, written by the workers of a run
-    _locks/<date>.lock                          the run of that date holding it (``pipelines.lock``)
 
-A run writes its rows as Parquet files under ``_data`` (invisible: no snapshot references them).
-Finalize reads them there. The commit then, for every table (also ones this run did not produce),
-runs one Iceberg transaction that deletes the date and adds the run's files; the ``runs`` row,
+A run's workers write its rows as Parquet files under ``_data`` (invisible: no snapshot references
+them) and report each file to the driver (``pipelines.staging.StagedFile``). Finalize reads the
+reported files. The commit then, for every table (also ones this run did not produce), runs one
+Iceberg transaction that deletes the date and adds exactly the reported files (never a directory
+listing: object store listings are cached and eventually consistent); the ``runs`` row,
 appended last, records each table's snapshot id and is the commit point. Readers take, for each
 date, the snapshots recorded by its latest committed run (``committed_views``), so a reader never
 sees a half-committed night, even after a driver died between two tables' commits.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import time
 import warnings
 from dataclasses import dataclass
@@ -28,21 +30,27 @@ from datetime import UTC, datetime
 import fsspec
 import pyarrow as pa
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 from pyiceberg.catalog import Catalog, load_catalog
-from pyiceberg.exceptions import CommitFailedException, NoSuchTableError
+from pyiceberg.exceptions import (
+    CommitFailedException,
+    CommitStateUnknownException,
+    NoSuchTableError,
+    TableAlreadyExistsError,
+)
 from pyiceberg.expressions import And, EqualTo, In
 from pyiceberg.table import Table
 
-from pipelines.io import InputError, url_to_fs, write_parquet
+from pipelines.io import InputError, url_to_fs
+from pipelines.staging import StagedFile, by_table, data_file
+from pipelines.storage import StorageConfig, apply_storage
 
 log = logging.getLogger("curate.tables")
 NAMESPACE = "curate"
 RUNS = "runs"
 DATA_DIR = "_data"
 CATALOG_DIR = "_catalog"
-COMMIT_RETRIES = 5
+COMMIT_RETRIES = 8
 #: Test hook: ``CURATE_COMMIT_HOOK=point:action`` (action ``kill`` or ``sleep=SECONDS``) at named
 #: points of the commit (``before:<table>``, ``after:<table>``, ``before:runs``).
 HOOK_ENV = "CURATE_COMMIT_HOOK"
@@ -68,14 +76,29 @@ def _local(fs: fsspec.AbstractFileSystem) -> bool:
 
 @dataclass(frozen=True)
 class Output:
-    """An output location and its catalog (``catalog``: pyiceberg properties; empty = embedded)."""
+    """An output location, its catalog (``catalog_props``: pyiceberg properties; empty = embedded)
+    and the object store settings both use (``storage``)."""
 
     url: str
     catalog_props: tuple[tuple[str, str], ...] = ()
+    storage: StorageConfig | None = None
 
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
+        apply_storage(self.storage)  # also in a Ray worker that unpickled this Output
         return url_to_fs(self.url)[0]
+
+    @property
+    def is_local(self) -> bool:
+        return _local(self.fs)
+
+    @property
+    def catalog_description(self) -> str:
+        props = dict(self.catalog_props)
+        if not props:
+            return f"the embedded catalog of {self.url}"
+        where = props.get("uri") or props.get("name") or props.get("type", "?")
+        return f"catalog {_redact(str(where))}"
 
     @property
     def root(self) -> str:
@@ -88,21 +111,34 @@ class Output:
         return path if _local(self.fs) else self.fs.unstrip_protocol(path)
 
     def catalog(self, create: bool = False) -> Catalog:
-        """The catalog (the embedded SQLite one is made on ``create``)."""
+        """The catalog (the embedded SQLite one is made on ``create``); ``CatalogError`` when it
+        cannot be opened (never an empty stand-in)."""
         props = dict(self.catalog_props)
         if not props:
-            if not _local(self.fs):
-                raise CatalogError(f"{self.url} is not local: set output.catalog to a shared catalog "
-                                   "(REST, Glue, Hive or SQL), the embedded SQLite one needs a local path")
+            if not self.is_local:
+                raise CatalogError(f"{self.url} is not local: give its shared catalog (a pipeline's "
+                                   "output.catalog, --pipeline FILE or --catalog KEY=VALUE); the embedded "
+                                   "SQLite one needs a local path")
             db = f"{self.root}/{CATALOG_DIR}/catalog.db"
             if not os.path.exists(db) and not create:
                 raise CatalogError(f"no catalog under {self.url} (nothing committed yet)")
             os.makedirs(os.path.dirname(db), exist_ok=True)
             props = {"type": "sql", "uri": f"sqlite:///{db}", "warehouse": f"file://{self.root}"}
         props.setdefault("warehouse", self.url_of(self.root))
-        catalog = load_catalog(props.pop("name", "curate"), **props)
-        if create:
-            catalog.create_namespace_if_not_exists(NAMESPACE)
+        for key, value in (self.storage.iceberg_properties() if self.storage else {}).items():
+            props.setdefault(key, value)
+        try:
+            catalog = load_catalog(props.pop("name", "curate"), **props)
+            if create:
+                catalog.create_namespace_if_not_exists(NAMESPACE)
+            elif not _has_namespace(catalog):
+                raise CatalogError(f"nothing is committed in {self.catalog_description} "
+                                   f"(no namespace {NAMESPACE!r})")
+        except CatalogError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any driver/connection failure is one user-facing error
+            raise CatalogError(f"{self.catalog_description} cannot be opened: "
+                               f"{type(err).__name__}: {_redact(str(err)).splitlines()[0]}") from None
         return catalog
 
     def data_dir(self, table: str, run_date: str, run_id: str) -> str:
@@ -132,17 +168,30 @@ class RunLayout:
         return self.output.url_of(path)
 
 
-def open_output(url: str, catalog: dict | None = None) -> Output:
-    """An ``Output`` for ``url`` with catalog properties ``catalog`` (None/empty: embedded SQLite)."""
-    return Output(url, tuple(sorted((k, str(v)) for k, v in (catalog or {}).items())))
+def _redact(text: str) -> str:
+    """``text`` without the password of any ``scheme://user:password@host`` in it."""
+    import re
+
+    return re.sub(r"(://[^:/@\s]+):[^@\s]+@", r"\1:***@", text)
+
+
+def _has_namespace(catalog: Catalog) -> bool:
+    return any(tuple(ns) == (NAMESPACE,) for ns in catalog.list_namespaces())
+
+
+def open_output(url: str, catalog: dict | None = None, storage: StorageConfig | dict | None = None) -> Output:
+    """An ``Output`` for ``url`` with catalog properties ``catalog`` (None/empty: embedded SQLite) and
+    object store settings ``storage`` (None: the environment's)."""
+    if isinstance(storage, dict):
+        storage = StorageConfig.model_validate(storage)
+    return Output(url, tuple(sorted((k, str(v)) for k, v in (catalog or {}).items())), storage)
 
 
 def table_names(catalog: Catalog) -> list[str]:
-    """Every table of the namespace (``runs`` included)."""
-    try:
-        return sorted(ident[-1] for ident in catalog.list_tables(NAMESPACE))
-    except Exception:  # noqa: BLE001 - no namespace yet: no tables
+    """Every data table of the namespace (``runs`` included; curate's own ``_``-tables left out)."""
+    if not _has_namespace(catalog):
         return []
+    return sorted(ident[-1] for ident in catalog.list_tables(NAMESPACE) if not ident[-1].startswith("_"))
 
 
 def load_table(catalog: Catalog, name: str) -> Table | None:
@@ -154,17 +203,26 @@ def load_table(catalog: Catalog, name: str) -> Table | None:
 
 def preflight(output: Output) -> Catalog:
     """Check the output location and catalog are writable before any compute; the catalog."""
-    fs, root = output.fs, output.root
-    if fs.exists(root) and not fs.isdir(root):
-        raise CatalogError(f"output {output.url} is a file, not a directory")
-    probe = f"{root}/{DATA_DIR}/.preflight-{os.getpid()}"
+    from pipelines.storage import StorageError, check_endpoint
+
     try:
+        check_endpoint(output.storage, output.url)
+    except StorageError as err:
+        raise CatalogError(str(err)) from None
+    try:
+        fs, root = output.fs, output.root
+        if fs.exists(root) and not fs.isdir(root):
+            raise CatalogError(f"output {output.url} is a file, not a directory")
+        probe = f"{root}/{DATA_DIR}/.preflight-{os.getpid()}"
         fs.makedirs(f"{root}/{DATA_DIR}", exist_ok=True)
         with fs.open(probe, "wb") as f:
             f.write(b"ok")
         fs.rm(probe)
-    except OSError as err:
-        raise CatalogError(f"output {output.url} is not writable: {type(err).__name__}: {err}") from None
+    except CatalogError:
+        raise
+    except Exception as err:  # noqa: BLE001 - OSError, botocore's errors...: one user-facing line
+        raise CatalogError(f"output {output.url} is not writable: {type(err).__name__}: "
+                           f"{str(err).splitlines()[0] if str(err) else ''}") from None
     try:
         catalog = output.catalog(create=True)
         runs_table(catalog)
@@ -181,45 +239,35 @@ def runs_table(catalog: Catalog) -> Table:
 
 
 def _ensure_table(catalog: Catalog, name: str, schema: pa.Schema) -> Table:
-    table = catalog.create_table_if_not_exists(f"{NAMESPACE}.{name}", schema=schema)
-    if table.spec().is_unpartitioned():
-        with table.update_spec() as spec:
-            spec.add_identity("run_date")
-    return table
+    """``name``, partitioned by ``run_date``; made when missing. Loaded first, so an existing table
+    costs no metadata file; two first-ever runs may race: the loser loads the winner's table, and
+    the partition spec is added under the same conflict retries as a commit."""
+    ident = f"{NAMESPACE}.{name}"
+    for attempt in range(COMMIT_RETRIES):
+        table = load_table(catalog, name)
+        if table is None:
+            try:
+                table = catalog.create_table(ident, schema=schema)
+            except TableAlreadyExistsError:
+                continue
+        if not table.spec().is_unpartitioned():
+            return table
+        try:
+            with table.update_spec() as spec:
+                spec.add_identity("run_date")
+            return table
+        except CommitFailedException:
+            _backoff(attempt, f"partitioning {name}")
+    raise CatalogError(f"could not create table {ident}: other runs kept changing it")
 
 
-# ----------------------------------------------------------------------------------------- write
-
-
-def storable(table: pa.Table, run_date: str) -> pa.Table:
-    """``table`` as a data file holds it: a ``run_date`` column, no null-typed columns."""
-    table = table.drop_columns([f.name for f in table.schema if pa.types.is_null(f.type)])
-    if "run_date" in table.column_names:
-        table = table.drop_columns(["run_date"])
-    return table.append_column("run_date", pa.array([run_date] * table.num_rows, pa.string()))
-
-
-def stage_rows(output: Output, table: str, run_date: str, run_id: str, name: str, rows: pa.Table) -> str:
-    """Write ``rows`` as one data file of ``table`` for this run (not visible until committed)."""
-    path = f"{output.data_dir(table, run_date, run_id)}/{name}.parquet"
-    write_parquet(output.fs, path, storable(rows, run_date))
-    return path
-
-
-def staged_files(output: Output, run_date: str, run_id: str) -> dict[str, list[str]]:
-    """The data files this run wrote, by table."""
-    fs, found = output.fs, {}
-    for path in sorted(fs.glob(f"{output.root}/{DATA_DIR}/*/run_date={run_date}/{run_id}/*.parquet")):
-        table = path.split(f"/{DATA_DIR}/", 1)[1].split("/", 1)[0]
-        found.setdefault(table, []).append(path)
-    return found
-
-
-def discard_staged(output: Output, run_date: str, run_id: str) -> None:
-    """Remove the data files of a run that must not commit (no snapshot references them)."""
-    fs = output.fs
-    for path in fs.glob(f"{output.root}/{DATA_DIR}/*/run_date={run_date}/{run_id}"):
-        fs.rm(path, recursive=True)
+def _backoff(attempt: int, what: str) -> None:
+    """Sleep before retry ``attempt`` + 1 (exponential, jittered); raise after the last."""
+    if attempt >= COMMIT_RETRIES - 1:
+        raise CatalogError(f"{what}: still conflicting with other commits after {COMMIT_RETRIES} tries")
+    delay = min(5.0, 0.1 * 2 ** attempt) * (0.5 + random.random())
+    log.warning("%s conflicted with another commit; retrying in %.2fs", what, delay)
+    time.sleep(delay)
 
 
 def _hook(point: str) -> None:
@@ -233,44 +281,33 @@ def _hook(point: str) -> None:
         time.sleep(float(action.removeprefix("sleep=")))
 
 
-def commit_night(output: Output, catalog: Catalog, run_date: str, run_id: str) -> dict[str, tuple[int | None, int]]:
-    """Replace ``run_date`` in every table with this run's files; ``{table: (snapshot id, rows)}``.
+def commit_night(catalog: Catalog, run_date: str, files: list[StagedFile]) -> dict[str, tuple[int | None, int]]:
+    """Replace ``run_date`` in every table with exactly ``files`` (what the workers reported);
+    ``{table: (snapshot id, rows)}``.
 
     One transaction per table (delete the date, add the files); a conflicting concurrent commit
-    (another date) is retried on the fresh table state. Tables this run did not produce get the
-    date deleted, so a rerun leaves nothing of an earlier run of that date behind.
+    (another date) is retried on the fresh table state, with backoff. Tables this run did not
+    produce get the date deleted, so a rerun leaves nothing of an earlier run of that date behind.
     """
-    files = staged_files(output, run_date, run_id)
-    names = sorted((set(table_names(catalog)) | set(files)) - {RUNS})
+    staged = by_table(files)
+    names = sorted((set(table_names(catalog)) | set(staged)) - {RUNS})
     done = {}
     for name in names:
         _hook(f"before:{name}")
-        paths = files.get(name, [])
-        snapshot = _commit_table(catalog, name, run_date, [output.url_of(p) for p in paths],
-                                 _schema_of(output, paths))
-        done[name] = (snapshot, _rows(output, paths))
+        mine = staged.get(name, [])
+        snapshot = _commit_table(catalog, name, run_date, mine)
+        done[name] = (snapshot, sum(f.rows for f in mine))
         _hook(f"after:{name}")
     return done
 
 
-def _rows(output: Output, paths: list[str]) -> int:
-    total = 0
-    for path in paths:
-        with output.fs.open(path, "rb") as f:
-            total += pq.ParquetFile(f).metadata.num_rows
-    return total
-
-
-def _schema_of(output: Output, paths: list[str]) -> pa.Schema | None:
-    schemas = []
-    for path in paths:
-        with output.fs.open(path, "rb") as f:
-            schemas.append(pq.ParquetFile(f).schema_arrow)
+def _unified_schema(files: list[StagedFile]) -> pa.Schema | None:
+    schemas = [f.arrow_schema() for f in files]
     return pa.unify_schemas(schemas, promote_options="permissive") if schemas else None
 
 
-def _commit_table(catalog: Catalog, name: str, run_date: str, paths: list[str],
-                  schema: pa.Schema | None) -> int | None:
+def _commit_table(catalog: Catalog, name: str, run_date: str, files: list[StagedFile]) -> int | None:
+    schema = _unified_schema(files)
     for attempt in range(COMMIT_RETRIES):
         table = load_table(catalog, name)
         if table is None:
@@ -286,20 +323,44 @@ def _commit_table(catalog: Catalog, name: str, run_date: str, paths: list[str],
                     with warnings.catch_warnings():  # a new date: nothing to delete, nothing to say
                         warnings.filterwarnings("ignore", "Delete operation did not match any records")
                         txn.delete(EqualTo("run_date", run_date))
-                if paths:
-                    txn.add_files(paths)
+                if files:
+                    _append_files(txn, files)
         except CommitFailedException:
-            if attempt == COMMIT_RETRIES - 1:
-                raise
-            log.warning("commit of %s conflicted with another run's; retrying", name)
+            _backoff(attempt, f"commit of {name}")
+            continue
+        except CommitStateUnknownException:
+            # The catalog may or may not have applied it: look before trying again.
+            if _has_files(load_table(catalog, name), run_date, files):
+                return load_table(catalog, name).current_snapshot().snapshot_id
+            _backoff(attempt, f"commit of {name} (state unknown)")
             continue
         snapshot = table.current_snapshot()
         return snapshot.snapshot_id if snapshot else None
     return None
 
 
+def _append_files(txn, files: list[StagedFile]) -> None:  # noqa: ANN001 - pyiceberg Transaction
+    """Add ``files`` to the transaction's table, from their reported footers (no file is opened)."""
+    from pyiceberg.table import TableProperties
+
+    if txn.table_metadata.name_mapping() is None:  # our Parquet files carry no field ids
+        txn.set_properties(**{TableProperties.DEFAULT_NAME_MAPPING:
+                              txn.table_metadata.schema().name_mapping.model_dump_json()})
+    with txn.update_snapshot().fast_append() as append:
+        for f in files:
+            append.append_data_file(data_file(txn.table_metadata, f))
+
+
+def _has_files(table: Table | None, run_date: str, files: list[StagedFile]) -> bool:
+    if table is None or table.current_snapshot() is None:
+        return False
+    listed = {t.file.file_path for t in table.scan(row_filter=EqualTo("run_date", run_date)).plan_files()}
+    return {f.url for f in files} <= listed if files else False
+
+
 def append_run_row(catalog: Catalog, row: dict) -> None:
-    """Append one row to ``runs`` (never replaced); retried when another run commits at once."""
+    """Append one row to ``runs`` (never replaced); retried, with backoff, when another run commits
+    at once."""
     _hook("before:runs")
     data = pa.Table.from_pylist([row], schema=RUNS_SCHEMA)
     for attempt in range(COMMIT_RETRIES):
@@ -307,8 +368,7 @@ def append_run_row(catalog: Catalog, row: dict) -> None:
             runs_table(catalog).append(data)
             return
         except CommitFailedException:
-            if attempt == COMMIT_RETRIES - 1:
-                raise
+            _backoff(attempt, "appending the runs row")
 
 
 def now() -> str:

@@ -85,13 +85,13 @@ def commit_tables(url: str, run_date: str, run_id: str, tables: dict, status: st
 
     import pyarrow as pa
 
-    from pipelines.tables import RUNS_SCHEMA, append_run_row, commit_night, now, open_output, stage_rows
+    from pipelines.staging import stage_rows
+    from pipelines.tables import RUNS_SCHEMA, append_run_row, commit_night, now, open_output
 
     output = open_output(url)
     catalog = output.catalog(create=True)
-    for table, rows in tables.items():
-        stage_rows(output, table, run_date, run_id, "part-0", rows)
-    committed = commit_night(output, catalog, run_date, run_id) if status == "committed" else {}
+    staged = [stage_rows(output, table, run_date, run_id, "part-0", rows) for table, rows in tables.items()]
+    committed = commit_night(catalog, run_date, staged) if status == "committed" else {}
     row = {name: None for name in RUNS_SCHEMA.names} | {
         "run_id": run_id, "run_date": run_date, "pipeline": "p", "status": status, "committed_at": now(),
         "snapshots": json.dumps({t: s for t, (s, _) in committed.items()})} | run

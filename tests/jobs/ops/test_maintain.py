@@ -52,7 +52,8 @@ def _staging_process(out: Path, date: str, then: str) -> subprocess.Popen:
         import os, time
         import pyarrow as pa
         from pipelines.lock import acquire_lock, lock_path
-        from pipelines.tables import open_output, stage_rows
+        from pipelines.staging import stage_rows
+        from pipelines.tables import open_output
         acquire_lock(lock_path({str(out)!r}, {date!r}))
         output, run = open_output({str(out)!r}), "20260301T000000-{then}"
         for i in range(3):

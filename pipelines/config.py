@@ -62,6 +62,9 @@ class OutputConfig(StrictModel):
         None, description="Object store endpoint, region and credentials, for fsspec and the catalog's "
         "FileIO alike (each field defaults to its AWS_* environment variable).")
     write_batch_rows: int = Field(4096, gt=0, description="Rows per staged Parquet file (at most).")
+    shared_mount: bool = Field(
+        False, description="A local output path that every node of the cluster mounts (NFS, a shared "
+        "volume); without it a local output on a multi-node cluster is refused.")
 
 
 class RayConfig(StrictModel):

@@ -46,7 +46,7 @@ from pipelines.tables import (
     commit_night,
     load_table,
     now,
-    open_output,
+    output_of_config,
     preflight,
 )
 
@@ -254,7 +254,7 @@ def run_pipeline(cfg: PipelineConfig, run_date: str, *, partial: bool = False) -
     that need the whole corpus (``FinalizeContext.partial``).
     """
     cfg = check_plan(cfg)  # loaded configs are checked already; this covers ones built in code
-    output = open_output(cfg.output.url, cfg.output.catalog, cfg.output.storage)
+    output = output_of_config(cfg)
     with contextlib.ExitStack() as held:
         return _run(cfg, output, run_date, held, partial)
 
@@ -277,6 +277,7 @@ def _run(cfg: PipelineConfig, output, run_date: str, held: contextlib.ExitStack,
         init_ray(cfg)
         check_resources(cfg, ray.cluster_resources,
                         addressed=bool(cfg.ray.address or os.environ.get("RAY_ADDRESS")))
+        check_output_reachable(cfg, output, len([n for n in ray.nodes() if n.get("Alive")]))
         stats_rows = execute_with_progress(cfg, shards, layout)
         staged = staged_of(stats_rows)
         result.stages = stage_stats(stats_rows, [s.stage_name for s in cfg.stages])
@@ -306,6 +307,17 @@ def _run(cfg: PipelineConfig, output, run_date: str, held: contextlib.ExitStack,
                     raise  # without its runs row the night is not committed
                 log.exception("could not record the failed run %s in runs", run_id)
     return result
+
+
+def check_output_reachable(cfg: PipelineConfig, output, nodes: int) -> None:  # noqa: ANN001 - Output
+    """Refuse a local output on a cluster of ``nodes`` > 1 (the writers run on other nodes; the commit
+    would find their files on no disk of the driver's), unless every node mounts it."""
+    if nodes > 1 and output.is_local and not cfg.output.shared_mount:
+        raise ConfigError(
+            f"output.url {cfg.output.url!r} is a local path, but the Ray cluster has {nodes} nodes: the "
+            "workers on other nodes would write to their own disks. Use an object store URL (s3://…) with "
+            "a shared catalog, or, if every node mounts this path (NFS, a shared volume), set "
+            "output.shared_mount: true")
 
 
 def check_input(cfg: PipelineConfig, shards: list[str], catalog) -> None:  # noqa: ANN001

@@ -69,6 +69,10 @@ class CatalogError(RuntimeError):
     """The output's catalog or location cannot be used (preflight)."""
 
 
+class NothingCommitted(CatalogError):
+    """The catalog is reachable (or, embedded, not made yet) but holds no curate tables."""
+
+
 def _local(fs: fsspec.AbstractFileSystem) -> bool:
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return "file" in protocols or "local" in protocols
@@ -121,7 +125,7 @@ class Output:
                                    "SQLite one needs a local path")
             db = f"{self.root}/{CATALOG_DIR}/catalog.db"
             if not os.path.exists(db) and not create:
-                raise CatalogError(f"no catalog under {self.url} (nothing committed yet)")
+                raise NothingCommitted(f"no catalog under {self.url} (nothing committed yet)")
             os.makedirs(os.path.dirname(db), exist_ok=True)
             props = {"type": "sql", "uri": f"sqlite:///{db}", "warehouse": f"file://{self.root}"}
         props.setdefault("warehouse", self.url_of(self.root))
@@ -132,8 +136,8 @@ class Output:
             if create:
                 catalog.create_namespace_if_not_exists(NAMESPACE)
             elif not _has_namespace(catalog):
-                raise CatalogError(f"nothing is committed in {self.catalog_description} "
-                                   f"(no namespace {NAMESPACE!r})")
+                raise NothingCommitted(f"nothing is committed in {self.catalog_description} "
+                                       f"(no namespace {NAMESPACE!r})")
         except CatalogError:
             raise
         except Exception as err:  # noqa: BLE001 - any driver/connection failure is one user-facing error
@@ -166,6 +170,11 @@ class RunLayout:
 
     def url(self, path: str) -> str:
         return self.output.url_of(path)
+
+
+def output_of_config(cfg) -> Output:  # noqa: ANN001 - a PipelineConfig (pipelines.config imports us)
+    """The output a pipeline config names: url, catalog and storage."""
+    return open_output(cfg.output.url, cfg.output.catalog, cfg.output.storage)
 
 
 def _redact(text: str) -> str:

@@ -27,8 +27,19 @@ def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:
 
 
 def _output(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output", default=DEFAULT_OUTPUT,
-                   help="output URL of the tables (default: $CURATE_OUTPUT or ./output)")
+    """``--output``, ``--pipeline``, ``--catalog`` and ``--storage``: which output a reader reads
+    (resolved by ``jobs.ops.target.output_from_args``)."""
+    p.add_argument("--output", default=None,
+                   help="output URL of the tables (default: the pipeline's output.url, else "
+                        "$CURATE_OUTPUT or ./output)")
+    p.add_argument("--pipeline", dest="output_pipeline", metavar="FILE",
+                   help="pipeline YAML whose output section (url, catalog, storage) to read")
+    p.add_argument("--catalog", action="append", default=[], metavar="KEY=VALUE",
+                   help="pyiceberg property of a shared catalog (repeatable), e.g. type=sql uri=postgresql+psycopg2://...")
+    p.add_argument("--storage", action="append", default=[], metavar="KEY=VALUE",
+                   help="object store setting (repeatable): endpoint, region, key, secret, token "
+                        "(default: the AWS_* environment variables)")
+    p.set_defaults(default_output=DEFAULT_OUTPUT)
 
 
 def _query(sub: argparse._SubParsersAction) -> None:
@@ -90,15 +101,13 @@ def _nightly(sub: argparse._SubParsersAction) -> None:
 def _maintain(sub: argparse._SubParsersAction) -> None:
     p = verb(sub, "maintain", "expire old snapshots and remove orphan files of the tables",
              "curate maintain --output ./output --retain-days 14 --dry-run")
-    p.add_argument("--output", help="output URL of the tables (default: the pipeline's output.url, "
-                                    "else $CURATE_OUTPUT or ./output)")
-    p.add_argument("--pipeline", help="pipeline YAML whose output (url and catalog) to maintain")
+    _output(p)
     p.add_argument("--retain-days", dest="retain_days", type=_days, default=14, metavar="N",
                    help="keep snapshots (and --as-of) of runs committed in the last N days (default 14); "
                         "each date's latest run is always kept")
     p.add_argument("--dry-run", dest="dry_run", action="store_true",
                    help="print what would be removed, remove nothing")
-    p.set_defaults(func=_lazy("jobs.ops.maintain", "maintain_command"), default_output=DEFAULT_OUTPUT)
+    p.set_defaults(func=_lazy("jobs.ops.maintain", "maintain_command"))
 
 
 def _days(value: str) -> float:
@@ -164,5 +173,8 @@ def _quarantine(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--date", type=parse_date, required=True, help="the night whose quarantine is replayed")
     r.add_argument("--output", help="override output.url (where the night was committed)")
     r.add_argument("--into", help="output URL of the replay's tables (default: <output>/replays/<date>)")
+    r.add_argument("--into-catalog", dest="into_catalog", action="append", default=[], metavar="KEY=VALUE",
+                   help="pyiceberg property of the replay output's own catalog (repeatable; default: "
+                        "the embedded one, local --into only)")
     r.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else embedded Ray)")
     r.set_defaults(func=_lazy("jobs.ops.replay", "replay_command"))

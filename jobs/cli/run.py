@@ -13,7 +13,7 @@ from pipelines.config import ConfigError, load_config
 from pipelines.io import InputError
 from pipelines.lock import LockHeld
 from pipelines.runner import RunFailed, run_pipeline
-from pipelines.tables import CatalogError
+from pipelines.tables import CatalogError, output_of_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -54,5 +54,5 @@ def run_command(args: argparse.Namespace) -> int:
     print(format_summary(result))
     from jobs.ops.report import write_report
 
-    print(f"report: {write_report(result.output_url, result.run_date)}")
+    print(f"report: {write_report(output_of_config(cfg), result.run_date)}")
     return 0

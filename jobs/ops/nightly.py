@@ -27,7 +27,7 @@ from pipelines import tables
 from pipelines.config import ConfigError, PipelineConfig, load_config
 from pipelines.io import InputError
 from pipelines.lock import LockHeld
-from pipelines.tables import CatalogError, open_output
+from pipelines.tables import CatalogError, NothingCommitted, Output, open_output, output_of_config
 
 log = logging.getLogger("curate.nightly")
 _DATE_TOKEN = re.compile(r"\{date(?::([^}]*))?\}")
@@ -72,18 +72,22 @@ def date_range(start: str, end: str) -> list[str]:
     return [(first + timedelta(days=i)).isoformat() for i in range((last - first).days + 1)]
 
 
-def committed_dates(output_url: str, pipeline: str, catalog: dict | None = None) -> set[str]:
-    """Dates with a ``committed`` row of ``pipeline`` in the ``runs`` table."""
+def committed_dates(output: str | Output, pipeline: str, catalog: dict | None = None) -> set[str]:
+    """Dates with a ``committed`` row of ``pipeline`` in the ``runs`` table (none when nothing was
+    ever committed; a catalog that cannot be opened is an error)."""
+    out = output if isinstance(output, Output) else open_output(output, catalog)
     try:
-        return tables.committed_dates(open_output(output_url, catalog).catalog(), pipeline)
-    except CatalogError:
+        return tables.committed_dates(out.catalog(), pipeline)
+    except NothingCommitted:
         return set()
+    except CatalogError as err:
+        raise UserError(str(err)) from None
 
 
-def missing_dates(output_url: str, pipeline: str, since: str, until: str,
+def missing_dates(output: str | Output, pipeline: str, since: str, until: str,
                   catalog: dict | None = None) -> list[str]:
     """Dates from ``since`` to ``until`` not yet committed, oldest first."""
-    done = committed_dates(output_url, pipeline, catalog)
+    done = committed_dates(output, pipeline, catalog)
     return [d for d in date_range(since, until) if d not in done]
 
 
@@ -93,7 +97,7 @@ def missing_dates(output_url: str, pipeline: str, since: str, until: str,
 def nightly_command(args: argparse.Namespace) -> int:
     """Run every night that needs it; print each summary, then which nights failed."""
     cfg = _night_config(args, args.date)
-    dates = missing_dates(cfg.output.url, cfg.name, args.since or args.date, args.date, cfg.output.catalog)
+    dates = missing_dates(output_of_config(cfg), cfg.name, args.since or args.date, args.date)
     if args.force and args.date not in dates:
         dates.append(args.date)
     if not dates:
@@ -115,7 +119,7 @@ def drifted(cfg: PipelineConfig, dates: list[str]) -> bool:
     if not dates:
         return False
     try:
-        return bool(check_drift(cfg.output.url, dates, cfg.output.catalog))
+        return bool(check_drift(output_of_config(cfg), dates))
     except Exception:  # the nights are committed; a problem reading them back is only logged
         log.exception("drift check of %s failed", ", ".join(dates))
         return False
@@ -137,7 +141,7 @@ def run_night(args: argparse.Namespace, run_date: str) -> str | None:
         return f"{type(err).__name__}: {err}"
     print(format_summary(result))
     try:
-        print(f"report: {write_report(cfg.output.url, run_date)}")
+        print(f"report: {write_report(output_of_config(cfg), run_date)}")
     except Exception:  # the night is committed; a report problem is only logged
         log.exception("report for %s failed", run_date)
     return None

@@ -21,8 +21,15 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from jobs.errors import UserError
-from pipelines.io import url_to_fs
-from pipelines.tables import RUNS, CatalogError, Output, committed_views, open_output, runs_files
+from pipelines.tables import (
+    RUNS,
+    CatalogError,
+    NothingCommitted,
+    Output,
+    committed_views,
+    open_output,
+    runs_files,
+)
 
 PARTITION_PREFIX = "run_date="
 
@@ -44,21 +51,25 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in protocols or "local" in protocols
 
 
-def output_of(output_url: str, catalog: dict | None = None) -> Output:
-    """The output at ``output_url`` (``catalog``: pyiceberg properties; default the embedded one)."""
-    return open_output(output_url, catalog)
+def output_of(output: str | Output, catalog: dict | None = None) -> Output:
+    """``output`` itself, or the output at that URL (``catalog``: pyiceberg properties; default the
+    embedded one)."""
+    return output if isinstance(output, Output) else open_output(output, catalog)
 
 
-def partitions(output_url: str, date: str | None = None, as_of: str | None = None,
+def partitions(output: str | Output, date: str | None = None, as_of: str | None = None,
                catalog: dict | None = None) -> dict[str, list[Partition]]:
-    """Visible dates by table (tables without any are left out), oldest date first."""
+    """Visible dates by table (tables without any are left out), oldest date first. Empty when
+    nothing was ever committed; a catalog that cannot be opened is a ``UserError``."""
     try:
-        cat = output_of(output_url, catalog).catalog()
+        cat = output_of(output, catalog).catalog()
         views_ = committed_views(cat, date, as_of)
-    except CatalogError as err:
+    except NothingCommitted as err:
         if as_of is not None:
             raise UserError(str(err)) from None
         return {}
+    except CatalogError as err:
+        raise UserError(str(err)) from None
     found = {name: [Partition(name, d, tuple(files), view.rows_by_date[d],
                               {"run_id": view.run_by_date[d]})
                     for d, files in view.files_by_date.items()]
@@ -73,14 +84,15 @@ def _readable(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path.removeprefix("file://") if is_local(fs) else path
 
 
-def connect(output_url: str, date: str | None = None, as_of: str | None = None,
+def connect(output: str | Output, date: str | None = None, as_of: str | None = None,
             catalog: dict | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with one view per table over its committed files (``date``: only it)."""
-    fs, _ = url_to_fs(output_url)
+    out = output_of(output, catalog)
+    fs = out.fs
     con = duckdb.connect()
     if not is_local(fs):
         con.register_filesystem(fs)
-    for table, parts in partitions(output_url, date, as_of, catalog).items():
+    for table, parts in partitions(out, date, as_of).items():
         files = [_readable(fs, f) for p in parts for f in p.files]
         if not files:
             continue
@@ -106,14 +118,15 @@ def views(con: duckdb.DuckDBPyConnection) -> list[str]:
     return [r[0] for r in rows]
 
 
-def query(output_url: str, sql: str, date: str | None = None, as_of: str | None = None) -> pa.Table:
+def query(output: str | Output, sql: str, date: str | None = None, as_of: str | None = None) -> pa.Table:
     """Run ``sql`` over the committed tables (as of run ``as_of``); DuckDB errors become ``UserError``."""
-    con = connect(output_url, date, as_of)
+    output = output_of(output)
+    con = connect(output, date, as_of)
     try:
         relation = con.sql(sql)
         return relation.to_arrow_table() if relation is not None else pa.table({})
     except duckdb.CatalogException as err:
-        available = ", ".join(views(con)) or f"none: nothing committed under {output_url}"
+        available = ", ".join(views(con)) or f"none: nothing committed under {output.url}"
         raise UserError(f"{err}\navailable tables: {available}") from None
     except duckdb.Error as err:
         raise UserError(f"query failed: {err}") from None
@@ -121,12 +134,12 @@ def query(output_url: str, sql: str, date: str | None = None, as_of: str | None 
         con.close()
 
 
-def list_tables(output_url: str) -> list[dict]:
+def list_tables(output: str | Output) -> list[dict]:
     """One entry per table: name, total rows and its partitions (run_date, rows, files)."""
     return [{"table": table, "rows": sum(p.rows for p in parts),
              "partitions": [{"run_date": p.run_date, "rows": p.rows, "files": len(p.files),
                              "run_id": p.manifest.get("run_id")} for p in parts]}
-            for table, parts in partitions(output_url).items() if table != RUNS]
+            for table, parts in partitions(output).items() if table != RUNS]
 
 
 def format_table(table: pa.Table, max_width: int = 60) -> str:
@@ -172,14 +185,20 @@ def format_tables(entries: list[dict]) -> str:
 
 def query_command(args: argparse.Namespace) -> int:
     """``curate query``: run SQL over the committed tables and print the result."""
-    if not partitions(args.output):
-        raise UserError(f"nothing is committed under {args.output} (run a pipeline first)")
-    print(format_result(query(args.output, args.sql, args.date, getattr(args, "as_of", None)), args.format))
+    from jobs.ops.target import output_from_args
+
+    output = output_from_args(args)
+    if not partitions(output):
+        raise UserError(f"nothing is committed under {output.url} (run a pipeline first)")
+    print(format_result(query(output, args.sql, args.date, getattr(args, "as_of", None)), args.format))
     return 0
 
 
 def tables_command(args: argparse.Namespace) -> int:
     """``curate tables``: tables, their dates and row counts (from the committed snapshots)."""
-    entries = list_tables(args.output)
-    print(format_tables(entries) if entries else f"nothing is committed under {args.output}")
+    from jobs.ops.target import output_from_args
+
+    output = output_from_args(args)
+    entries = list_tables(output)
+    print(format_tables(entries) if entries else f"nothing is committed under {output.url}")
     return 0

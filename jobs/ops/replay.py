@@ -24,10 +24,10 @@ from pyiceberg.expressions import EqualTo
 from jobs.errors import UserError
 from jobs.ops.summary import format_summary
 from pipelines.config import ConfigError, PipelineConfig, load_config
-from pipelines.io import InputError, input_name, url_to_fs, write_parquet
+from pipelines.io import InputError, input_name, write_parquet
 from pipelines.lock import LockHeld
 from pipelines.runner import RunFailed, RunResult, run_pipeline
-from pipelines.tables import CatalogError, committed_runs, load_table, open_output
+from pipelines.tables import CatalogError, committed_runs, load_table, open_output, output_of_config
 
 #: Columns of the quarantine record, kept as ``input_<name>`` in the replay input.
 RECORD = ("source_file", "source_row", "quarantine_reason", "quarantine_stage")
@@ -46,7 +46,7 @@ class ReplayResult:
 
 def quarantined_rows(cfg: PipelineConfig, run_date: str) -> pa.Table:
     """The committed ``quarantine`` rows of ``run_date`` (the snapshot its latest committed run recorded)."""
-    output = open_output(cfg.output.url, cfg.output.catalog)
+    output = output_of_config(cfg)
     try:
         catalog = output.catalog()
     except CatalogError as err:
@@ -79,22 +79,27 @@ def replay_input(rows: pa.Table, cfg: PipelineConfig) -> pa.Table:
     return out.rename_columns(names)
 
 
-def replay(cfg: PipelineConfig, run_date: str, into: str | None = None) -> ReplayResult:
-    """Run ``cfg`` on the quarantined rows of ``run_date``, committing into ``into``."""
+def replay(cfg: PipelineConfig, run_date: str, into: str | None = None,
+           into_catalog: dict | None = None) -> ReplayResult:
+    """Run ``cfg`` on the quarantined rows of ``run_date``, committing into ``into`` (its catalog:
+    ``into_catalog``, default the embedded one; the storage settings are the night's)."""
     rows = quarantined_rows(cfg, run_date)
-    fs, root = url_to_fs(cfg.output.url)
     if into is None:
-        if cfg.output.catalog or "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-            raise UserError("the output is not a local path: name the replay's own output with --into URL")
+        if cfg.output.catalog or not output_of_config(cfg).is_local:
+            raise UserError("the output is not a local path: name the replay's own output with --into URL "
+                            "(and its catalog with --into-catalog KEY=VALUE)")
         into = f"{cfg.output.url.rstrip('/')}/replays/{run_date}"
-    into_fs, into_root = url_to_fs(into)
+    if into_catalog and into_catalog == {k: str(v) for k, v in cfg.output.catalog.items()}:
+        raise UserError("--into-catalog is the night's own catalog: a replay needs a catalog of its own "
+                        "(its tables would replace the night's)")
+    into_fs, into_root = open_output(into, None, cfg.output.storage).fs, open_output(into).root
     shard = f"{into_root.rstrip('/')}/_input/quarantine-{run_date}.parquet"
     write_parquet(into_fs, shard, replay_input(rows, cfg))
     shard_url = shard if "file" in (into_fs.protocol if isinstance(into_fs.protocol, tuple)
                                     else (into_fs.protocol,)) else into_fs.unstrip_protocol(shard)
     replayed = cfg.model_copy(update={
         "input": cfg.input.model_copy(update={"url": shard_url, "text_column": "text", "id_column": "id"}),
-        "output": cfg.output.model_copy(update={"url": into, "catalog": {}}),
+        "output": cfg.output.model_copy(update={"url": into, "catalog": into_catalog or {}}),
         "max_quarantine_share": 1.0,
         "stages": [s.model_copy(update={"max_quarantine_share": None}) if hasattr(s, "max_quarantine_share")
                    else s for s in cfg.stages],
@@ -106,7 +111,9 @@ def replay_command(args: argparse.Namespace) -> int:
     overrides = {"output": {"url": args.output}, "ray": {"address": args.address}}
     try:
         cfg = load_config(args.pipeline, overrides)
-        result = replay(cfg, args.date, args.into)
+        from jobs.ops.target import parse_pairs
+
+        result = replay(cfg, args.date, args.into, parse_pairs(args.into_catalog, "--into-catalog"))
     except (ConfigError, InputError, LockHeld, CatalogError) as err:
         raise UserError(str(err)) from None
     except RunFailed as err:

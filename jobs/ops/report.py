@@ -24,8 +24,8 @@ from matplotlib.figure import Figure
 
 from jobs.errors import UserError
 from jobs.ops.html import html_img, html_page, html_table
-from jobs.ops.query import connect, is_local, partitions, sql_ident, views
-from pipelines.io import url_to_fs
+from jobs.ops.query import connect, is_local, output_of, partitions, sql_ident, views
+from pipelines.tables import Output
 
 REPORT_NAME = "report.html"
 NOT_SCORES = {"id", "source_row", "source_file", "run_date"}
@@ -36,17 +36,17 @@ EXAMPLES = 5
 SNIPPET_CHARS = 200
 
 
-def report_path(output_url: str, run_date: str) -> str:
+def report_path(output: str | Output, run_date: str) -> str:
     """Where the report of ``run_date`` lives, inside the output's filesystem."""
-    _, root = url_to_fs(output_url)
+    root = output_of(output).root
     return f"{root.rstrip('/')}/reports/run_date={run_date}/{REPORT_NAME}"
 
 
-def write_report(output_url: str, run_date: str, score_columns: list[str] | None = None) -> Path:
+def write_report(output: str | Output, run_date: str, score_columns: list[str] | None = None) -> Path:
     """Build and write the report; returns its local path (for remote outputs: a local copy)."""
-    page = build_report(output_url, run_date, score_columns)
-    fs, _ = url_to_fs(output_url)
-    target = report_path(output_url, run_date)
+    page = build_report(output, run_date, score_columns)
+    fs = output_of(output).fs
+    target = report_path(output, run_date)
     fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(target, "w", encoding="utf-8") as f:
         f.write(page)
@@ -58,19 +58,19 @@ def write_report(output_url: str, run_date: str, score_columns: list[str] | None
     return local
 
 
-def build_report(output_url: str, run_date: str, score_columns: list[str] | None = None) -> str:
+def build_report(output: str | Output, run_date: str, score_columns: list[str] | None = None) -> str:
     """The report's HTML for ``run_date`` (raises ``UserError`` when nothing is committed)."""
-    parts = {t: p for t, p in partitions(output_url, run_date).items() if t != "runs"}
+    parts = {t: p for t, p in partitions(output, run_date).items() if t != "runs"}
     if not parts:
-        raise UserError(f"nothing is committed for {run_date} under {output_url}")
-    con = connect(output_url, run_date)
+        raise UserError(f"nothing is committed for {run_date} under {output_of(output).url}")
+    con = connect(output, run_date)
     try:
         tables = views(con)
         docs_run_id = parts["documents"][0].manifest.get("run_id") if "documents" in parts else None
         sections = [
             _run_section(con, tables, docs_run_id),
             _tables_section(parts),
-            _premium_section(con, tables, output_url, run_date),
+            _premium_section(con, tables, output, run_date),
             _quarantine_section(con, tables),
             _scores_section(con, tables, score_columns),
         ]
@@ -106,9 +106,9 @@ def _tables_section(parts: dict) -> str:
     return "<h2>Tables</h2>" + html_table(["table", "rows", "files"], rows)
 
 
-def _premium_section(con: duckdb.DuckDBPyConnection, tables: list[str], output_url: str,
+def _premium_section(con: duckdb.DuckDBPyConnection, tables: list[str], output: str | Output,
                      run_date: str) -> str:
-    fs, root = url_to_fs(output_url)
+    fs, root = output_of(output).fs, output_of(output).root
     png = f"{root.rstrip('/')}/reports/run_date={run_date}/token_premium.png"
     chart = ""
     if fs.exists(png):
@@ -205,21 +205,24 @@ def _examples(con: duckdb.DuckDBPyConnection, column: str, col: str, valid: str,
 # -------------------------------------------------------------------------------------- command
 
 
-def latest_date(output_url: str) -> str:
+def latest_date(output: str | Output) -> str:
     """The newest run date with a committed partition."""
-    dates = [p.run_date for t, parts in partitions(output_url).items() if t != "runs" for p in parts]
+    dates = [p.run_date for t, parts in partitions(output).items() if t != "runs" for p in parts]
     if not dates:
-        raise UserError(f"nothing is committed under {output_url}")
+        raise UserError(f"nothing is committed under {output_of(output).url}")
     return max(dates)
 
 
 def report_command(args: argparse.Namespace) -> int:
     """``curate report``: print the report's path, building it if missing (or ``--rebuild``)."""
-    run_date = args.date or latest_date(args.output)
-    fs, _ = url_to_fs(args.output)
-    target = report_path(args.output, run_date)
+    from jobs.ops.target import output_from_args
+
+    output = output_from_args(args)
+    run_date = args.date or latest_date(output)
+    fs = output.fs
+    target = report_path(output, run_date)
     if args.rebuild or args.columns or not fs.exists(target) or not is_local(fs):
-        print(write_report(args.output, run_date, args.columns))
+        print(write_report(output, run_date, args.columns))
     else:
         print(target)
     return 0

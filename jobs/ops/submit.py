@@ -133,6 +133,25 @@ def check_output_url(url: str) -> None:
                         "by the cluster or a bucket URL (s3://…)")
 
 
+def check_cluster_output(cfg, address: str | None) -> None:  # noqa: ANN001 - PipelineConfig
+    """Refuse a local output when the cluster behind ``address`` has several nodes (``runner``
+    checks the same when the job starts); an unreachable node list only skips this early check."""
+    from pipelines.config import ConfigError
+    from pipelines.runner import check_output_reachable
+    from pipelines.tables import output_of_config
+
+    try:
+        from ray.util.state import list_nodes
+
+        nodes = list_nodes(address=address, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
+    except Exception:  # noqa: BLE001 - the job's own check still runs on the cluster
+        return
+    try:
+        check_output_reachable(cfg, output_of_config(cfg), len(nodes))
+    except ConfigError as err:
+        raise UserError(str(err)) from None
+
+
 def submit(pipeline: str, address: str | None, run_date: str, force: bool = False,
            output: str | None = None, pip: str | None = None) -> tuple[JobSubmissionClient, str]:
     """Validate the pipeline here, then submit its night; returns (client, submission id)."""
@@ -141,6 +160,7 @@ def submit(pipeline: str, address: str | None, run_date: str, force: bool = Fals
     except ConfigError as err:
         raise UserError(str(err)) from None
     check_output_url(cfg.output.url)
+    check_cluster_output(cfg, address)
     name = cfg.name
     raw_url = raw_input_url(pipeline)
     dated_input = night_url(raw_url, run_date) if raw_url and "{date" in raw_url else None

@@ -34,9 +34,9 @@ from matplotlib.figure import Figure
 
 from jobs.errors import UserError
 from jobs.ops.html import html_img, html_page, html_table
-from jobs.ops.query import connect, is_local, sql_ident, views
+from jobs.ops.query import connect, is_local, output_of, sql_ident, views
 from jobs.ops.report import score_columns
-from pipelines.io import url_to_fs
+from pipelines.tables import Output
 
 WINDOW = 14
 K = 3.0
@@ -87,10 +87,10 @@ class Flag:
 # ------------------------------------------------------------------------------------- measures
 
 
-def collect_nights(output_url: str, since: str | None = None, catalog: dict | None = None) -> list[Night]:
+def collect_nights(output: str | Output, since: str | None = None, catalog: dict | None = None) -> list[Night]:
     """Every committed night from ``since`` on (all when None), oldest first (``catalog``: the
     output's catalog properties; default the embedded one)."""
-    con = connect(output_url, catalog=catalog)
+    con = connect(output, catalog=catalog)
     try:
         tables = views(con)
         if "runs" not in tables:
@@ -193,9 +193,9 @@ def drift_flags(nights: list[Night], window: int = WINDOW, k: float = K,
     return flags
 
 
-def check_drift(output_url: str, dates: list[str], catalog: dict | None = None) -> list[Flag]:
+def check_drift(output: str | Output, dates: list[str], catalog: dict | None = None) -> list[Flag]:
     """The flags of ``dates`` (judged against all committed nights before each); each is logged."""
-    nights = collect_nights(output_url, catalog=catalog)
+    nights = collect_nights(output, catalog=catalog)
     flags = [f for f in drift_flags(nights) if f.run_date in set(dates)]
     for flag in flags:
         log.warning("drift: %s", flag)
@@ -205,14 +205,14 @@ def check_drift(output_url: str, dates: list[str], catalog: dict | None = None) 
 # ------------------------------------------------------------------------------------------ page
 
 
-def build_trend(output_url: str, since: str | None = None) -> str:
+def build_trend(output: str | Output, since: str | None = None) -> str:
     """The trend page's HTML (raises ``UserError`` when no night is committed)."""
-    nights = collect_nights(output_url, since)
+    nights = collect_nights(output, since)
     if not nights:
-        raise UserError(f"no committed night{' since ' + since if since else ''} under {output_url}")
+        raise UserError(f"no committed night{' since ' + since if since else ''} under {output_of(output).url}")
     # flags are judged against the full history, also nights before --since
     shown = {n.run_date for n in nights}
-    flags = [f for f in drift_flags(collect_nights(output_url) if since else nights) if f.run_date in shown]
+    flags = [f for f in drift_flags(collect_nights(output) if since else nights) if f.run_date in shown]
     flagged: dict[str, list[Flag]] = {}
     for f in flags:
         flagged.setdefault(f.run_date, []).append(f)
@@ -318,18 +318,18 @@ def _plot(title: str, dates: list[str], lines: dict[str, list[float | None]],
 # -------------------------------------------------------------------------------------- writing
 
 
-def trend_path(output_url: str) -> str:
-    _, root = url_to_fs(output_url)
+def trend_path(output: str | Output) -> str:
+    root = output_of(output).root
     return f"{root.rstrip('/')}/reports/{TREND_NAME}"
 
 
-def write_trend(output_url: str, since: str | None = None) -> Path:
+def write_trend(output: str | Output, since: str | None = None) -> Path:
     """Build and write ``<output>/reports/trend.html``; its local path (remote outputs: a local copy)."""
     import tempfile
 
-    page = build_trend(output_url, since)
-    fs, _ = url_to_fs(output_url)
-    target = trend_path(output_url)
+    page = build_trend(output, since)
+    fs = output_of(output).fs
+    target = trend_path(output)
     fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(target, "w", encoding="utf-8") as f:
         f.write(page)
@@ -343,5 +343,7 @@ def write_trend(output_url: str, since: str | None = None) -> Path:
 
 def trend_command(args: argparse.Namespace) -> int:
     """``curate report --trend``: build the page across nights and print its path."""
-    print(write_trend(args.output, args.since))
+    from jobs.ops.target import output_from_args
+
+    print(write_trend(output_from_args(args), args.since))
     return 0

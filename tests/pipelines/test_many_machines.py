@@ -1,0 +1,139 @@
+"""Many machines: tables on an S3 server (moto, over HTTP), the catalog in a real Postgres.
+
+Every verb reads and writes through the pipeline's catalog and storage settings: run, a rerun,
+two nights in one process (``nightly --since``: the night once committed empty), tables, query,
+query --as-of, report, report --trend, maintain and quarantine replay.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from conftest import tiny_pipeline
+
+from jobs.cli.main import main
+from jobs.ops.query import query
+from pipelines.config import parse_config
+from pipelines.runner import run_pipeline
+from pipelines.tables import output_of_config
+
+D1, D2 = "2026-03-01", "2026-03-02"
+
+
+def _put_shard(fs, url: str, **columns: list) -> None:  # noqa: ANN001 - s3fs
+    with fs.open(url, "wb") as f:
+        pq.write_table(pa.table(columns), f)
+
+
+@pytest.fixture
+def s3_corpus(s3, cluster_output) -> str:
+    """Input shards on the same S3 server: two languages, one empty text (quarantined)."""
+    fs = s3.filesystem()
+    root = f"{cluster_output['url']}-input"
+    _put_shard(fs, f"{root}/a.parquet", id=["p1", "p2", "x1"],
+               text=["Hello world", "The cat sat on the mat.", "   "], lang=["eng_Latn"] * 3)
+    _put_shard(fs, f"{root}/b.parquet", id=["p1", "p2"],
+               text=["Bonjour le monde", "Le chat était assis sur le tapis."], lang=["fra_Latn"] * 2)
+    return root
+
+
+def _pipeline(tmp_path: Path, input_url: str, output: dict) -> Path:
+    raw = tiny_pipeline(input_url, output["url"])
+    raw["output"] = output
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    rc = main(list(argv))
+    got = capsys.readouterr()
+    return rc, got.out, got.err
+
+
+def test_every_verb_on_s3_and_postgres(tmp_path, local_ray, s3, s3_corpus, cluster_output, capsys, monkeypatch):
+    for var in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(var, raising=False)  # only output.storage names the server
+    pipeline = _pipeline(tmp_path, s3_corpus, cluster_output)
+    cfg = parse_config(yaml.safe_load(pipeline.read_text()))
+    reader = ("--pipeline", str(pipeline))
+
+    # run (the report step reads the shared catalog too) and a rerun of the same date
+    rc, out, err = _cli(capsys, "run", str(pipeline), "--date", D1)
+    assert rc == 0, err
+    assert "report: " in out
+    first = run_pipeline(cfg, D1)
+    assert first.tables["documents"] == 4 and first.tables["quarantine"] == 1
+
+    # two nights in one process: the second must commit its rows, not an empty night
+    rc, out, err = _cli(capsys, "nightly", str(pipeline), "--since", D1, "--date", D2)
+    assert rc == 0, err
+    for date in (D1, D2):
+        n = query(output_of_config(cfg), "SELECT count(*) AS n FROM documents", date=date)
+        assert n.column("n")[0].as_py() == 4, date
+
+    # tables, query, query --as-of
+    rc, out, err = _cli(capsys, "tables", *reader)
+    assert rc == 0, err
+    assert "documents" in out and D1 in out and D2 in out
+    rc, out, err = _cli(capsys, "query", "SELECT count(*) AS n FROM documents", *reader, "--format", "json")
+    assert rc == 0 and json.loads(out)["n"] == 8, err
+    rc, out, err = _cli(capsys, "query", "SELECT count(*) AS n FROM documents", *reader,
+                        "--format", "json", "--as-of", first.run_id)
+    assert rc == 0 and json.loads(out)["n"] == 4, err  # D2 was not committed yet
+
+    # the same with --catalog/--storage properties instead of the pipeline
+    props = [a for k, v in cluster_output["catalog"].items() for a in ("--catalog", f"{k}={v}")]
+    props += [a for k, v in cluster_output["storage"].items() for a in ("--storage", f"{k}={v}")]
+    rc, out, err = _cli(capsys, "query", "SELECT count(*) AS n FROM token_premium", "--output",
+                        cluster_output["url"], *props, "--format", "json")
+    assert rc == 0 and json.loads(out)["n"] > 0, err
+
+    # report, report --trend (written back to the bucket, a local copy printed)
+    rc, out, err = _cli(capsys, "report", *reader, "--date", D2)
+    assert rc == 0, err
+    assert D2 in Path(out.strip()).read_text(encoding="utf-8")
+    assert s3.filesystem().exists(f"{cluster_output['url']}/reports/run_date={D2}/report.html")
+    rc, out, err = _cli(capsys, "report", "--trend", *reader)
+    assert rc == 0 and Path(out.strip()).exists(), err
+
+    # maintain on the object store (nothing is old enough to go)
+    rc, out, err = _cli(capsys, "maintain", *reader, "--dry-run")
+    assert rc == 0, err
+    assert "orphan" in out
+
+    # quarantine replay into an output of its own (another bucket prefix, a catalog of its own)
+    into = f"{cluster_output['url']}-replay"
+    into_db = cluster_output["catalog"]["uri"].rsplit("/", 1)[0] + "/postgres"
+    rc, out, err = _cli(capsys, "quarantine", "replay", str(pipeline), "--date", D1, "--into", into,
+                        "--into-catalog", "type=sql", "--into-catalog", f"uri={into_db}")
+    assert rc == 0, err
+    assert "1 quarantined row(s) in" in out
+
+
+def test_unreadable_catalog_is_an_error_not_an_empty_answer(tmp_path, s3, cluster_output, capsys):
+    bad = cluster_output["catalog"]["uri"].rsplit("/", 1)[0] + "/no_such_database"
+    rc, out, err = _cli(capsys, "tables", "--output", cluster_output["url"], "--catalog", "type=sql",
+                        "--catalog", f"uri={bad}")
+    assert rc == 2
+    assert "cannot be opened" in err and "no_such_database" in err
+    rc, out, err = _cli(capsys, "tables", "--output", cluster_output["url"])
+    assert rc == 2 and "not local" in err  # an object store output without its catalog
+
+
+def test_unreachable_endpoint_is_one_line_naming_it(tmp_path, small_corpus, postgres, capsys):
+    from tests.services import free_port
+
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    output = {"url": "s3://nowhere/out", "storage": {"endpoint": endpoint, "key": "k", "secret": "s"},
+              "catalog": {"type": "sql", "uri": postgres.new_database()}}
+    pipeline = _pipeline(tmp_path, str(small_corpus), output)
+    rc, out, err = _cli(capsys, "run", str(pipeline), "--date", D1)
+    assert rc == 2
+    assert err.count("\n") == 1 and endpoint in err and "cannot be reached" in err

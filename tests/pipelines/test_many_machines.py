@@ -137,3 +137,90 @@ def test_unreachable_endpoint_is_one_line_naming_it(tmp_path, small_corpus, post
     rc, out, err = _cli(capsys, "run", str(pipeline), "--date", D1)
     assert rc == 2
     assert err.count("\n") == 1 and endpoint in err and "cannot be reached" in err
+
+
+# ------------------------------------------------------------------------------ no shared disk
+
+
+DRIVER = """
+import json, sys
+from pipelines.config import parse_config
+from pipelines.runner import run_pipeline
+result = run_pipeline(parse_config(json.loads(sys.argv[1])), sys.argv[2])
+print(json.dumps({"status": result.status, "tables": result.tables}), flush=True)
+"""
+
+
+class PrivateDiskCluster:
+    """A head node with no CPUs (only the driver's bookkeeping runs there) and one worker node in its
+    own mount namespace, with a private tmpfs over /tmp: it shares no local disk with the driver."""
+
+    def __init__(self) -> None:
+        from test_node_loss import Cluster
+
+        self.nodes = Cluster()
+
+    def start(self) -> None:
+        import subprocess
+        import uuid
+
+        from test_node_loss import RAY, MiB, _env
+
+        self.nodes.start_node(head=True, num_cpus=0, memory=200 * MiB)
+        temp = f"/tmp/rnw{uuid.uuid4().hex[:8]}"
+        self.nodes.temp_dirs.append(temp)
+        script = (f"mount -t tmpfs -o size=2g tmpfs /tmp && mkdir -p {temp} && "
+                  f"exec {RAY} start --address={self.nodes.address} --num-cpus=2 --memory={3072 * MiB} "
+                  f"--object-store-memory={200 * MiB} --temp-dir={temp} --disable-usage-stats")
+        subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                       check=True, capture_output=True, timeout=120, env=_env())
+
+    def stop(self) -> None:
+        self.nodes.stop()
+
+
+def _can_unshare() -> bool:
+    import subprocess
+
+    try:
+        done = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"],
+                              capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _can_unshare(), reason="unshare --mount is not allowed here")
+def test_no_shared_disk_two_nodes_commit_what_one_node_commits(tmp_path, local_ray, s3, s3_corpus,
+                                                               cluster_output, postgres):
+    import subprocess
+    import sys
+
+    from test_node_loss import ROOT, _env
+
+    cluster = PrivateDiskCluster()
+    try:
+        cluster.start()
+        raw = tiny_pipeline(s3_corpus, cluster_output["url"])
+        raw["output"] = cluster_output
+        raw["ray"] = {"address": cluster.nodes.address, "resource_wait_s": 60}
+        raw["stages"][0]["resources"] = {"num_cpus": 1, "batch_size": 2}
+        done = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(raw), D1], cwd=ROOT,
+                              env={**_env(), "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        assert json.loads(done.stdout.strip().splitlines()[-1])["tables"]["documents"] == 4
+    finally:
+        cluster.stop()
+
+    single = dict(cluster_output, url=f"{cluster_output['url']}-single",
+                  catalog={"type": "sql", "uri": postgres.new_database()})
+    raw = tiny_pipeline(s3_corpus, single["url"])
+    raw["output"] = single
+    run_pipeline(parse_config(raw), D1)
+    sql = "SELECT * FROM {t} ORDER BY ALL"
+    for table in ("documents", "quarantine", "token_premium"):
+        two = query(output_of_config(parse_config({**raw, "output": cluster_output})), sql.format(t=table))
+        one = query(output_of_config(parse_config(raw)), sql.format(t=table))
+        assert two.num_rows > 0 and two.equals(one), table

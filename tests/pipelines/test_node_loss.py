@@ -170,6 +170,7 @@ def finish(proc: subprocess.Popen, log: Path, timeout: float) -> int:
 def pipeline(tmp_path: Path, cluster: Cluster, out: str) -> dict:
     raw = tiny_pipeline(str(tmp_path / "in"), str(tmp_path / out))
     raw["ray"] = {"address": cluster.address, "resource_wait_s": 30}
+    raw["output"]["shared_mount"] = True  # both nodes run on this machine: they share its disk
     raw["stages"][0]["resources"] = {"num_cpus": 0.5, "batch_size": 50, "memory": 300 * MiB}
     return raw
 

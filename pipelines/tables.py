@@ -467,12 +467,14 @@ def runs_files(catalog: Catalog, date: str | None = None) -> list[str]:
     return [t.file.file_path for t in scan.plan_files()]
 
 
-def open_dataset(url: str) -> pads.Dataset:
+def open_dataset(url: str, catalog: dict | None = None, storage: dict | None = None) -> pads.Dataset:
     """A Parquet file or directory (hive partitions allowed), or an output table named as
-    ``<output>/<table>[/run_date=D]`` (its committed files), not read yet."""
+    ``<output>/<table>[/run_date=D]`` (its committed files, found through ``catalog``: pyiceberg
+    properties, default the embedded one), not read yet. ``storage``: object store settings."""
+    apply_storage(StorageConfig.model_validate(storage) if storage else None)
     fs, path = url_to_fs(url)
     if not fs.exists(path):
-        files = committed_table_files(url)
+        files = committed_table_files(url, catalog, storage)
         if files is None:
             raise InputError(f"input not found: {url}")
         return pads.dataset([f.removeprefix("file://") for f in files], format="parquet",
@@ -481,23 +483,28 @@ def open_dataset(url: str) -> pads.Dataset:
                         partitioning="hive")
 
 
-def committed_table_files(url: str) -> list[str] | None:
-    """The committed data files of ``<output>/<table>[/run_date=D]``; None when that names no table."""
-    from pipelines.tables import CatalogError, committed_views, open_output
-
+def committed_table_files(url: str, catalog: dict | None = None,
+                          storage: dict | None = None) -> list[str] | None:
+    """The committed data files of ``<output>/<table>[/run_date=D]``; None when that names no table
+    (a catalog given but unreadable is an error)."""
     parts = url.rstrip("/").rsplit("/", 2)
     date = parts[-1].removeprefix("run_date=") if parts[-1].startswith("run_date=") else None
     output, table = (parts[0], parts[1]) if date else ("/".join(parts[:-1]), parts[-1])
     try:
-        view = committed_views(open_output(output).catalog(), date).get(table)
+        view = committed_views(open_output(output, catalog, storage).catalog(), date).get(table)
+    except NothingCommitted:
+        return None
     except CatalogError:
+        if catalog:
+            raise
         return None
     return [f for files in view.files_by_date.values() for f in files] if view else None
 
 
-def read_table(url: str, columns: list[str] | None = None) -> pa.Table:
-    """A Parquet file or directory as one table (only ``columns`` when given)."""
-    dataset = open_dataset(url)
+def read_table(url: str, columns: list[str] | None = None, catalog: dict | None = None,
+               storage: dict | None = None) -> pa.Table:
+    """A Parquet file or directory as one table (only ``columns`` when given); see ``open_dataset``."""
+    dataset = open_dataset(url, catalog, storage)
     if columns:
         missing = [c for c in columns if c not in dataset.schema.names]
         if missing:

@@ -14,7 +14,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from jobs.cli.verbs import verb
+from jobs.cli.verbs import add_table_source, table_source, verb
 from jobs.errors import UserError
 from pipelines.io import InputError, url_to_fs
 from pipelines.tables import read_table
@@ -23,7 +23,9 @@ from pipelines.tables import read_table
 def register(sub: argparse._SubParsersAction) -> None:
     p = verb(sub, "eval", "AUROC, TPR@5%FPR, balanced accuracy of scores vs a label",
              "curate eval --input labelled.parquet --output eval/")
-    p.add_argument("--input", required=True, help="labelled Parquet file or directory (fsspec URL)")
+    p.add_argument("--input", required=True, help="labelled Parquet file or directory (fsspec URL), or a "
+                   "committed table <output>/<table>[/run_date=D]")
+    add_table_source(p)
     p.add_argument("--scores", help="comma-separated score columns (default: every float column)")
     p.add_argument("--label", default="label", help="label column (default: label)")
     p.add_argument("--fpr", type=float, default=0.05, help="report the TPR at this FPR (default 0.05)")
@@ -38,14 +40,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_eval(input_url: str, scores: list[str] | None = None, output: str | None = None,
              label: str = "label", max_fpr: float = 0.05, directions: dict[str, str] | None = None,
-             best: bool = False) -> list:
+             best: bool = False, tables: dict | None = None) -> list:
     """Evaluate, print the table, and write ``eval.json`` + ``roc.png`` under ``output``.
 
     Each score is reported in its own direction (registered or ``directions``), fixed before the
-    labels are seen; ``best`` is the exploratory alternative."""
+    labels are seen; ``best`` is the exploratory alternative. ``tables``: ``catalog`` and ``storage``
+    of an ``<output>/<table>`` input on a shared catalog."""
     from jobs.eval.roc import evaluate_table, format_results, plot_roc, score_columns
 
-    table = read_table(input_url, [label, *scores] if scores else None)
+    table = read_table(input_url, [label, *scores] if scores else None, **(tables or {}))
     try:
         results, curves = evaluate_table(table, scores, label, max_fpr, directions, best)
     except ValueError as err:
@@ -78,7 +81,8 @@ def eval_command(args: argparse.Namespace) -> int:
             raise UserError(f"--direction {item!r}: expected COLUMN=higher or COLUMN=lower")
         directions[column] = way
     try:
-        run_eval(args.input, scores, args.output, args.label, args.fpr, directions, args.best_direction)
+        run_eval(args.input, scores, args.output, args.label, args.fpr, directions, args.best_direction,
+                 table_source(args))
     except InputError as err:
         raise UserError(str(err)) from None
     return 0

@@ -19,7 +19,7 @@ import argparse
 import json
 import time
 
-from jobs.cli.verbs import verb
+from jobs.cli.verbs import add_table_source, table_source, verb
 from jobs.demo.pawn import format_demo_eval, prepare_demo_pawn
 from jobs.errors import UserError
 from jobs.train.pawn import load_features
@@ -31,7 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     actions = p.add_subparsers(dest="pawn_action", required=True, metavar="ACTION")
     t = verb(actions, "train", "train a PAWN head from cached features or lm documents",
              "curate pawn train --features features.parquet --output heads/pawn --epochs 5")
-    t.add_argument("--features", required=True, help="feature cache or lm documents table (Parquet, fsspec)")
+    t.add_argument("--features", required=True, help="feature cache or lm documents table (Parquet, fsspec; "
+                   "or a committed table <output>/documents[/run_date=D])")
+    add_table_source(t)
     t.add_argument("--output", required=True, help="directory for model.safetensors + config.json")
     t.add_argument("--epochs", type=int, default=5)
     t.add_argument("--model", help="lm model name, when --features is a documents table")
@@ -50,7 +52,7 @@ def train_command(args: argparse.Namespace) -> int:
     from pipelines.io import InputError
 
     try:
-        features = load_features(args.features, args.model)
+        features = load_features(args.features, args.model, table_source(args))
     except InputError as err:
         raise UserError(str(err)) from None
     start = time.perf_counter()

@@ -116,6 +116,13 @@ def test_every_verb_on_s3_and_postgres(tmp_path, local_ray, s3, s3_corpus, clust
     assert rc == 0, err
     assert "1 quarantined row(s) in" in out
 
+    # a committed table as an input (eval --input, pawn train --features) through the shared catalog
+    from pipelines.tables import read_table
+
+    rows = read_table(f"{cluster_output['url']}/documents/run_date={D2}", ["id"],
+                      catalog=cluster_output["catalog"], storage=cluster_output["storage"])
+    assert rows.num_rows == 4
+
 
 def test_unreadable_catalog_is_an_error_not_an_empty_answer(tmp_path, s3, cluster_output, capsys):
     bad = cluster_output["catalog"]["uri"].rsplit("/", 1)[0] + "/no_such_database"

@@ -111,5 +111,5 @@ def test_remote_output_needs_a_catalog(tmp_path, capsys):
     """The embedded SQLite catalog needs a local output; a remote one without output.catalog is a clear error."""
     from pipelines.tables import CatalogError, open_output
 
-    with pytest.raises(CatalogError, match="set output.catalog"):
+    with pytest.raises(CatalogError, match="not local: give its shared catalog"):
         open_output("memory://curate-query-test/out").catalog(create=True)

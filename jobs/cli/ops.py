@@ -7,7 +7,7 @@ import importlib
 import os
 from collections.abc import Callable
 
-from jobs.cli.run import parse_date, today
+from jobs.cli.run import add_allow_shrink, parse_date, today
 from jobs.cli.verbs import verb
 
 DEFAULT_OUTPUT = os.environ.get("CURATE_OUTPUT", "./output")
@@ -84,6 +84,7 @@ def _nightly(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else embedded Ray)")
     p.add_argument("--fail-on-drift", action="store_true",
                    help="exit 3 when a night drifts (see curate report --trend); logged either way")
+    add_allow_shrink(p)
     p.set_defaults(func=_lazy("jobs.ops.nightly", "nightly_command"))
 
 
@@ -165,4 +166,5 @@ def _quarantine(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--output", help="override output.url (where the night was committed)")
     r.add_argument("--into", help="output URL of the replay's tables (default: <output>/replays/<date>)")
     r.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else embedded Ray)")
+    add_allow_shrink(r)
     r.set_defaults(func=_lazy("jobs.ops.replay", "replay_command"))

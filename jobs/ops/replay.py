@@ -32,7 +32,7 @@ from pipelines.tables import CatalogError, committed_runs, load_table, open_outp
 #: Columns of the quarantine record, kept as ``input_<name>`` in the replay input.
 RECORD = ("source_file", "source_row", "quarantine_reason", "quarantine_stage")
 #: Columns the reader makes again (dropped from the replay input).
-DROPPED = ("run_date", "text_bytes", "n_control_chars")
+DROPPED = ("run_date", "text_bytes", "n_control_chars", "rows_lost")
 
 
 @dataclass
@@ -79,8 +79,10 @@ def replay_input(rows: pa.Table, cfg: PipelineConfig) -> pa.Table:
     return out.rename_columns(names)
 
 
-def replay(cfg: PipelineConfig, run_date: str, into: str | None = None) -> ReplayResult:
-    """Run ``cfg`` on the quarantined rows of ``run_date``, committing into ``into``."""
+def replay(cfg: PipelineConfig, run_date: str, into: str | None = None,
+           allow_shrink: bool = False) -> ReplayResult:
+    """Run ``cfg`` on the quarantined rows of ``run_date``, committing into ``into`` (a rerun that would
+    shrink an earlier replay of that date is refused unless ``allow_shrink``: ``pipelines.guards``)."""
     rows = quarantined_rows(cfg, run_date)
     fs, root = url_to_fs(cfg.output.url)
     if into is None:
@@ -99,14 +101,15 @@ def replay(cfg: PipelineConfig, run_date: str, into: str | None = None) -> Repla
         "stages": [s.model_copy(update={"max_quarantine_share": None}) if hasattr(s, "max_quarantine_share")
                    else s for s in cfg.stages],
     })
-    return ReplayResult(run_pipeline(replayed, run_date, partial=True), rows.num_rows, shard_url)
+    return ReplayResult(run_pipeline(replayed, run_date, partial=True, allow_shrink=allow_shrink),
+                        rows.num_rows, shard_url)
 
 
 def replay_command(args: argparse.Namespace) -> int:
     overrides = {"output": {"url": args.output}, "ray": {"address": args.address}}
     try:
         cfg = load_config(args.pipeline, overrides)
-        result = replay(cfg, args.date, args.into)
+        result = replay(cfg, args.date, args.into, getattr(args, "allow_shrink", False))
     except (ConfigError, InputError, LockHeld, CatalogError) as err:
         raise UserError(str(err)) from None
     except RunFailed as err:

@@ -19,6 +19,7 @@ def run(tmp_path, corpus, date="2026-02-01"):
     out = tmp_path / "out"
     raw = tiny_pipeline(str(corpus), str(out))
     raw["max_quarantine_share"] = 1.0  # tiny corpora, mostly bad on purpose: no error budget here
+    raw["max_unreadable_files"] = 1  # one test reads a file that is no Parquet at all
     result = run_pipeline(parse_config(raw), date)
     stages = result.stages
     assert all(s.rows_in == s.rows_out + s.quarantined for s in stages)

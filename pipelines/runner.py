@@ -37,6 +37,7 @@ from pipelines.io import batch_key, check_schemas, is_process_local, list_shards
 from pipelines.lock import LockHeld, lock_path, run_lock
 from pipelines.lost import LOST_COLUMN, STATS_KEY, count_lost, fold_lost, lost_of
 from pipelines.progress import ProgressCounter, ProgressReporter, quiet_ray_data, ray_init_options
+from pipelines.recover import check_catalog_home
 from pipelines.resources import READ_CPUS, WRITER_CPUS, check_resources, shortfalls
 from pipelines.stage_runner import SECONDS_PREFIX, StageRunner
 from pipelines.tables import (
@@ -258,6 +259,7 @@ def run_pipeline(cfg: PipelineConfig, run_date: str, *, partial: bool = False,
     """
     cfg = check_plan(cfg)  # loaded configs are checked already; this covers ones built in code
     output = open_output(cfg.output.url, cfg.output.catalog)
+    check_catalog_home(output)  # issue 22: never replace a lost catalog, never write into a copied output's original
     with contextlib.ExitStack() as held:
         return _run(cfg, output, run_date, held, partial, allow_shrink)
 

@@ -176,14 +176,14 @@ def _quarantine(sub: argparse._SubParsersAction) -> None:
 
 
 def _check(sub: argparse._SubParsersAction) -> None:
-    p = verb(sub, "check", "verify that every file the committed nights reference exists and opens",
+    p = verb(sub, "check", "check that every committed file exists and opens",
              "curate check --output ./output")
     _output(p)
     p.set_defaults(func=_lazy("jobs.ops.check", "check_command", reading=True))
 
 
 def _recover(sub: argparse._SubParsersAction) -> None:
-    p = verb(sub, "recover", "repair the catalog: roll broken tables back to their newest readable "
-             "metadata, register lost ones", "curate recover --output ./output")
+    p = verb(sub, "recover", "repair the catalog: roll back or register its tables",
+             "curate recover --output ./output")
     _output(p)
     p.set_defaults(func=_lazy("jobs.ops.check", "recover_command"))

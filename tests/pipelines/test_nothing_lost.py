@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -178,3 +181,61 @@ def test_date_accepts_only_yyyy_mm_dd(value, capsys):
         build_parser().parse_args(["run", "p.yaml", "--date", value])
     assert f"not a date (YYYY-MM-DD): {value!r}" in capsys.readouterr().err
     assert build_parser().parse_args(["run", "p.yaml", "--date", "2026-01-31"]).date == "2026-01-31"
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A real 16 MiB tmpfs (needs root; skipped where it cannot be mounted)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)],
+                             capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Write zeros to ``disk`` until it is full; the filler file."""
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_full_disk_mid_commit_is_one_line_and_the_committed_night_stays(tmp_path, small_disk, local_ray,
+                                                                           monkeypatch, capsys):
+    out = small_disk / "out"
+    docs(tmp_path / "n1", 3)
+    run_pipeline(parse_config(tiny_pipeline(str(tmp_path / "n1"), str(out))), DATE)
+    docs(tmp_path / "n2", 5)
+    path = pipeline_file(tmp_path, tmp_path / "n2", out)
+    monkeypatch.setenv("CURATE_COMMIT_HOOK", "before:documents:sleep=6")  # the commit waits here
+
+    def fill_when_finalized() -> None:  # finalize stages token_premium last, then the commit starts
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(out.glob("_data/token_premium/run_date=2026-01-02/*/*")):
+            time.sleep(0.05)
+        fill(small_disk)
+
+    filler = threading.Thread(target=fill_when_finalized, daemon=True)
+    filler.start()
+    rc = main(["run", str(path), "--date", "2026-01-02"])
+    filler.join()
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    line = next(ln for ln in err.splitlines() if ln.startswith("curate: error:"))
+    assert f"storage error under {out}: No space left on device" in line and "committed nothing" in line
+
+    (small_disk / "filler").unlink()
+    assert len(table_rows(out, "documents", DATE)) == 3  # the committed night is intact
+    assert table_rows(out, "documents", "2026-01-02") == []  # and nothing of the failed one shows
+    monkeypatch.delenv("CURATE_COMMIT_HOOK")
+    assert main(["run", str(path), "--date", "2026-01-02"]) == 0  # once there is space, the rerun commits
+    assert len(table_rows(out, "documents", "2026-01-02")) == 5

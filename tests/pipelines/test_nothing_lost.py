@@ -231,7 +231,8 @@ def test_a_full_disk_mid_commit_is_one_line_and_the_committed_night_stays(tmp_pa
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
     line = next(ln for ln in err.splitlines() if ln.startswith("curate: error:"))
-    assert f"storage error under {out}: No space left on device" in line and "committed nothing" in line
+    assert line.startswith(f"curate: error: storage error under {out}: ")
+    assert "No space left on device" in line and "this run committed nothing" in line
 
     (small_disk / "filler").unlink()
     assert len(table_rows(out, "documents", DATE)) == 3  # the committed night is intact

@@ -2,6 +2,10 @@
 
     run    quarantined rows / rows read          > max_quarantine_share          (default 0.5)
     stage  rows it quarantined / rows it got     > stages[i].max_quarantine_share (default: none)
+    files  input files that cannot be read at all > max_unreadable_files          (default 0)
+
+Rows of a corrupt row group count as the rows its metadata declares (``pipelines.lost``); a file
+without a readable footer declares nothing, so it counts against ``max_unreadable_files``.
 
 Checked after the streaming pass, before finalize and commit. A typo that makes a stage fail on
 every row (share 1.0) stops the night; a few bad rows (the usual empty texts) pass.
@@ -27,9 +31,15 @@ def share(quarantined: int, rows: int) -> float:
     return quarantined / rows if rows else 0.0
 
 
-def budget_errors(cfg: PipelineConfig, stages: list[_Counts]) -> list[str]:
-    """One message per budget passed; ``stages`` are the run's per-stage counts, ``read`` first."""
+def budget_errors(cfg: PipelineConfig, stages: list[_Counts], unreadable_files: list[str] = ()) -> list[str]:
+    """One message per budget passed; ``stages`` are the run's per-stage counts, ``read`` first;
+    ``unreadable_files`` the input files that could not be read at all."""
     errors = []
+    if len(unreadable_files) > cfg.max_unreadable_files:
+        shown = ", ".join(unreadable_files[:5]) + (f" and {len(unreadable_files) - 5} more"
+                                                   if len(unreadable_files) > 5 else "")
+        errors.append(f"{len(unreadable_files)} input file(s) could not be read at all (their rows cannot be "
+                      f"counted), over max_unreadable_files {cfg.max_unreadable_files}: {shown}")
     by_name = {s.name: s for s in stages}
     for stage in cfg.stages:
         counts, limit = by_name.get(stage.stage_name), stage.max_quarantine_share
@@ -54,10 +64,11 @@ def budget_errors(cfg: PipelineConfig, stages: list[_Counts]) -> list[str]:
     return errors
 
 
-def check_budget(cfg: PipelineConfig, stages: list[_Counts], reasons: Callable[[], list[str]]) -> None:
+def check_budget(cfg: PipelineConfig, stages: list[_Counts], reasons: Callable[[], list[str]],
+                 unreadable_files: list[str] = ()) -> None:
     """Raise ``RunFailed`` when the run or a stage passed its error budget, quoting ``reasons()``
     (a few distinct quarantine reasons: the quarantine table of a failed run is not committed)."""
-    errors = budget_errors(cfg, stages)
+    errors = budget_errors(cfg, stages, unreadable_files)
     if errors:
         examples = "".join(f"\n  e.g. {r}" for r in reasons())
         raise RunFailed("error budget passed: " + "; ".join(errors) + examples)

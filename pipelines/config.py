@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from operators.base import StrictModel
 from operators.registry import STAGE_CONFIGS
@@ -30,6 +30,8 @@ _DEFAULTS = {"CURATE_CACHE": str(Path.home() / ".cache" / "curate")}
 
 #: The run's default error budget: stops a night where most rows fail, lets a few bad rows through.
 DEFAULT_MAX_QUARANTINE_SHARE = 0.5
+#: A rerun may drop at most this share of a committed night's documents (``pipelines.guards``).
+DEFAULT_MAX_SHRINK_SHARE = 0.5
 
 
 class ConfigError(ValueError):
@@ -65,6 +67,10 @@ class OutputConfig(StrictModel):
     shared_mount: bool = Field(
         False, description="A local output path that every node of the cluster mounts (NFS, a shared "
         "volume); without it a local output on a multi-node cluster is refused.")
+    max_shrink_share: float = Field(
+        DEFAULT_MAX_SHRINK_SHARE, ge=0, le=1,
+        description="A rerun of a committed date is refused before its commit when it would leave 0 "
+        "documents or this share fewer (pipelines.guards); --allow-shrink lets it through.")
 
 
 class RayConfig(StrictModel):
@@ -97,6 +103,16 @@ class PipelineConfig(StrictModel):
         DEFAULT_MAX_QUARANTINE_SHARE, ge=0, le=1,
         description="Error budget: the run fails, committing nothing, when more than this share of its "
         "rows is quarantined.")
+    max_unreadable_files: int = Field(
+        0, ge=0, description="Error budget of input files that cannot be read at all (no footer: their "
+        "rows cannot be counted); the run fails, committing nothing, above it.")
+
+    @model_validator(mode="after")
+    def _output_outside_input(self) -> PipelineConfig:
+        problem = output_inside_input(self.input.url, self.output.url)
+        if problem:
+            raise ValueError(problem)
+        return self
 
     @field_validator("stages")
     @classmethod
@@ -111,6 +127,30 @@ class PipelineConfig(StrictModel):
         """Stable hash of the validated config (what the manifest and runs table record)."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def output_inside_input(input_url: str, output_url: str) -> str | None:
+    """Why ``output_url`` may not be used with ``input_url``: equal to, or inside, the input's directory
+    (or its glob's fixed root), where the next night would read the output's own files as input."""
+    from pipelines.io import _glob_root, url_to_fs
+
+    try:
+        (in_fs, in_path), (out_fs, out_path) = url_to_fs(input_url), url_to_fs(output_url)
+    except (ValueError, ImportError):
+        return None  # the reader reports a bad URL
+    if in_fs.protocol != out_fs.protocol or "{date" in input_url:
+        return None
+    local = "file" in (in_fs.protocol if isinstance(in_fs.protocol, tuple) else (in_fs.protocol,))
+    norm = (lambda p: os.path.realpath(p)) if local else (lambda p: p.rstrip("/"))
+    root = _glob_root(in_path) if any(ch in in_path for ch in "*?[") else in_path
+    if local and os.path.isfile(root):
+        return None  # a single file: nothing below it is read
+    root, out = norm(root), norm(out_path)
+    if out == root or out.startswith(root.rstrip("/") + "/"):
+        return (f"output.url {output_url!r} is {'the input directory' if out == root else 'inside input.url'} "
+                f"{input_url!r}: the next night would read the output's own files as input; "
+                "choose an output outside the input")
+    return None
 
 
 def expand_env(value: Any) -> Any:

@@ -6,7 +6,8 @@ UTF-8, else null), ``n_control_chars`` and ``quarantine_reason``/``quarantine_st
 become quarantine rows naming the file, row and column; nothing is dropped silently, and a
 quarantined row keeps its content (``text``, or the raw bytes in ``text_bytes``):
 
-* an unreadable file (or row group) yields one quarantine record for it (its rows cannot be counted);
+* an unreadable file (or row group) yields one quarantine record for it; a row group's record carries
+  ``rows_lost``, the rows its metadata declares, which the error budget counts (``pipelines.lost``);
 * a shard without ``text``, or with a non-string ``text``, quarantines every row of the shard (the
   value is kept as a string);
 * a value that cannot be read (invalid UTF-8 in any string column, an ``id`` that is no string or
@@ -38,7 +39,7 @@ QUARANTINE = ("quarantine_reason", "quarantine_stage")
 #: Columns the reader adds besides ``id``/``text``, lineage and quarantine.
 READ_COLUMNS = ("text_bytes", "n_control_chars")
 #: Names an input column may not keep: it is renamed ``input_<name>`` (``run_date`` is the partition).
-RESERVED = (*LINEAGE, *QUARANTINE, *READ_COLUMNS, "run_date")
+RESERVED = (*LINEAGE, *QUARANTINE, *READ_COLUMNS, "run_date", "rows_lost")
 CONTROL_CHARS = ("keep", "strip", "quarantine")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _STRING_TYPES = (pa.string(), pa.large_string())
@@ -150,9 +151,11 @@ def read_shard(url: str, text_column: str = "text", id_column: str = "id",
             try:
                 batches = list(parquet.iter_batches(batch_size=batch_rows, row_groups=[group]))
             except Exception as err:  # noqa: BLE001 - a corrupt row group quarantines that group
-                yield _file_record(url, f"corrupt Parquet data in {url} row group {group} (rows from {row}): "
-                                        f"{type(err).__name__}: {err}", row)
-                row += parquet.metadata.row_group(group).num_rows
+                declared = parquet.metadata.row_group(group).num_rows
+                yield _file_record(url, f"corrupt Parquet data in {url} row group {group} (rows {row} to "
+                                        f"{row + declared - 1}, {declared} rows lost): "
+                                        f"{type(err).__name__}: {err}", row, declared)
+                row += declared
                 continue
             for batch in batches:
                 table = pa.Table.from_batches([batch])
@@ -172,12 +175,14 @@ def _schema_problem(schema: pa.Schema, text_column: str, url: str) -> str | None
     return None
 
 
-def _file_record(url: str, reason: str, row: int | None = None) -> pa.Table:
+def _file_record(url: str, reason: str, row: int | None = None, rows_lost: int | None = None) -> pa.Table:
+    """One quarantine record for an unreadable file (``row`` None) or row group (``rows_lost`` rows)."""
     return pa.table({
         "id": pa.array([None], pa.string()), "text": pa.array([None], pa.string()),
         "source_file": [url], "source_row": pa.array([row], pa.int64()),
         "text_bytes": pa.array([None], pa.binary()), "n_control_chars": pa.array([None], pa.int64()),
         "quarantine_reason": [reason], "quarantine_stage": ["read"],
+        "rows_lost": pa.array([rows_lost], pa.int64()),
     })
 
 

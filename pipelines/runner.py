@@ -33,9 +33,12 @@ from operators.base import RunFailed, StageConfig
 from pipelines.budget import check_budget
 from pipelines.config import ConfigError, PipelineConfig, check_plan
 from pipelines.finalize import FinalizeContext, scan_staged
+from pipelines.guards import check_shrink
 from pipelines.io import batch_key, check_schemas, is_process_local, list_shards, read_shard, url_to_fs
 from pipelines.lock import LockHeld, lock_path, run_lock
+from pipelines.lost import LOST_COLUMN, STATS_KEY, count_lost, fold_lost, lost_of
 from pipelines.progress import ProgressCounter, ProgressReporter, quiet_ray_data, ray_init_options
+from pipelines.recover import check_catalog_home
 from pipelines.resources import READ_CPUS, WRITER_CPUS, check_resources, shortfalls
 from pipelines.stage_runner import SECONDS_PREFIX, StageRunner
 from pipelines.staging import StagedFile, decode_files, discard, encode_files, stage_rows
@@ -149,14 +152,16 @@ def write_staged(batch: pa.Table, layout: RunLayout) -> pa.Table:
     written = []
     for table, rows in (("documents", docs), ("quarantine", quarantined)):
         if rows.num_rows:
-            rows = rows.drop_columns([c for c in ("quarantine_reason", "quarantine_stage", "text_bytes")
+            rows = rows.drop_columns([c for c in ("quarantine_reason", "quarantine_stage", "text_bytes",
+                                                  LOST_COLUMN)
                                       if c in rows.column_names]) if table == "documents" else rows
             written.append(stage_rows(layout.output, table, layout.run_date, layout.run_id,
                                       f"part-{key}", rows))
     by_stage = Counter(quarantined.column("quarantine_stage").to_pylist())
     return pa.table({"key": [key], "rows": [batch.num_rows],
                      "quarantined_by": [json.dumps(by_stage)], "seconds_by": [json.dumps(seconds)],
-                     "files": pa.array([encode_files(written)], pa.binary())})
+                     "files": pa.array([encode_files(written)], pa.binary()),
+                     STATS_KEY: [lost_of(quarantined)]})  # rows lost in unreadable parts (pipelines.lost)
 
 
 def build_dataset(cfg: PipelineConfig, shards: list[str], layout: RunLayout,
@@ -246,21 +251,24 @@ def staged_of(rows: list[dict]) -> list[StagedFile]:
     return decode_files(r.get("files") for r in rows)
 
 
-def run_pipeline(cfg: PipelineConfig, run_date: str, *, partial: bool = False) -> RunResult:
+def run_pipeline(cfg: PipelineConfig, run_date: str, *, partial: bool = False,
+                 allow_shrink: bool = False) -> RunResult:
     """Run ``cfg`` for ``run_date`` and commit its tables as one night. Raises on failure (``RunFailed``
     when the error budget or a whole-run check says the night must not commit; see ``pipelines.budget``;
     ``LockHeld`` when another run of this output and date is going; ``CatalogError`` from preflight).
     ``partial``: the input is part of a night (a quarantine replay), so finalizers skip the checks
-    that need the whole corpus (``FinalizeContext.partial``).
+    that need the whole corpus (``FinalizeContext.partial``). ``allow_shrink``: let a rerun wipe or
+    shrink the committed night (``pipelines.guards``; refused by default).
     """
     cfg = check_plan(cfg)  # loaded configs are checked already; this covers ones built in code
     output = output_of_config(cfg)
+    check_catalog_home(output)  # never replace a lost catalog, never write into a copied output's original
     with contextlib.ExitStack() as held:
-        return _run(cfg, output, run_date, held, partial)
+        return _run(cfg, output, run_date, held, partial, allow_shrink)
 
 
 def _run(cfg: PipelineConfig, output, run_date: str, held: contextlib.ExitStack,  # noqa: ANN001
-         partial: bool = False) -> RunResult:
+         partial: bool = False, allow_shrink: bool = False) -> RunResult:
     started = time.perf_counter()
     run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     layout = RunLayout(output, run_date, run_id)
@@ -281,7 +289,11 @@ def _run(cfg: PipelineConfig, output, run_date: str, held: contextlib.ExitStack,
         stats_rows = execute_with_progress(cfg, shards, layout)
         staged = staged_of(stats_rows)
         result.stages = stage_stats(stats_rows, [s.stage_name for s in cfg.stages])
-        check_budget(cfg, result.stages, lambda: quarantine_examples(layout, staged))
+        lost = fold_lost(stats_rows)  # unreadable row groups count their rows; files their own budget
+        count_lost(result.stages, lost)
+        check_budget(cfg, result.stages, lambda: quarantine_examples(layout, staged), lost.files)
+        check_shrink(catalog, run_date, result.rows_out, result.rows_in,  # before the commit
+                     cfg.output.max_shrink_share, allow_shrink)
         with tempfile.TemporaryDirectory(prefix="curate-report-") as tmp:
             staged += _finalize(cfg, layout, staged, Path(tmp), partial)
             committed = commit_night(catalog, run_date, staged)
@@ -302,10 +314,11 @@ def _run(cfg: PipelineConfig, output, run_date: str, held: contextlib.ExitStack,
         if catalog is not None:
             try:
                 write_run_row(cfg, catalog, layout, result, snapshots)
-            except Exception:
+            except Exception as err:
                 if result.status == "committed":
                     raise  # without its runs row the night is not committed
-                log.exception("could not record the failed run %s in runs", run_id)
+                log.warning("could not record the failed run %s in runs: %s: %s",  # issue 22: one line
+                            run_id, type(err).__name__, err)
     return result
 
 

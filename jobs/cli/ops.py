@@ -7,7 +7,7 @@ import importlib
 import os
 from collections.abc import Callable
 
-from jobs.cli.run import parse_date, today
+from jobs.cli.run import add_allow_shrink, parse_date, today
 from jobs.cli.verbs import verb
 
 DEFAULT_OUTPUT = os.environ.get("CURATE_OUTPUT", "./output")
@@ -15,14 +15,19 @@ DEFAULT_OUTPUT = os.environ.get("CURATE_OUTPUT", "./output")
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add every operating subcommand to the ``curate`` parser."""
-    for add in (_query, _tables, _report, _nightly, _maintain, _schedule, _submit, _jobs, _quarantine):
+    for add in (_query, _tables, _report, _nightly, _maintain, _schedule, _submit, _jobs, _quarantine,
+                _check, _recover):
         add(sub)
 
 
-def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:
-    """A handler that imports its module only when its command runs (keeps ``curate -h`` fast)."""
+def _lazy(module: str, name: str, reading: bool = False) -> Callable[[argparse.Namespace], int]:
+    """A handler that imports its module only when its command runs (keeps ``curate -h`` fast);
+    ``reading``: a storage failure is one ``curate: error:`` line (``jobs.ops.check.reading_storage``)."""
     def handler(args: argparse.Namespace) -> int:
-        return getattr(importlib.import_module(module), name)(args)
+        run = getattr(importlib.import_module(module), name)
+        if reading:
+            run = importlib.import_module("jobs.ops.check").reading_storage(run)
+        return run(args)
     return handler
 
 
@@ -52,13 +57,13 @@ def _query(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--date", type=parse_date, help="only this run date's partitions")
     p.add_argument("--as-of", dest="as_of", metavar="RUN_ID",
                    help="the tables as they were when this run committed (time travel)")
-    p.set_defaults(func=_lazy("jobs.ops.query", "query_command"))
+    p.set_defaults(func=_lazy("jobs.ops.query", "query_command", reading=True))
 
 
 def _tables(sub: argparse._SubParsersAction) -> None:
     p = verb(sub, "tables", "list the tables, their dates and row counts", "curate tables --output ./output")
     _output(p)
-    p.set_defaults(func=_lazy("jobs.ops.query", "tables_command"))
+    p.set_defaults(func=_lazy("jobs.ops.query", "tables_command", reading=True))
 
 
 def _report(sub: argparse._SubParsersAction) -> None:
@@ -78,8 +83,8 @@ def _report(sub: argparse._SubParsersAction) -> None:
 def _report_or_trend(args: argparse.Namespace) -> int:
     """``curate report``: one night's page, or with ``--trend`` the page across nights."""
     if args.trend:
-        return _lazy("jobs.ops.trend", "trend_command")(args)
-    return _lazy("jobs.ops.report", "report_command")(args)
+        return _lazy("jobs.ops.trend", "trend_command", reading=True)(args)
+    return _lazy("jobs.ops.report", "report_command", reading=True)(args)
 
 
 def _nightly(sub: argparse._SubParsersAction) -> None:
@@ -95,6 +100,7 @@ def _nightly(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else embedded Ray)")
     p.add_argument("--fail-on-drift", action="store_true",
                    help="exit 3 when a night drifts (see curate report --trend); logged either way")
+    add_allow_shrink(p)
     p.set_defaults(func=_lazy("jobs.ops.nightly", "nightly_command"))
 
 
@@ -177,4 +183,19 @@ def _quarantine(sub: argparse._SubParsersAction) -> None:
                    help="pyiceberg property of the replay output's own catalog (repeatable; default: "
                         "the embedded one, local --into only)")
     r.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else embedded Ray)")
+    add_allow_shrink(r)
     r.set_defaults(func=_lazy("jobs.ops.replay", "replay_command"))
+
+
+def _check(sub: argparse._SubParsersAction) -> None:
+    p = verb(sub, "check", "check that every committed file exists and opens",
+             "curate check --output ./output")
+    _output(p)
+    p.set_defaults(func=_lazy("jobs.ops.check", "check_command", reading=True))
+
+
+def _recover(sub: argparse._SubParsersAction) -> None:
+    p = verb(sub, "recover", "repair the catalog: roll back or register its tables",
+             "curate recover --output ./output")
+    _output(p)
+    p.set_defaults(func=_lazy("jobs.ops.check", "recover_command"))

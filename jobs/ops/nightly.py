@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from jobs.errors import UserError
+from operators.base import RunFailed
 from pipelines import tables
 from pipelines.config import ConfigError, PipelineConfig, load_config
 from pipelines.io import InputError
@@ -133,9 +134,14 @@ def run_night(args: argparse.Namespace, run_date: str) -> str | None:
 
     try:
         cfg = _night_config(args, run_date)
-        result = run_pipeline(cfg, run_date)  # holds the lock of (output, date) while it runs
-    except (UserError, ConfigError, InputError, LockHeld, CatalogError) as err:
-        return str(err)
+        result = run_pipeline(cfg, run_date,  # holds the lock of (output, date) while it runs
+                              allow_shrink=getattr(args, "allow_shrink", False))
+    except (UserError, ConfigError, InputError, LockHeld, CatalogError, RunFailed) as err:
+        return str(err)  # RunFailed: the budget or the shrink guard (pipelines.guards), recorded in runs
+    except OSError as err:  # a full disk, a lost mount: one line, the other nights go on
+        from jobs.cli.run import storage_error
+
+        return storage_error(err, args.output or args.pipeline)
     except Exception as err:  # one broken night must not stop the others
         log.exception("night %s failed", run_date)
         return f"{type(err).__name__}: {err}"

@@ -21,14 +21,28 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from jobs.errors import UserError
+from jobs.ops.readonly import (
+    add_empty_view,
+    add_view,
+    check_read_only,
+    lock_down,
+    one_line,
+    read_only_connection,
+    sql_ident,
+    sql_string,
+    table_of_error,
+    tables_named,
+)
 from pipelines.tables import (
     RUNS,
     CatalogError,
     NothingCommitted,
     Output,
     committed_views,
+    load_table,
     open_output,
     runs_files,
+    table_names,
 )
 
 PARTITION_PREFIX = "run_date="
@@ -102,16 +116,6 @@ def connect(output: str | Output, date: str | None = None, as_of: str | None = N
     return con
 
 
-def sql_string(value: str) -> str:
-    """A SQL string literal."""
-    return "'" + value.replace("'", "''") + "'"
-
-
-def sql_ident(value: str) -> str:
-    """A quoted SQL identifier."""
-    return '"' + value.replace('"', '""') + '"'
-
-
 def views(con: duckdb.DuckDBPyConnection) -> list[str]:
     """Names of the table views registered on ``con``."""
     rows = con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal ORDER BY 1").fetchall()
@@ -119,19 +123,54 @@ def views(con: duckdb.DuckDBPyConnection) -> list[str]:
 
 
 def query(output: str | Output, sql: str, date: str | None = None, as_of: str | None = None) -> pa.Table:
-    """Run ``sql`` over the committed tables (as of run ``as_of``); DuckDB errors become ``UserError``."""
+    """Run ``sql`` over the committed tables (as of run ``as_of``), read-only (``jobs.ops.readonly``:
+    lazy views, only read statements, no other file, no extension); DuckDB errors become ``UserError``."""
     output = output_of(output)
-    con = connect(output, date, as_of)
+    con = read_only_connection()
+    files: dict[str, list[str]] = {}
     try:
+        check_read_only(con, sql)
+        files, available = _lazy_views(con, output, sql, date, as_of)  # issue 22: read-only, lazy
+        lock_down(con, [f for fs in files.values() for f in fs])
         relation = con.sql(sql)
         return relation.to_arrow_table() if relation is not None else pa.table({})
     except duckdb.CatalogException as err:
-        available = ", ".join(views(con)) or f"none: nothing committed under {output.url}"
-        raise UserError(f"{err}\navailable tables: {available}") from None
+        shown = ", ".join(available) or f"none: nothing committed under {output.url}"
+        raise UserError(f"{one_line(err)}\navailable tables: {shown}") from None
     except duckdb.Error as err:
-        raise UserError(f"query failed: {err}") from None
+        table = table_of_error(err, files)
+        where = f"table {table}: cannot read its committed files: " if table else "query failed: "
+        raise UserError(where + (one_line(err) if table else str(err))) from None
     finally:
         con.close()
+
+
+def _lazy_views(con: duckdb.DuckDBPyConnection, output: Output, sql: str, date: str | None,
+                as_of: str | None) -> tuple[dict[str, list[str]], list[str]]:
+    """Views of the tables ``sql`` names (``jobs.ops.readonly``); ({table: its files}, every table name)."""
+    fs = output.fs
+    if not is_local(fs):
+        con.register_filesystem(fs)
+    files = {t: [_readable(fs, f) for p in parts for f in p.files]
+             for t, parts in partitions(output, date, as_of).items()}
+    empty = _empty_tables(output, set(files))
+    named = tables_named(sql, [*files, *empty])
+    for table in named:
+        if table in files:
+            add_view(con, table, files[table])
+        else:
+            add_empty_view(con, table, empty[table])
+    return {t: files[t] for t in named if t in files}, sorted([*files, *empty])
+
+
+def _empty_tables(output: Output, visible: set[str]) -> dict[str, pa.Schema]:
+    """Tables of the catalog with no visible rows, and their columns (they are shown as empty views)."""
+    try:
+        cat = output.catalog()
+        names = [n for n in table_names(cat) if n not in visible and n != RUNS]
+        return {n: table.schema().as_arrow() for n in names if (table := load_table(cat, n)) is not None}
+    except CatalogError:
+        return {}
 
 
 def list_tables(output: str | Output) -> list[dict]:

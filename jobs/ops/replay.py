@@ -32,7 +32,7 @@ from pipelines.tables import CatalogError, committed_runs, load_table, open_outp
 #: Columns of the quarantine record, kept as ``input_<name>`` in the replay input.
 RECORD = ("source_file", "source_row", "quarantine_reason", "quarantine_stage")
 #: Columns the reader makes again (dropped from the replay input).
-DROPPED = ("run_date", "text_bytes", "n_control_chars")
+DROPPED = ("run_date", "text_bytes", "n_control_chars", "rows_lost")
 
 
 @dataclass
@@ -80,9 +80,11 @@ def replay_input(rows: pa.Table, cfg: PipelineConfig) -> pa.Table:
 
 
 def replay(cfg: PipelineConfig, run_date: str, into: str | None = None,
-           into_catalog: dict | None = None) -> ReplayResult:
+           into_catalog: dict | None = None, allow_shrink: bool = False) -> ReplayResult:
     """Run ``cfg`` on the quarantined rows of ``run_date``, committing into ``into`` (its catalog:
-    ``into_catalog``, default the embedded one; the storage settings are the night's)."""
+    ``into_catalog``, default the embedded one; the storage settings are the night's). A rerun that
+    would shrink an earlier replay of that date is refused unless ``allow_shrink``
+    (``pipelines.guards``)."""
     rows = quarantined_rows(cfg, run_date)
     if into is None:
         if cfg.output.catalog or not output_of_config(cfg).is_local:
@@ -104,7 +106,8 @@ def replay(cfg: PipelineConfig, run_date: str, into: str | None = None,
         "stages": [s.model_copy(update={"max_quarantine_share": None}) if hasattr(s, "max_quarantine_share")
                    else s for s in cfg.stages],
     })
-    return ReplayResult(run_pipeline(replayed, run_date, partial=True), rows.num_rows, shard_url)
+    return ReplayResult(run_pipeline(replayed, run_date, partial=True, allow_shrink=allow_shrink),
+                        rows.num_rows, shard_url)
 
 
 def replay_command(args: argparse.Namespace) -> int:
@@ -113,7 +116,8 @@ def replay_command(args: argparse.Namespace) -> int:
         cfg = load_config(args.pipeline, overrides)
         from jobs.ops.target import parse_pairs
 
-        result = replay(cfg, args.date, args.into, parse_pairs(args.into_catalog, "--into-catalog"))
+        result = replay(cfg, args.date, args.into, parse_pairs(args.into_catalog, "--into-catalog"),
+                        getattr(args, "allow_shrink", False))
     except (ConfigError, InputError, LockHeld, CatalogError) as err:
         raise UserError(str(err)) from None
     except RunFailed as err:

@@ -19,6 +19,7 @@ def run(tmp_path, corpus, date="2026-02-01"):
     out = tmp_path / "out"
     raw = tiny_pipeline(str(corpus), str(out))
     raw["max_quarantine_share"] = 1.0  # tiny corpora, mostly bad on purpose: no error budget here
+    raw["max_unreadable_files"] = 1  # one test reads a file that is no Parquet at all
     result = run_pipeline(parse_config(raw), date)
     stages = result.stages
     assert all(s.rows_in == s.rows_out + s.quarantined for s in stages)
@@ -118,9 +119,9 @@ def test_bad_config_names_field(tmp_path):
 
 
 def test_missing_tokenizer_file_fails_the_run_naming_the_path(tmp_path, local_ray):
-    raw = tiny_pipeline(str(tmp_path), str(tmp_path / "out"))
+    raw = tiny_pipeline(str(tmp_path / "in"), str(tmp_path / "out"))  # an output inside the input is refused
     raw["stages"][0]["tokenizers"] = [{"name": "bad", "kind": "hf", "path": str(tmp_path / "missing.json")}]
-    write_shard(tmp_path / "in.parquet", text=["x"])
+    write_shard(tmp_path / "in" / "in.parquet", text=["x"])
     with pytest.raises(Exception, match="tokenizer file not found"):
         run_pipeline(parse_config(raw), "2026-02-01")
 

@@ -33,7 +33,7 @@ from pipelines.budget import check_budget
 from pipelines.config import ConfigError, PipelineConfig, check_plan
 from pipelines.finalize import FinalizeContext, scan_staged
 from pipelines.io import batch_key, check_schemas, is_process_local, list_shards, read_shard, url_to_fs
-from pipelines.lock import LockHeld, lock_path, run_lock
+from pipelines.lock import LockHeld, run_lock
 from pipelines.progress import ProgressCounter, ProgressReporter, quiet_ray_data, ray_init_options
 from pipelines.resources import READ_CPUS, WRITER_CPUS, check_resources, shortfalls
 from pipelines.stage_runner import SECONDS_PREFIX, StageRunner
@@ -267,7 +267,7 @@ def _run(cfg: PipelineConfig, output, run_date: str, held: contextlib.ExitStack,
         catalog = output.catalog(create=True)
     try:
         catalog = preflight(output)
-        held.enter_context(run_lock(lock_path(cfg.output.url, run_date)))  # one run per (output, date)
+        lock = held.enter_context(run_lock(catalog, run_date, run_id=run_id))  # one run per (catalog, date)
         shards = list_shards(cfg.input.url)
         log.info("run %s: %d shard(s) from %s", run_id, len(shards), cfg.input.url)
         check_input(cfg, shards, catalog)
@@ -279,7 +279,9 @@ def _run(cfg: PipelineConfig, output, run_date: str, held: contextlib.ExitStack,
         check_budget(cfg, result.stages, lambda: quarantine_examples(layout))
         with tempfile.TemporaryDirectory(prefix="curate-report-") as tmp:
             _finalize(cfg, layout, Path(tmp), partial)
+            lock.check()  # LockLost: another run took the date; this one must not commit
             committed = commit_night(output, catalog, run_date, run_id)
+            lock.check()  # and once more before the runs row, the commit point
             _publish_reports(layout, Path(tmp))
         snapshots = {t: snap for t, (snap, _) in committed.items()}
         result.tables = {t: rows for t, (snap, rows) in committed.items() if snap is not None}

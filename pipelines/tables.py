@@ -5,7 +5,7 @@ Layout under the output URL (the default, embedded catalog)::
     _catalog/catalog.db                         SQLite catalog (``output.catalog`` names another)
     curate.db/<table>/metadata/...              Iceberg metadata of each table
     _data/<table>/run_date=D/<run_id>/*.parquet data files, written by the workers of a run
-    _locks/<date>.lock                          the run of that date holding it (``pipelines.lock``)
+    curate_locks/nights/metadata/...            the run lock of each date (``pipelines.lock``)
 
 A run writes its rows as Parquet files under ``_data`` (invisible: no snapshot references them).
 Finalize reads them there. The commit then, for every table (also ones this run did not produce),

@@ -11,7 +11,7 @@ from jobs.errors import UserError
 from jobs.ops.summary import format_summary
 from pipelines.config import ConfigError, load_config
 from pipelines.io import InputError
-from pipelines.lock import LockHeld
+from pipelines.lock import LockHeld, LockLost
 from pipelines.runner import RunFailed, run_pipeline
 from pipelines.tables import CatalogError
 
@@ -46,6 +46,9 @@ def run_command(args: argparse.Namespace) -> int:
         result = run_pipeline(cfg, args.date)
     except (ConfigError, InputError, LockHeld, CatalogError) as err:
         raise UserError(str(err)) from None
+    except LockLost as err:  # another run took the date over: recorded as failed, nothing committed
+        print(f"curate: error: run failed, nothing committed: {err}", file=sys.stderr)
+        return 1
     except RunFailed as err:  # recorded as failed in `runs`, nothing committed: no traceback, exit 1
         if getattr(err, "result", None) is not None:
             print(format_summary(err.result))  # type: ignore[attr-defined]

@@ -3,8 +3,9 @@
 * Input by date: ``{date}`` in ``input.url`` (or ``--input``) becomes the run date, e.g.
   ``s3://bucket/crawl/dt={date}/``; ``{date:%Y/%m/%d}`` takes a strftime format. Without it the
   whole input URL is the night's input.
-* ``run_pipeline`` holds the lock of (output, date) (``pipelines.lock``), so two runs of one date
-  never overlap, whether started by ``nightly`` or ``run``; the second is refused, naming the holder.
+* ``run_pipeline`` holds the lock of the date in the catalog (``pipelines.lock``), so two runs of
+  one date never overlap, from any host, whether started by ``nightly`` or ``run``; the second is
+  refused, naming the holder.
 * ``--since D`` catches up: every date from D to the target date without a ``committed`` row in
   ``runs`` (for this pipeline) runs, oldest first. A failed night does not stop the later ones;
   the command exits 1 if any night failed, and a later ``--since`` retries it.
@@ -26,7 +27,7 @@ from jobs.errors import UserError
 from pipelines import tables
 from pipelines.config import ConfigError, PipelineConfig, load_config
 from pipelines.io import InputError
-from pipelines.lock import LockHeld
+from pipelines.lock import LockHeld, LockLost
 from pipelines.tables import CatalogError, open_output
 
 log = logging.getLogger("curate.nightly")
@@ -130,7 +131,7 @@ def run_night(args: argparse.Namespace, run_date: str) -> str | None:
     try:
         cfg = _night_config(args, run_date)
         result = run_pipeline(cfg, run_date)  # holds the lock of (output, date) while it runs
-    except (UserError, ConfigError, InputError, LockHeld, CatalogError) as err:
+    except (UserError, ConfigError, InputError, LockHeld, LockLost, CatalogError) as err:
         return str(err)
     except Exception as err:  # one broken night must not stop the others
         log.exception("night %s failed", run_date)

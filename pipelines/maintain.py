@@ -2,7 +2,8 @@
 
 Every commit of a night adds Iceberg snapshots, and a rerun of a date leaves the replaced run's data
 files referenced only by older snapshots; a killed run leaves its staged files under ``_data`` with
-no snapshot at all. ``maintain`` removes both, and keeps everything a reader can still ask for:
+no snapshot at all, and a commit that lost a race leaves metadata files no table version names.
+``maintain`` removes them, and keeps everything a reader or a running night can still need:
 
 * **Retained runs:** every committed ``runs`` row committed within the retention, plus each date's
   latest committed run (the current view, however old). For each retained run R, the snapshots of
@@ -12,14 +13,22 @@ no snapshot at all. ``maintain`` removes both, and keeps everything a reader can
   than the retention, not kept above, not a branch or tag head, and not younger than the start of a
   live run (whose ``runs`` row, not written yet, will name them). ``runs`` keeps its current snapshot.
 * **Data files** under ``<output>/_data/<table>/run_date=D/<run_id>/`` that no remaining snapshot
-  of their table references are removed, except every file of a date whose lock (``pipelines.lock``)
-  a live run holds: that night is staging or committing. Files are listed before the locks are read,
-  and the snapshots are read after both, so a run that commits meanwhile keeps its files.
-* **Metadata:** the manifest lists of expired snapshots and manifests no remaining snapshot uses.
+  of their table references are removed only when they are older than the grace period (default
+  24 hours, by the file's modification time), as Iceberg's own orphan-file removal does
+  (``older_than``): a running night writes its files and commits them well within it, so this is
+  safe without any lock. As an extra, no file of a date whose lock (``pipelines.lock``) a live run
+  holds is removed. Files are listed before the locks and snapshots are read, so a run that commits
+  meanwhile keeps its files.
+* **Metadata:** the manifest lists of expired snapshots and manifests no remaining snapshot uses;
+  and, older than the grace period, every ``*.metadata.json`` under a table's ``metadata/`` that is
+  neither its current one nor in its metadata log, and every ``*.avro`` no snapshot references
+  (listed first, the table read after), for the lock table too.
 
-The selection is made by pure functions (``retained_runs``, ``protected_snapshots``,
-``expirable_snapshots``, ``orphan_files``); ``maintain`` reads the catalog, applies them, and with
-``dry_run`` only reports.
+The grace period must exceed the longest run (staging to commit). The selection is made by pure
+functions (``retained_runs``, ``protected_snapshots``, ``expirable_snapshots``, ``orphan_files``,
+``orphan_metadata``); ``maintain`` reads the catalog, applies them, and with ``dry_run`` only
+reports. It works on any fsspec output (object stores included): it lists, but never on a commit's
+path.
 """
 
 from __future__ import annotations
@@ -35,10 +44,12 @@ from pyiceberg.exceptions import CommitFailedException
 from pyiceberg.expressions import EqualTo
 from pyiceberg.table import Table
 
-from pipelines.lock import held_locks
+from pipelines.io import url_to_fs
+from pipelines.lock import LOCK_TABLE, held_locks, lock_table
 from pipelines.tables import (
     COMMIT_RETRIES,
     DATA_DIR,
+    NAMESPACE,
     RUNS,
     CatalogError,
     Output,
@@ -49,6 +60,8 @@ from pipelines.tables import (
 log = logging.getLogger("curate.maintain")
 #: A live run's snapshots are kept from this long before its lock's start time (clock skew).
 LIVE_MARGIN = timedelta(minutes=5)
+#: Unreferenced files younger than this are kept (a run may still commit them).
+DEFAULT_GRACE_HOURS = 24.0
 
 
 @dataclass
@@ -57,12 +70,15 @@ class MaintainReport:
 
     retain_days: float
     dry_run: bool
+    grace_hours: float = DEFAULT_GRACE_HOURS
     expired: dict[str, list[int]] = field(default_factory=dict)  # table -> snapshot ids
     kept_snapshots: int = 0
     orphans: list[tuple[str, int]] = field(default_factory=list)  # (path, bytes)
     kept_live: list[str] = field(default_factory=list)  # unreferenced files of live runs' dates
+    kept_young: list[str] = field(default_factory=list)  # unreferenced, inside the grace period
     live_dates: list[str] = field(default_factory=list)
-    metadata_files: list[str] = field(default_factory=list)
+    metadata_files: list[str] = field(default_factory=list)  # used only by expired snapshots
+    orphan_metadata: list[str] = field(default_factory=list)  # no table version references them
 
     @property
     def expired_count(self) -> int:
@@ -80,7 +96,11 @@ class MaintainReport:
             f"kept {self.kept_snapshots}",
             f"{verb} {len(self.orphans)} orphan data file(s), {self.orphan_bytes} bytes",
             f"{verb} {len(self.metadata_files)} unused metadata file(s)",
+            f"{verb} {len(self.orphan_metadata)} orphan metadata file(s)",
         ]
+        if self.kept_young:
+            lines.append(f"kept {len(self.kept_young)} unreferenced data file(s) younger than "
+                         f"{self.grace_hours:g} hour(s) (--grace-hours)")
         if self.live_dates:
             lines.append(f"kept {len(self.kept_live)} staged file(s) of running night(s): "
                          f"{', '.join(self.live_dates)}")
@@ -137,20 +157,52 @@ def data_file_key(path: str) -> tuple[str, str, str] | None:
     return parts[0], parts[1].removeprefix("run_date="), parts[2]
 
 
-def orphan_files(files: dict[str, int], referenced: dict[str, set[str]], live_dates: set[str],
-                 ) -> tuple[list[tuple[str, int]], list[str]]:
-    """(orphans to remove, unreferenced files kept for a live run) among ``files`` (path relative to
-    ``_data`` -> bytes); ``referenced``: table -> paths relative to ``_data`` its snapshots list."""
-    remove, kept = [], []
-    for path, size in sorted(files.items()):
+def orphan_files(files: dict[str, tuple[int, float | None]], referenced: dict[str, set[str]],
+                 live_dates: set[str], older_than: float,
+                 ) -> tuple[list[tuple[str, int]], list[str], list[str]]:
+    """(orphans to remove, unreferenced files kept for a live run, unreferenced files kept as too
+    young) among ``files`` (path relative to ``_data`` -> (bytes, modification time in epoch
+    seconds or None when unknown)); ``referenced``: table -> paths relative to ``_data`` its
+    snapshots list. Only files modified before ``older_than`` (epoch seconds) are removed."""
+    remove, live, young = [], [], []
+    for path, (size, mtime) in sorted(files.items()):
         key = data_file_key(path)
         if key is None or path in referenced.get(key[0], set()):
             continue
         if key[1] in live_dates:
-            kept.append(path)
+            live.append(path)
+        elif mtime is None or mtime >= older_than:
+            young.append(path)
         else:
             remove.append((path, size))
-    return remove, kept
+    return remove, live, young
+
+
+def orphan_metadata(files: dict[str, float | None], referenced: set[str], older_than: float) -> list[str]:
+    """Metadata files among ``files`` (path -> modification time, epoch seconds) to remove: table
+    versions (``*.metadata.json``) and manifests or manifest lists (``*.avro``) not in ``referenced``
+    and modified before ``older_than``. Anything else (statistics files, …) is left alone."""
+    return sorted(path for path, mtime in files.items()
+                  if (path.endswith(".metadata.json") or path.endswith(".avro"))
+                  and path not in referenced and mtime is not None and mtime < older_than)
+
+
+def file_mtime(info: dict) -> float | None:
+    """A listed file's modification time (epoch seconds) from an fsspec ``info`` entry: ``mtime``
+    (local), ``LastModified`` (s3), ``last_modified`` (azure), ``updated`` (gcs), else ``created``;
+    None when it has none."""
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created", "timeCreated"):
+        value = info.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError:
+                continue
+        if isinstance(value, datetime):
+            return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+    return None
 
 
 def _parse(stamp: str) -> datetime:
@@ -166,24 +218,29 @@ def _ms(when: datetime) -> int:
 
 
 def maintain(output: Output, retain_days: float = 14, dry_run: bool = False,
-             now: datetime | None = None) -> MaintainReport:
-    """Expire snapshots older than ``retain_days`` that no retained run reads; remove orphan files."""
+             now: datetime | None = None, grace_hours: float = DEFAULT_GRACE_HOURS) -> MaintainReport:
+    """Expire snapshots older than ``retain_days`` that no retained run reads; remove orphan files
+    older than ``grace_hours``."""
     if retain_days < 0:
         raise ValueError(f"retain days must be >= 0, got {retain_days}")
+    if grace_hours < 0:
+        raise ValueError(f"grace hours must be >= 0, got {grace_hours}")
     fs, root = output.fs, output.root
     if not fs.exists(root):
         raise CatalogError(f"output {output.url} does not exist")
     if not fs.isdir(root):
         raise CatalogError(f"output {output.url} is a file, not a directory")
     catalog = output.catalog()
-    cutoff = (now or datetime.now(UTC)) - timedelta(days=retain_days)
-    report = MaintainReport(retain_days, dry_run)
+    now = now or datetime.now(UTC)
+    cutoff = now - timedelta(days=retain_days)
+    older_than = (now - timedelta(hours=grace_hours)).timestamp()
+    report = MaintainReport(retain_days, dry_run, grace_hours)
 
     # 1. list the staged files first, 2. then the live runs' locks, 3. then read the snapshots:
     # a run that commits between 1 and 3 has its files in the snapshots read in 3.
     data_root = f"{root}/{DATA_DIR}"
     files = _list_files(output, data_root)
-    held = held_locks(output.url)
+    held = held_locks(catalog, now.timestamp())
     report.live_dates = sorted(held)
     live_since = _earliest(held)
 
@@ -200,20 +257,58 @@ def maintain(output: Output, retain_days: float = 14, dry_run: bool = False,
         report.kept_snapshots += kept
         report.metadata_files += metadata
         referenced[name] = {_relative(fs, p, data_root) for p in kept_paths}
+        report.orphan_metadata += _orphan_metadata(output, catalog, f"{NAMESPACE}.{name}", older_than, dry_run)
+    if lock_table(catalog, create=False) is not None:
+        report.orphan_metadata += _orphan_metadata(output, catalog, LOCK_TABLE, older_than, dry_run)
 
-    report.orphans, report.kept_live = orphan_files(files, referenced, set(held))
+    report.orphans, report.kept_live, report.kept_young = orphan_files(files, referenced, set(held),
+                                                                       older_than)
     if not dry_run:
         _remove(output, data_root, [p for p, _ in report.orphans])
     return report
 
 
-def _list_files(output: Output, data_root: str) -> dict[str, int]:
+def _list_files(output: Output, data_root: str) -> dict[str, tuple[int, float | None]]:
     fs = output.fs
     if not fs.exists(data_root):
         return {}
     found = fs.find(data_root, detail=True)
-    return {_relative(fs, path, data_root): int(info.get("size") or 0) for path, info in found.items()
-            if info.get("type", "file") == "file"}
+    return {_relative(fs, path, data_root): (int(info.get("size") or 0), file_mtime(info))
+            for path, info in found.items() if info.get("type", "file") == "file"}
+
+
+def _fs_of(output: Output, url: str):  # noqa: ANN202 - fsspec.AbstractFileSystem
+    """The filesystem of a table's ``url``: the output's (its settings) when on the same store."""
+    fs = output.fs
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    return fs if protocol in protocols or (protocol == "file" and "local" in protocols) else url_to_fs(url)[0]
+
+
+def _orphan_metadata(output: Output, catalog, identifier: str, older_than: float,  # noqa: ANN001
+                     dry_run: bool) -> list[str]:
+    """Remove (unless ``dry_run``) the orphan metadata files of a table; their URLs.
+
+    The ``metadata/`` folder is listed first and the table read after, so a commit that lands in
+    between has its files referenced (or young)."""
+    table = catalog.load_table(identifier)
+    fs = _fs_of(output, table.location())
+    folder = fs._strip_protocol(f"{table.location().rstrip('/')}/metadata")
+    listed = fs.find(folder, detail=True) if fs.exists(folder) else {}
+    files = {fs._strip_protocol(p): file_mtime(info) for p, info in listed.items()
+             if info.get("type", "file") == "file"}
+    table = catalog.load_table(identifier)
+    meta = table.metadata
+    referenced = {table.metadata_location, *(e.metadata_file for e in meta.metadata_log)}
+    for snapshot in meta.snapshots:
+        referenced.add(snapshot.manifest_list)
+        referenced |= {m.manifest_path for m in snapshot.manifests(table.io)}
+    orphans = orphan_metadata(files, {fs._strip_protocol(p) for p in referenced}, older_than)
+    if not dry_run:
+        for path in orphans:
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(path)
+    return [fs.unstrip_protocol(p) for p in orphans]
 
 
 def _relative(fs, path: str, data_root: str) -> str:  # noqa: ANN001

@@ -35,7 +35,7 @@ from pipelines.config import ConfigError, PipelineConfig, check_plan
 from pipelines.finalize import FinalizeContext, scan_staged
 from pipelines.guards import check_shrink
 from pipelines.io import batch_key, check_schemas, is_process_local, list_shards, read_shard, url_to_fs
-from pipelines.lock import LockHeld, lock_path, run_lock
+from pipelines.lock import LockHeld, run_lock
 from pipelines.lost import LOST_COLUMN, STATS_KEY, count_lost, fold_lost, lost_of
 from pipelines.progress import ProgressCounter, ProgressReporter, quiet_ray_data, ray_init_options
 from pipelines.recover import check_catalog_home
@@ -278,7 +278,7 @@ def _run(cfg: PipelineConfig, output, run_date: str, held: contextlib.ExitStack,
         catalog = output.catalog(create=True)
     try:
         catalog = preflight(output)
-        held.enter_context(run_lock(lock_path(cfg.output.url, run_date)))  # one run per (output, date)
+        lock = held.enter_context(run_lock(catalog, run_date, run_id=run_id))  # one run per (catalog, date)
         shards = list_shards(cfg.input.url)
         log.info("run %s: %d shard(s) from %s", run_id, len(shards), cfg.input.url)
         check_input(cfg, shards, catalog)
@@ -296,7 +296,9 @@ def _run(cfg: PipelineConfig, output, run_date: str, held: contextlib.ExitStack,
                      cfg.output.max_shrink_share, allow_shrink)
         with tempfile.TemporaryDirectory(prefix="curate-report-") as tmp:
             staged += _finalize(cfg, layout, staged, Path(tmp), partial)
+            lock.check()  # LockLost: another run took the date; this one must not commit
             committed = commit_night(catalog, run_date, staged)
+            lock.check()  # and once more before the runs row, the commit point
             _publish_reports(layout, Path(tmp))
         snapshots = {t: snap for t, (snap, _) in committed.items()}
         result.tables = {t: rows for t, (snap, rows) in committed.items() if snap is not None}

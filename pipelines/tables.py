@@ -5,6 +5,7 @@ Layout under the output URL (the default, embedded catalog)::
     _catalog/catalog.db                         SQLite catalog (``output.catalog`` names another)
     curate.db/<table>/metadata/...              Iceberg metadata of each table
     _data/<table>/run_date=D/<run_id>/*.parquet data files, written by the workers of a run
+    curate_locks/nights/metadata/...            the run lock of each date (``pipelines.lock``)
 
 A run's workers write its rows as Parquet files under ``_data`` (invisible: no snapshot references
 them) and report each file to the driver (``pipelines.staging.StagedFile``). Finalize reads the

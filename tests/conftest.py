@@ -117,3 +117,18 @@ def run_rows(out: Path | str) -> list[dict]:
     if "runs" not in partitions(str(out)):
         return []
     return query(str(out), "SELECT * FROM runs ORDER BY committed_at").to_pylist()
+
+
+def wait_for_lease_end(out: Path | str, run_date: str, timeout: float = 120) -> None:
+    """Wait until no live run holds the lock of ``run_date`` in the output's catalog (a killed run's
+    lease ends by itself)."""
+    import time
+
+    from pipelines.lock import held_locks
+    from pipelines.tables import open_output
+
+    catalog = open_output(str(out)).catalog()
+    deadline = time.time() + timeout
+    while run_date in held_locks(catalog):
+        assert time.time() < deadline, f"the lock of {run_date} is still held after {timeout} s"
+        time.sleep(0.2)

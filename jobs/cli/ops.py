@@ -111,9 +111,22 @@ def _maintain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--retain-days", dest="retain_days", type=_days, default=14, metavar="N",
                    help="keep snapshots (and --as-of) of runs committed in the last N days (default 14); "
                         "each date's latest run is always kept")
+    p.add_argument("--grace-hours", dest="grace_hours", type=_hours, default=24, metavar="H",
+                   help="remove unreferenced files only when older than H hours (default 24; "
+                        "longer than any run, which commits the files it writes)")
     p.add_argument("--dry-run", dest="dry_run", action="store_true",
                    help="print what would be removed, remove nothing")
     p.set_defaults(func=_lazy("jobs.ops.maintain", "maintain_command"))
+
+
+def _hours(value: str) -> float:
+    try:
+        hours = float(value)
+    except ValueError:
+        hours = -1.0
+    if not hours >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of hours >= 0, got {value!r}")
+    return hours
 
 
 def _days(value: str) -> float:

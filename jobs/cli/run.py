@@ -12,7 +12,7 @@ from jobs.errors import UserError
 from jobs.ops.summary import format_summary
 from pipelines.config import ConfigError, load_config
 from pipelines.io import InputError
-from pipelines.lock import LockHeld
+from pipelines.lock import LockHeld, LockLost
 from pipelines.runner import RunFailed, run_pipeline
 from pipelines.tables import CatalogError, output_of_config
 
@@ -59,6 +59,9 @@ def run_command(args: argparse.Namespace) -> int:
         result = run_pipeline(cfg, args.date, allow_shrink=getattr(args, "allow_shrink", False))
     except (ConfigError, InputError, LockHeld, CatalogError) as err:
         raise UserError(str(err)) from None
+    except LockLost as err:  # another run took the date over: recorded as failed, nothing committed
+        print(f"curate: error: run failed, nothing committed: {err}", file=sys.stderr)
+        return 1
     except OSError as err:  # e.g. a full disk mid-commit: the runs row was not written, nothing committed
         raise UserError(storage_error(err, cfg.output.url if cfg else args.pipeline)) from None
     except RunFailed as err:  # recorded as failed in `runs`, nothing committed: no traceback, exit 1

@@ -1,4 +1,5 @@
-"""``curate maintain``: expire old snapshots and remove orphan files (``pipelines.maintain``)."""
+"""``curate maintain``: expire old snapshots and remove orphan files older than the grace period
+(``pipelines.maintain``)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ def maintain_command(args: argparse.Namespace) -> int:
     """Run the upkeep of the output and print what it removed."""
     output = output_from_args(args)
     try:
-        report = maintain(output, args.retain_days, args.dry_run)
+        report = maintain(output, args.retain_days, args.dry_run, grace_hours=args.grace_hours)
     except CatalogError as err:
         raise UserError(f"{output.url}: {err}" if output.url not in str(err) else str(err)) from None
     print(report.summary())

@@ -3,8 +3,9 @@
 * Input by date: ``{date}`` in ``input.url`` (or ``--input``) becomes the run date, e.g.
   ``s3://bucket/crawl/dt={date}/``; ``{date:%Y/%m/%d}`` takes a strftime format. Without it the
   whole input URL is the night's input.
-* ``run_pipeline`` holds the lock of (output, date) (``pipelines.lock``), so two runs of one date
-  never overlap, whether started by ``nightly`` or ``run``; the second is refused, naming the holder.
+* ``run_pipeline`` holds the lock of the date in the catalog (``pipelines.lock``), so two runs of
+  one date never overlap, from any host, whether started by ``nightly`` or ``run``; the second is
+  refused, naming the holder.
 * ``--since D`` catches up: every date from D to the target date without a ``committed`` row in
   ``runs`` (for this pipeline) runs, oldest first. A failed night does not stop the later ones;
   the command exits 1 if any night failed, and a later ``--since`` retries it.
@@ -27,7 +28,7 @@ from operators.base import RunFailed
 from pipelines import tables
 from pipelines.config import ConfigError, PipelineConfig, load_config
 from pipelines.io import InputError
-from pipelines.lock import LockHeld
+from pipelines.lock import LockHeld, LockLost
 from pipelines.tables import CatalogError, NothingCommitted, Output, open_output, output_of_config
 
 log = logging.getLogger("curate.nightly")
@@ -136,7 +137,7 @@ def run_night(args: argparse.Namespace, run_date: str) -> str | None:
         cfg = _night_config(args, run_date)
         result = run_pipeline(cfg, run_date,  # holds the lock of (output, date) while it runs
                               allow_shrink=getattr(args, "allow_shrink", False))
-    except (UserError, ConfigError, InputError, LockHeld, CatalogError, RunFailed) as err:
+    except (UserError, ConfigError, InputError, LockHeld, LockLost, CatalogError, RunFailed) as err:
         return str(err)  # RunFailed: the budget or the shrink guard (pipelines.guards), recorded in runs
     except OSError as err:  # a full disk, a lost mount: one line, the other nights go on
         from jobs.cli.run import storage_error

@@ -35,7 +35,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Never uploaded with the working_dir (Ray also honours .gitignore).
 EXCLUDES = [".venv", "venv", ".git", "output", "__pycache__", "*.pyc", ".pytest_cache",
             ".ruff_cache", ".mypy_cache", "*.egg-info", "build", "bench/results",
-            "_data", "_catalog", "_locks", "curate.db"]  # an output's data files, catalog, locks, metadata
+            "_data", "_catalog", "curate_locks", "curate.db"]  # an output's data files, catalog, locks, metadata
 ACTIVE = {"PENDING", "RUNNING"}
 
 

@@ -12,7 +12,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import tiny_pipeline, write_shard
+from conftest import tiny_pipeline, wait_for_lease_end, write_shard
 
 from jobs.ops.query import query
 from pipelines.config import parse_config
@@ -91,14 +91,15 @@ def test_run_killed_between_staging_and_commit_keeps_previous_night(tmp_path, sm
         ray.init(num_cpus=2, include_dashboard=False)
         runner.run_pipeline(parse_config({raw!r}), "2026-01-01")
     """)
-    env = {**os.environ, "CURATE_COMMIT_HOOK": "before:documents:kill"}
+    env = {**os.environ, "CURATE_COMMIT_HOOK": "before:documents:kill", "CURATE_LOCK_LEASE_S": "5"}
     died = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           env=env, cwd=ROOT)
     assert died.returncode == -9, died.stderr[-2000:]
     assert list((out / "_data" / "documents" / "run_date=2026-01-01").glob("*/*.parquet"))
     assert _committed_text(out, "2026-01-01") == before  # previous night intact and readable
 
-    rerun = run_pipeline(parse_config(raw), "2026-01-01")  # rerunning the date completes (stale lock taken over)
+    wait_for_lease_end(out, "2026-01-01")  # the killed run's lock
+    rerun = run_pipeline(parse_config(raw), "2026-01-01")  # rerunning the date completes (lock taken over)
     after = _committed_text(out, "2026-01-01")
     assert after == sorted([*before, "A new document arrives."])
     assert rerun.rows_out == len(after)  # replaced, not duplicated

@@ -12,13 +12,13 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import yaml
-from conftest import commit_tables, tiny_pipeline
+from conftest import commit_tables, tiny_pipeline, wait_for_lease_end
 
 from jobs.cli.main import main
 from jobs.ops.query import query
 from operators.base import RunFailed
 from pipelines.config import parse_config
-from pipelines.lock import lock_path
+from pipelines.lock import held_locks
 from pipelines.runner import run_pipeline
 from pipelines.tables import open_output, runs_table
 
@@ -37,22 +37,24 @@ def test_second_run_of_a_running_date_is_refused_naming_the_holder(tmp_path, sma
     pipeline.write_text(yaml.safe_dump(tiny_pipeline(str(small_corpus), str(out))))
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
-        from pipelines.lock import acquire_lock, lock_path
-        acquire_lock(lock_path({str(out)!r}, {DATE!r}))
+        from pipelines.lock import RunLock
+        from pipelines.tables import open_output
+        RunLock(open_output({str(out)!r}).catalog(create=True), {DATE!r}, run_id="first").acquire()
         print("locked", flush=True)
         time.sleep(60)
-    """)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    """)], cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "HOME": str(tmp_path)})
     try:
         assert holder.stdout.readline().strip() == "locked"
         assert main(["run", str(pipeline), "--date", DATE]) == 2
         err = capsys.readouterr().err
-        assert "already going" in err and f"pid {holder.pid}" in err and "since 20" in err
+        assert "already going" in err and f"run first (pid {holder.pid} on " in err and "since 20" in err
         assert main(["run", str(pipeline), "--date", "2026-02-02", "--input", str(tmp_path / "none")]) == 2
         assert "input not found" in capsys.readouterr().err  # other dates are not locked
     finally:
         holder.kill()
         holder.wait()
-    assert lock_path(str(out), DATE).exists()  # a dead holder's lock stays; the next run takes it over
+    # a dead holder's lock stays until its lease ends; the next run then takes it over
+    assert held_locks(open_output(str(out)).catalog())[DATE]["run_id"] == "first"
 
 
 def test_rerun_replaces_every_tables_date_including_quarantine(tmp_path):
@@ -128,9 +130,11 @@ def test_kill_during_commit_then_rerun_equals_an_uninterrupted_run(tmp_path, sma
         run_pipeline(parse_config({raw!r}), {DATE!r})
     """)
     died = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          cwd=ROOT, env={**os.environ, "CURATE_COMMIT_HOOK": f"{point}:kill"})
+                          cwd=ROOT, env={**os.environ, "CURATE_COMMIT_HOOK": f"{point}:kill",
+                                         "CURATE_LOCK_LEASE_S": "5"})
     assert died.returncode == -9, died.stderr[-2000:]
     assert _snapshot(out) == previous  # documents got a new snapshot, but no runs row records it
+    wait_for_lease_end(out, DATE)  # the killed run's lock
 
     run_pipeline(parse_config(raw), DATE)
     clean = tmp_path / "clean"

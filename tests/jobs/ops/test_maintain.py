@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from conftest import commit_tables, run_rows, tiny_pipeline, write_shard
+from conftest import commit_tables, run_rows, tiny_pipeline, wait_for_lease_end, write_shard
 
 from jobs.cli.main import main
 from jobs.ops.query import query
 from pipelines import maintain as m
 from pipelines.config import parse_config
-from pipelines.lock import lock_path
+from pipelines.lock import held_locks
 from pipelines.runner import run_pipeline
 from pipelines.tables import open_output
 
@@ -39,23 +41,49 @@ def _staged(out: Path) -> set[str]:
     return {str(p.relative_to(out / "_data")) for p in (out / "_data").rglob("*.parquet")}
 
 
+def _committed(out: Path) -> set[str]:
+    """Data files (relative to ``_data``) of every table's current snapshot."""
+    catalog = open_output(str(out)).catalog()
+    files = set()
+    for (_, name) in catalog.list_tables("curate"):
+        table = catalog.load_table(f"curate.{name}")
+        if table.current_snapshot() is not None:
+            files |= {t.file.file_path.split("/_data/", 1)[1] for t in table.scan().plan_files()
+                      if "/_data/" in t.file.file_path}  # runs keeps its rows in its own folder
+    return files
+
+
 def _snapshots(out: Path, table: str) -> set[int]:
     catalog = open_output(str(out)).catalog()
     return {s.snapshot_id for s in catalog.load_table(f"curate.{table}").metadata.snapshots}
 
 
-def _staging_process(out: Path, date: str, then: str) -> subprocess.Popen:
+def _age(paths, days: float = 2) -> None:
+    """Set the modification time of ``paths`` back by ``days``."""
+    for path in paths:
+        when = Path(path).stat().st_mtime - days * 86400
+        os.utime(path, (when, when))
+
+
+def _age_staged(out: Path, staged: set[str], days: float = 2) -> None:
+    _age([out / "_data" / f for f in staged], days)
+
+
+def _staging_process(out: Path, date: str, then: str, lock: bool = True) -> subprocess.Popen:
     """A process that runs a night as ``run_pipeline`` does, without the compute: it takes the date's
-    lock, stages rows of two tables under its run id, prints ``staged``, then ``kill``s itself
-    (SIGKILL: a killed run) or ``sleep``s holding the lock (a running night)."""
+    lock (unless not ``lock``; a 2 s lease when it is to be killed), stages rows of two tables under
+    its run id, prints ``staged``, then ``kill``s itself (SIGKILL: a killed run) or ``sleep``s
+    (a running night)."""
+    lease = 2 if then == "kill" else 600
     script = textwrap.dedent(f"""
         import os, time
         import pyarrow as pa
-        from pipelines.lock import acquire_lock, lock_path
+        from pipelines.lock import RunLock
         from pipelines.staging import stage_rows
         from pipelines.tables import open_output
-        acquire_lock(lock_path({str(out)!r}, {date!r}))
         output, run = open_output({str(out)!r}), "20260301T000000-{then}"
+        if {lock!r}:
+            RunLock(output.catalog(create=True), {date!r}, lease_s={lease}, run_id=run).acquire()
         for i in range(3):
             stage_rows(output, "documents", {date!r}, run, f"part-{{i}}",
                        pa.table({{"id": [f"{then}{{i}}"], "text": ["staged"], "lang": ["eng_Latn"]}}))
@@ -84,11 +112,14 @@ def test_maintain_removes_killed_runs_files_and_old_snapshots_but_keeps_every_re
     r1_files = {f for f in _staged(out) if f"/{r1}/" in f}
     assert r1_files
 
-    # a run of D1 killed (SIGKILL) after staging, before its commit: its files and stale lock stay
+    # a run of D1 killed (SIGKILL) after staging, before its commit: its files stay, its lease ends
     killed = _staging_process(out, D1, "kill")
     assert killed.wait(timeout=60) == -9
     killed_files = _staged(out) - {f for f in _staged(out) if any(f"/{r}/" in f for r in (r1, r2, r3))}
-    assert killed_files and lock_path(str(out), D1).exists()  # its files and its (stale) lock are left
+    assert len(killed_files) == 4
+    wait_for_lease_end(out, D1)
+    _age_staged(out, _staged(out))  # all of it was written two days ago: older than the grace
+    assert not (out / "_locks").exists()
 
     r1_view = _ids(out, r1)
     views = {None: (_ids(out), _premiums(out)), r2: (_ids(out, r2), _premiums(out, r2)),
@@ -127,29 +158,44 @@ def test_maintain_removes_killed_runs_files_and_old_snapshots_but_keeps_every_re
     assert "removed 0 orphan data file(s), 0 bytes" in capsys.readouterr().out
 
 
-def test_maintain_keeps_the_staging_of_a_running_night(tmp_path, small_corpus, local_ray, capsys):
+def test_maintain_removes_old_orphans_and_keeps_young_ones_and_a_running_nights(tmp_path, small_corpus,
+                                                                              local_ray, capsys):
     out = tmp_path / "out"
     run_pipeline(parse_config(tiny_pipeline(str(small_corpus), str(out))), D1)
     dead = _staging_process(out, D1, "kill")  # a killed run of D1: its files are orphans
     assert dead.wait(timeout=60) == -9
+    wait_for_lease_end(out, D1)
+    dead_files = {f for f in _staged(out) if "-kill/" in f}
+    _age_staged(out, dead_files)  # killed two days ago
+    unlocked = _staging_process(out, D1, "nolock", lock=False)  # staging now, seen by no lock
     live = _staging_process(out, D2, "sleep")  # a live run of D2, staged and holding the lock
     try:
         staged = _staged(out)
         running = {f for f in staged if f"run_date={D2}" in f}
-        assert len(running) == 4
+        young = {f for f in staged if "-nolock/" in f}
+        assert len(running) == len(young) == len(dead_files) == 4
+        _age_staged(out, running)  # even old files of a date a live run holds are kept
         assert main(["maintain", "--output", str(out), "--retain-days", "0"]) == 0
         printed = capsys.readouterr().out
         assert "removed 4 orphan data file(s)" in printed
         assert f"kept 4 staged file(s) of running night(s): {D2}" in printed
-        assert _staged(out) == staged - {f for f in staged if "-kill/" in f}  # D2's all kept
+        assert "kept 4 unreferenced data file(s) younger than 24 hour(s)" in printed
+        assert _staged(out) == staged - dead_files  # the running nights' all kept
         assert main(["maintain", "--output", str(out), "--dry-run"]) == 0
         assert "would remove 0 orphan data file(s)" in capsys.readouterr().out
+        # a grace of 0 hours removes the young ones too (the lock still guards D2)
+        assert main(["maintain", "--output", str(out), "--grace-hours", "0"]) == 0
+        assert "removed 4 orphan data file(s)" in capsys.readouterr().out
+        assert _staged(out) == staged - dead_files - young
     finally:
-        live.kill()
-        live.wait()
-    # once that run is gone (its lock stale), its never-committed staging is an orphan too
-    assert main(["maintain", "--output", str(out)]) == 0
-    assert "removed 4 orphan data file(s)" in capsys.readouterr().out
+        for proc in (live, unlocked):
+            proc.kill()
+            proc.wait()
+    # that run is gone; once its lease has ended, its old staging is an orphan too
+    catalog = open_output(str(out)).catalog()
+    ended = datetime.fromisoformat(held_locks(catalog)[D2]["expires_at"]) + timedelta(seconds=1)
+    assert held_locks(catalog, ended.timestamp()) == {}
+    assert len(m.maintain(open_output(str(out)), now=ended).orphans) == 4
     assert _ids(out, date=D1) and not (out / "_data" / "documents" / f"run_date={D2}").exists()
 
 
@@ -178,12 +224,129 @@ def test_protected_snapshots_are_the_views_of_retained_runs():
     assert m.expirable_snapshots(snaps, {2}, NOW, NOW - timedelta(days=16)) == [1]  # a live run's
 
 
-def test_orphan_files_spare_referenced_files_live_dates_and_foreign_paths():
-    files = {f"documents/run_date={D1}/r1/a.parquet": 10, f"documents/run_date={D1}/dead/b.parquet": 20,
-             f"documents/run_date={D2}/live/c.parquet": 30, ".preflight-123": 2, "notes/readme.txt": 1}
-    remove, kept = m.orphan_files(files, {"documents": {f"documents/run_date={D1}/r1/a.parquet"}}, {D2})
+def test_orphan_files_spare_referenced_files_live_dates_young_files_and_foreign_paths():
+    old, cut, new = 1000.0, 2000.0, 3000.0
+    files = {f"documents/run_date={D1}/r1/a.parquet": (10, old), f"documents/run_date={D1}/dead/b.parquet": (20, old),
+             f"documents/run_date={D1}/young/d.parquet": (40, new),
+             f"documents/run_date={D1}/young/e.parquet": (50, cut),  # exactly at the cut: kept
+             f"documents/run_date={D1}/unknown/f.parquet": (60, None),  # no time known: kept
+             f"documents/run_date={D2}/live/c.parquet": (30, old), ".preflight-123": (2, old),
+             "notes/readme.txt": (1, old)}
+    remove, live, young = m.orphan_files(files, {"documents": {f"documents/run_date={D1}/r1/a.parquet"}},
+                                         {D2}, cut)
     assert remove == [(f"documents/run_date={D1}/dead/b.parquet", 20)]
-    assert kept == [f"documents/run_date={D2}/live/c.parquet"]
+    assert live == [f"documents/run_date={D2}/live/c.parquet"]
+    assert young == [f"documents/run_date={D1}/unknown/f.parquet", f"documents/run_date={D1}/young/d.parquet",
+                     f"documents/run_date={D1}/young/e.parquet"]
+
+
+def test_orphan_metadata_are_old_unreferenced_table_versions_and_manifests():
+    files = {"t/metadata/00001-a.metadata.json": 10.0, "t/metadata/00002-b.metadata.json": 10.0,
+             "t/metadata/00003-c.metadata.json": 99.0, "t/metadata/snap-1.avro": 10.0,
+             "t/metadata/x-m0.avro": 10.0, "t/metadata/y-m0.avro": 10.0, "t/metadata/stats.puffin": 10.0,
+             "t/metadata/00004-d.metadata.json": None}
+    referenced = {"t/metadata/00002-b.metadata.json", "t/metadata/snap-1.avro", "t/metadata/x-m0.avro"}
+    assert m.orphan_metadata(files, referenced, older_than=50.0) == [
+        "t/metadata/00001-a.metadata.json", "t/metadata/y-m0.avro"]
+
+
+def test_file_mtime_reads_local_and_object_store_listings():
+    when = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)  # 1772366400 s after the epoch
+    assert when.timestamp() == 1772366400
+    assert m.file_mtime({"mtime": 1772366400.5, "created": 1.0}) == 1772366400.5  # local
+    assert m.file_mtime({"LastModified": when}) == 1772366400  # s3fs
+    assert m.file_mtime({"last_modified": when.replace(tzinfo=None)}) == 1772366400  # naive: UTC
+    assert m.file_mtime({"updated": "2026-03-01T12:00:00.000Z"}) == 1772366400  # gcsfs
+    assert m.file_mtime({"size": 3}) is None
+
+
+def test_file_mtime_of_a_real_s3_listing(s3):
+    fs = s3.filesystem()
+    path = f"{s3.bucket}/mtime-probe/a.parquet"
+    before = time.time()
+    fs.pipe_file(path, b"x")
+    info = fs.find(f"{s3.bucket}/mtime-probe", detail=True)[path]
+    assert before - 2 <= m.file_mtime(info) <= time.time() + 2  # S3 keeps whole seconds
+
+
+def test_maintain_removes_orphan_metadata_files_older_than_the_grace(tmp_path, small_corpus, local_ray, capsys):
+    """Real orphans: every run writes table versions that no catalog entry names (``runs`` is
+    created-if-missing), and the lock table gets a stray version; the tables read the same after."""
+    out = tmp_path / "out"
+    raw = tiny_pipeline(str(small_corpus), str(out))
+    run_pipeline(parse_config(raw), D1)
+    run_pipeline(parse_config(raw), D2)
+    catalog = open_output(str(out)).catalog()
+    tables = ["documents", "quarantine", "runs", "token_premium"]
+    identifiers = [f"curate.{t}" for t in tables] + ["curate_locks.nights"]
+    lock_dir = Path(catalog.load_table("curate_locks.nights").location().removeprefix("file://")) / "metadata"
+    stray = sorted(lock_dir.glob("*.metadata.json"))[-1]
+    (lock_dir / f"00999-{'0' * 8}-lost.metadata.json").write_bytes(stray.read_bytes())  # lost a race
+    before = {t: _ids(out) if t == "documents" else query(str(out), f"SELECT * FROM {t} ORDER BY ALL")
+              for t in tables}
+
+    def referenced(identifier: str) -> set[Path]:
+        table = catalog.load_table(identifier)
+        urls = {table.metadata_location, *(e.metadata_file for e in table.metadata.metadata_log)}
+        for snapshot in table.metadata.snapshots:
+            urls |= {snapshot.manifest_list, *(mf.manifest_path for mf in snapshot.manifests(table.io))}
+        return {Path(u.removeprefix("file://")) for u in urls}
+
+    def listed(identifier: str) -> set[Path]:
+        folder = Path(catalog.load_table(identifier).location().removeprefix("file://")) / "metadata"
+        return set(folder.iterdir())
+
+    orphans = {i: listed(i) - referenced(i) for i in identifiers}
+    assert orphans["curate.runs"] and len(orphans["curate_locks.nights"]) == 1
+    # young: kept
+    assert main(["maintain", "--output", str(out)]) == 0
+    assert "removed 0 orphan metadata file(s)" in capsys.readouterr().out
+    assert all(listed(i) >= orphans[i] for i in identifiers)
+    # two days old: removed; what the tables reference stays, so they read the same
+    _age([p for i in identifiers for p in listed(i)])
+    assert main(["maintain", "--output", str(out)]) == 0
+    assert f"removed {sum(map(len, orphans.values()))} orphan metadata file(s)" in capsys.readouterr().out
+    assert all(listed(i) == referenced(i) for i in identifiers)
+    assert {t: _ids(out) if t == "documents" else query(str(out), f"SELECT * FROM {t} ORDER BY ALL")
+            for t in tables} == before
+
+
+def test_maintain_during_a_run_deletes_nothing_the_run_needs_even_without_its_lock(
+        tmp_path, small_corpus, local_ray, monkeypatch):
+    """A run stages everything, then pauses right before its commit; meanwhile ``maintain`` runs
+    with no retention, blind to locks (as from a host that could not see them). The run then
+    commits, and its night reads whole."""
+    out = tmp_path / "out"
+    raw = tiny_pipeline(str(small_corpus), str(out))
+    run_pipeline(parse_config(raw), D1)
+    write_shard(small_corpus / "c.parquet", id=["n1"], text=["A new document arrives."], lang=["deu_Latn"])
+    script = textwrap.dedent(f"""
+        import ray
+        from pipelines.config import parse_config
+        from pipelines.runner import run_pipeline
+        ray.init(num_cpus=2, include_dashboard=False)
+        print("committed", run_pipeline(parse_config({raw!r}), {D1!r}).rows_out, flush=True)
+    """)
+    env = {**os.environ, "CURATE_COMMIT_HOOK": "before:documents:sleep=30"}
+    run = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.time() + 240
+        while not any("/run_date=" in f and "part-token_premium" in f for f in _staged(out) - _committed(out)):
+            assert run.poll() is None and time.time() < deadline, run.stderr.read()[-3000:] if run.stderr else ""
+            time.sleep(0.5)  # the run has staged its finalizer's table: it is about to commit
+        staged = _staged(out) - _committed(out)
+        monkeypatch.setattr(m, "held_locks", lambda catalog, now=None: {})  # blind to locks
+        report = m.maintain(open_output(str(out)), retain_days=0)
+        assert report.live_dates == [] and report.orphans == [] and len(report.kept_young) == len(staged)
+        assert staged <= _staged(out)
+        out_text, err = run.communicate(timeout=300)
+    finally:
+        run.kill()
+        run.wait()
+    assert run.returncode == 0, err[-3000:]
+    assert out_text.split() == ["committed", "6"]
+    assert "n1/2026-03-01" in _ids(out) and len(_ids(out)) == 6
 
 
 @pytest.mark.parametrize("make, message", [

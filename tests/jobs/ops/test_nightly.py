@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +12,7 @@ from jobs.cli.main import main
 from jobs.errors import UserError
 from jobs.ops import nightly
 from jobs.ops.query import query
-from pipelines.lock import LockHeld, acquire_lock, lock_path, read_lock, release_lock, run_lock
+from pipelines.lock import held_locks, run_lock
 from pipelines.tables import open_output, runs_table
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -68,59 +63,16 @@ def test_date_range_rejects_reversed_dates():
 
 
 # ------------------------------------------------------------------------------------- lock
-
-
-def test_lock_is_exclusive_and_released(tmp_path):
-    path = lock_path(str(tmp_path / "out"), "2026-05-01")
-    assert path == tmp_path / "out" / "_locks" / "2026-05-01.lock"
-    with run_lock(path) as owner:
-        assert owner["pid"] == os.getpid() and owner["host"] == socket.gethostname()
-        with pytest.raises(LockHeld, match="still going"):
-            acquire_lock(path)
-        other_night = acquire_lock(lock_path(str(tmp_path / "out"), "2026-05-02"))
-        assert other_night["token"] != owner["token"]  # other dates are independent
-    assert not path.exists()
-    with pytest.raises(RuntimeError), run_lock(path):
-        raise RuntimeError("the run died")
-    assert not path.exists()  # released on errors too
-
-
-def test_lock_held_by_another_process_then_stale_after_it_dies(tmp_path, caplog):
-    path = tmp_path / "_locks" / "tiny-2026-05-01.lock"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
-         "from pipelines.lock import acquire_lock; acquire_lock(Path(sys.argv[1])); "
-         "print('held', flush=True); time.sleep(120)", str(path)],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(LockHeld, match=f"pid {holder.pid}"):
-            acquire_lock(path)
-    finally:
-        holder.kill()  # dies without releasing: its lock file stays behind
-        holder.wait()
-    assert path.exists()
-    with caplog.at_level(logging.WARNING, logger="curate.nightly"):
-        owner = acquire_lock(path)
-    assert f"taking over stale lock {path}: pid {holder.pid}" in caplog.text
-    assert read_lock(path)["token"] == owner["token"]
-    release_lock(path, owner)
-    assert not path.exists()
-
-
-def test_lock_from_another_host_is_never_taken_over(tmp_path):
-    path = tmp_path / "x.lock"
-    path.write_text('{"pid": 999999999, "host": "elsewhere", "started_at": "2026-01-01T00:00:00"}')
-    with pytest.raises(LockHeld, match="on elsewhere"):
-        acquire_lock(path)
+# (the lock itself: tests/pipelines/test_lock.py)
 
 
 def test_nightly_refuses_while_the_night_is_locked(nightly_pipeline, capsys):
     path, out = nightly_pipeline
-    with run_lock(lock_path(str(out), NIGHTS[0])):
+    catalog = open_output(str(out)).catalog(create=True)
+    with run_lock(catalog, NIGHTS[0], run_id="elsewhere"):
         assert main(["nightly", str(path), "--date", NIGHTS[0]]) == 1
-    assert "still going" in capsys.readouterr().out
-    catalog = open_output(str(out)).catalog()
+    printed = capsys.readouterr().out
+    assert "already going" in printed and "run elsewhere (pid" in printed
     assert runs_table(catalog).scan().to_arrow().num_rows == 0  # nothing ran, nothing recorded
 
 
@@ -141,7 +93,7 @@ def test_since_runs_exactly_the_missed_nights(nightly_pipeline, local_ray, capsy
     assert ids["id"].to_pylist() == sorted(f"{n}-{lang}" for n in NIGHTS for lang in ("en", "fr"))
     assert all(i.startswith(d) for d, i in zip(ids["run_date"].to_pylist(), ids["id"].to_pylist(),
                                                strict=True))  # each night read its own input
-    assert not list((out / "_locks").iterdir())  # every lock released
+    assert held_locks(open_output(str(out)).catalog()) == {}  # every lock released
 
     assert main(["nightly", str(path), "--since", NIGHTS[0], "--date", NIGHTS[3]]) == 0
     assert "nothing to do" in capsys.readouterr().out

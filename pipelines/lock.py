@@ -186,6 +186,17 @@ def held_locks(catalog: Catalog, now: float | None = None) -> dict[str, dict]:
 # -------------------------------------------------------------------------------------- a lock
 
 
+#: Tokens of the locks this process holds now. An entry naming this very process (host and pid) with
+#: another token was left by one of its earlier runs that could not release it (a full disk, a lost
+#: catalog): no run is behind it, so it is taken over at once instead of waiting out its lease.
+_LIVE_TOKENS: set[str] = set()
+
+
+def _left_by_this_process(holder: dict) -> bool:
+    return (holder.get("host") == socket.gethostname() and holder.get("pid") == os.getpid()
+            and holder.get("token") not in _LIVE_TOKENS)
+
+
 class RunLock:
     """The lock of one date, taken by ``acquire`` and kept alive by a heartbeat thread that renews
     it every ``heartbeat_s`` seconds (default ``lease_s / 3``)."""
@@ -208,7 +219,7 @@ class RunLock:
         for attempt in range(SWAP_RETRIES):
             table = lock_table(self.catalog)
             current = entries(table).get(self.run_date)
-            if current is not None and not expired(current):
+            if current is not None and not expired(current) and not _left_by_this_process(current):
                 raise LockHeld(f"a run of {self.run_date} is already going: the lock is held by "
                                f"{describe(current)}")
             holder = self.holder | {"expires_at": _stamp(time.time() + self.lease_s)}
@@ -218,8 +229,10 @@ class RunLock:
                 _backoff(attempt)
                 continue
             if current is not None:
-                log.warning("took over the expired lock of %s from %s", self.run_date, describe(current))
+                log.warning("took over the %s lock of %s from %s", "expired" if expired(current) else
+                            "unreleased", self.run_date, describe(current))
             self.holder = holder
+            _LIVE_TOKENS.add(holder["token"])
             self._thread = threading.Thread(target=self._beat, name=f"lock-{self.run_date}", daemon=True)
             self._thread.start()
             return holder
@@ -235,6 +248,7 @@ class RunLock:
     def release(self) -> None:
         """Stop the heartbeats and remove the entry if it is still ours."""
         self._stop.set()
+        _LIVE_TOKENS.discard(self.holder["token"])
         if self._thread is not None:
             self._thread.join()
         for attempt in range(SWAP_RETRIES):

@@ -44,6 +44,7 @@ from pipelines.stage_runner import SECONDS_PREFIX, StageRunner
 from pipelines.staging import StagedFile, decode_files, discard, encode_files, stage_rows
 from pipelines.storage import apply_storage
 from pipelines.tables import (
+    CatalogError,
     RunLayout,
     append_run_row,
     commit_night,
@@ -262,6 +263,7 @@ def run_pipeline(cfg: PipelineConfig, run_date: str, *, partial: bool = False,
     """
     cfg = check_plan(cfg)  # loaded configs are checked already; this covers ones built in code
     output = output_of_config(cfg)
+    check_reachable(output)
     check_catalog_home(output)  # never replace a lost catalog, never write into a copied output's original
     with contextlib.ExitStack() as held:
         return _run(cfg, output, run_date, held, partial, allow_shrink)
@@ -322,6 +324,17 @@ def _run(cfg: PipelineConfig, output, run_date: str, held: contextlib.ExitStack,
                 log.warning("could not record the failed run %s in runs: %s: %s",  # issue 22: one line
                             run_id, type(err).__name__, err)
     return result
+
+
+def check_reachable(output) -> None:  # noqa: ANN001 - Output
+    """One ``CatalogError`` line naming the endpoint when the output's object store does not answer
+    (before anything lists or opens it)."""
+    from pipelines.storage import StorageError, check_endpoint
+
+    try:
+        check_endpoint(output.storage, output.url)
+    except StorageError as err:
+        raise CatalogError(str(err)) from None
 
 
 def check_output_reachable(cfg: PipelineConfig, output, nodes: int) -> None:  # noqa: ANN001 - Output

@@ -143,7 +143,8 @@ class Output:
             raise
         except Exception as err:  # noqa: BLE001 - any driver/connection failure is one user-facing error
             raise CatalogError(f"{self.catalog_description} cannot be opened: "
-                               f"{type(err).__name__}: {_redact(str(err)).splitlines()[0]}") from None
+                               f"{type(err).__name__}: {_redact(str(err)).splitlines()[0]}; see "
+                               f"`curate check --output {self.url}` and `curate recover`") from None
         return catalog
 
     def data_dir(self, table: str, run_date: str, run_id: str) -> str:

@@ -231,3 +231,55 @@ def test_no_shared_disk_two_nodes_commit_what_one_node_commits(tmp_path, local_r
         two = query(output_of_config(parse_config({**raw, "output": cluster_output})), sql.format(t=table))
         one = query(output_of_config(parse_config(raw)), sql.format(t=table))
         assert two.num_rows > 0 and two.equals(one), table
+
+
+# ----------------------------------------------------------------------------- two hosts, one date
+
+
+def _host(tmp_path: Path, name: str, argv: list[str], **env: str):  # noqa: ANN202 - Popen
+    """``curate`` in a process of its own, as on another host: its own HOME, no shared local state."""
+    import os
+    import subprocess
+    import sys
+
+    from test_node_loss import ROOT
+
+    home = tmp_path / f"home-{name}"
+    home.mkdir()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
+    return subprocess.Popen([sys.executable, "-m", "jobs.cli", *argv], cwd=ROOT, text=True,
+                            env={**clean, "HOME": str(home), "PYTHONPATH": str(ROOT), **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.mark.slow
+def test_two_hosts_one_date_second_refused_and_maintain_keeps_the_running_night(
+        tmp_path, s3, s3_corpus, cluster_output):
+    import time
+
+    pipeline = _pipeline(tmp_path, s3_corpus, cluster_output)
+    fs = s3.filesystem()
+    first = _host(tmp_path, "a", ["run", str(pipeline), "--date", D1],
+                  CURATE_COMMIT_HOOK="before:documents:sleep=25")  # holds the date mid-commit
+    staged = f"{cluster_output['url']}/_data/documents/run_date={D1}"
+    deadline = time.time() + 240
+    while not fs.exists(staged) and first.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    assert first.poll() is None, first.communicate()[1][-3000:]
+
+    second = _host(tmp_path, "b", ["run", str(pipeline), "--date", D1])
+    out, err = second.communicate(timeout=240)
+    assert second.returncode == 2, out + err
+    assert "is already going: the lock is held by run " in err, err
+    assert f"(pid {first.pid} on " in err  # names the holder
+
+    maint = _host(tmp_path, "c", ["maintain", "--pipeline", str(pipeline), "--retain-days", "0",
+                                  "--grace-hours", "0"])
+    out, err = maint.communicate(timeout=240)
+    assert maint.returncode == 0, out + err
+
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, out + err[-3000:]
+    cfg = parse_config(yaml.safe_load(pipeline.read_text()))
+    docs = query(output_of_config(cfg), "SELECT count(*) AS n FROM documents", date=D1)
+    assert docs.column("n")[0].as_py() == 4

@@ -1,4 +1,8 @@
-"""Selection policies, applied to a whole run's scores: threshold, top fraction by characters, top percent."""
+"""Selection policies, applied to a whole run's scores: threshold, top fraction by characters, top percent.
+
+``select_documents`` applies them in memory (the reference the hand-computed tests pin);
+``select_dataset`` gives the same rows on the cluster, for runs larger than one machine.
+"""
 
 from __future__ import annotations
 

@@ -7,10 +7,13 @@ where it runs: the pipeline builder wraps it in a Ray Data actor stage sized by 
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+if TYPE_CHECKING:
+    import ray
 
 MiB = 1 << 20
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
@@ -158,9 +161,12 @@ class StageConfig(StrictModel):
         """Construct the operator (called once inside each actor)."""
         raise NotImplementedError
 
-    def finalize(self, ctx: Any) -> dict[str, pa.Table]:
+    def finalize(self, ctx: Any) -> dict[str, pa.Table | ray.data.Dataset]:
         """Global, whole-run work after the streaming pass (e.g. a selection threshold).
 
-        Receives a ``pipelines.finalize.FinalizeContext``; returns extra tables by name.
+        Receives a ``pipelines.finalize.FinalizeContext``; returns extra tables by name: a small
+        ``pyarrow.Table`` (staged by the driver) or a ``ray.data.Dataset`` (staged by workers).
+        Work over every row runs on the cluster (``ctx.documents_dataset``), so that the driver's
+        memory does not grow with the number of rows.
         """
         return {}

@@ -1,14 +1,23 @@
-"""Selection policies, applied to a whole run's scores: threshold, top fraction by characters, top percent."""
+"""Selection policies, applied to a whole run's scores: threshold, top fraction by characters, top percent.
+
+``select_documents`` applies them in memory (the reference the hand-computed tests pin);
+``select_dataset`` gives the same rows on the cluster, for runs larger than one machine.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field
+
+if TYPE_CHECKING:
+    import ray
 
 from operators.base import StrictModel
 
@@ -63,6 +72,16 @@ SELECTED_SCHEMA = pa.schema([
 ])
 
 
+@dataclass(frozen=True)
+class Position:
+    """Where a slice of rows sits in the run's selection order, and the run's totals."""
+
+    rows_before: int  #: scored rows before the slice
+    chars_before: int  #: their characters (null n_chars count 0)
+    scored_rows: int  #: N: rows with a score (not null, not NaN) in the whole run
+    total_chars: int  #: Σ n_chars over every row of the run, scored or not
+
+
 class ThresholdPolicy(StrictModel):
     """Keep documents with score ≥ ``threshold``."""
 
@@ -73,6 +92,10 @@ class ThresholdPolicy(StrictModel):
         return f"threshold({self.threshold:g})"
 
     def mask(self, scores: np.ndarray, n_chars: np.ndarray) -> np.ndarray:
+        return select_threshold(scores, self.threshold)
+
+    def ordered_mask(self, scores: np.ndarray, n_chars: np.ndarray, at: Position) -> np.ndarray:
+        """``mask`` over a slice of the run's scored rows in selection order: score ≥ threshold."""
         return select_threshold(scores, self.threshold)
 
 
@@ -87,6 +110,14 @@ class TopFractionCharsPolicy(StrictModel):
 
     def mask(self, scores: np.ndarray, n_chars: np.ndarray) -> np.ndarray:
         return select_top_fraction_by_chars(scores, n_chars, self.fraction)
+
+    def ordered_mask(self, scores: np.ndarray, n_chars: np.ndarray, at: Position) -> np.ndarray:
+        """``mask`` over a slice of the run's scored rows in selection order (the formula of
+        ``select_top_fraction_by_chars``): kept iff the characters before the row,
+        at.chars_before + Σ_{j<i} n_chars_j, are < fraction · at.total_chars."""
+        n_chars = np.asarray(n_chars, dtype=np.int64)
+        kept_before = at.chars_before + np.cumsum(n_chars) - n_chars
+        return kept_before < self.fraction * float(at.total_chars)
 
 
 def select_documents(docs: pl.LazyFrame, score_column: str, operator: str,
@@ -122,11 +153,16 @@ def select_documents(docs: pl.LazyFrame, score_column: str, operator: str,
     }).cast(SELECTED_SCHEMA)
 
 
+def top_percent_count(n: int, percent: float) -> int:
+    """⌈percent · n / 100⌉, rounded to 9 decimals first (5% of 40 is 2, never 3 by float error)."""
+    return math.ceil(round(percent * n / 100, 9))
+
+
 def top_percent_mask(scores: np.ndarray, percent: float) -> np.ndarray:
     """Keep the ⌈percent · N / 100⌉ highest of the N non-NaN scores (ties: earlier row first)."""
     scores = np.asarray(scores, dtype=np.float64)
     valid = np.flatnonzero(~np.isnan(scores))
-    n_keep = math.ceil(round(percent * valid.size / 100, 9))
+    n_keep = top_percent_count(valid.size, percent)
     order = valid[np.argsort(-scores[valid], kind="stable")]
     mask = np.zeros(scores.shape, dtype=bool)
     mask[order[:n_keep]] = True
@@ -143,3 +179,116 @@ class TopPercentPolicy(StrictModel):
 
     def mask(self, scores: np.ndarray, n_chars: np.ndarray) -> np.ndarray:
         return top_percent_mask(scores, self.percent)
+
+    def ordered_mask(self, scores: np.ndarray, n_chars: np.ndarray, at: Position) -> np.ndarray:
+        """``mask`` over a slice of the run's scored rows in selection order: the row's place
+        at.rows_before + i (from 0) is < ⌈percent · at.scored_rows / 100⌉."""
+        n_keep = top_percent_count(at.scored_rows, self.percent)
+        return at.rows_before + np.arange(len(scores)) < n_keep
+
+
+# ---------------------------------------------------------------------------------------------
+# The same selection over a Ray dataset: a distributed sort, per-block running sums, a filter.
+# The driver holds a few numbers per block, never a row.
+# ---------------------------------------------------------------------------------------------
+
+#: Selection order: scored rows first, score descending, ties by (id, source_file, source_row)
+#: ascending with nulls last, the order ``select_documents`` visits them in.
+ORDER = ["scored", "score", "id", "source_file", "source_row"]
+DESCENDING = [True, True, False, False, False]
+
+
+def selection_rows(batch: pa.Table, score_column: str) -> pa.Table:
+    """The columns selection needs, per document: ``scored`` (the score is neither null nor NaN),
+    ``score`` (−inf where not scored, so every sort key is a number), ``id``, ``n_chars`` (the
+    column, else len(text) in code points) and the lineage (null when absent)."""
+    names = batch.column_names
+    score = pc.cast(batch.column(score_column), pa.float64())
+    scored = pc.fill_null(pc.invert(pc.is_nan(score)), False)
+    n_chars = batch.column("n_chars") if "n_chars" in names else pc.utf8_length(batch.column("text"))
+    n = batch.num_rows
+    return pa.table({
+        "scored": scored,
+        "score": pc.if_else(scored, score, -math.inf),
+        "id": pc.cast(batch.column("id"), pa.string()),
+        "n_chars": pc.cast(n_chars, pa.int64()),
+        "source_file": (pc.cast(batch.column("source_file"), pa.string()) if "source_file" in names
+                        else pa.nulls(n, pa.string())),
+        "source_row": (pc.cast(batch.column("source_row"), pa.int64()) if "source_row" in names
+                       else pa.nulls(n, pa.int64())),
+    })
+
+
+def block_totals(block: pa.Table) -> tuple[int, int, int]:
+    """(scored rows, their characters, the characters of every row) of one block."""
+    scored = block.filter(block.column("scored"))
+    chars = pc.sum(pc.fill_null(block.column("n_chars"), 0)).as_py() or 0
+    return scored.num_rows, pc.sum(pc.fill_null(scored.column("n_chars"), 0)).as_py() or 0, chars
+
+
+def select_block(block: pa.Table, at: Position, operator: str, policy: Any) -> tuple[pa.Table, int]:
+    """The ``selected`` rows of one block of the sorted run, and their count.
+
+    The block is a consecutive slice of the selection order (scored rows first), so a row's rank
+    is at.rows_before + its place in the block + 1, and the policy keeps a prefix of the run.
+    """
+    rows = block.filter(block.column("scored"))
+    keep = policy.ordered_mask(rows.column("score").to_numpy(),
+                               pc.fill_null(rows.column("n_chars"), 0).to_numpy(), at)
+    rank = at.rows_before + 1 + np.flatnonzero(keep)
+    kept = rows.filter(pa.array(keep, pa.bool_()))
+    table = pa.table({
+        "id": kept.column("id"), "operator": pa.array([operator] * kept.num_rows, pa.string()),
+        "policy": pa.array([policy.describe()] * kept.num_rows, pa.string()),
+        "score": kept.column("score"), "n_chars": kept.column("n_chars"),
+        "rank": pa.array(rank, pa.int64()), "source_file": kept.column("source_file"),
+        "source_row": kept.column("source_row"),
+    }).cast(SELECTED_SCHEMA)
+    return table, table.num_rows
+
+
+def select_dataset(docs: ray.data.Dataset, score_column: str, operator: str,
+                   policy: ThresholdPolicy | TopFractionCharsPolicy | TopPercentPolicy
+                   ) -> pa.Table | ray.data.Dataset:
+    """``select_documents`` on the cluster, for runs too large for one machine.
+
+    Same rows, order of ties and ``rank``: the documents are sorted by (scored, score desc, id,
+    source_file, source_row) on the cluster; one task per sorted block counts its scored rows and
+    characters; the driver turns those counts into each block's ``Position`` (running sums over
+    blocks); one task per block keeps its rows. The kept rows stay on the cluster: a dataset
+    (an empty ``pyarrow.Table`` when nothing is kept).
+    """
+    import ray
+
+    from operators.aggregate import ordered_blocks
+
+    rows = docs.map_batches(selection_rows, fn_kwargs={"score_column": score_column},
+                            batch_size=None, batch_format="pyarrow")
+    blocks = ordered_blocks(rows, ORDER, DESCENDING)
+    totals = ray.get([ray.remote(block_totals).remote(b) for b in blocks])
+    scored_rows = sum(t[0] for t in totals)
+    total_chars = sum(t[2] for t in totals)
+    task = ray.remote(num_returns=2)(select_block)
+    tables, counts, rows_before, chars_before = [], [], 0, 0
+    for block, (n_scored, scored_chars, _) in zip(blocks, totals, strict=True):
+        at = Position(rows_before, chars_before, scored_rows, total_chars)
+        table, count = task.remote(block, at, operator, policy)
+        tables.append(table)
+        counts.append(count)
+        rows_before, chars_before = rows_before + n_scored, chars_before + scored_chars
+    counts = ray.get(counts)
+    if not sum(counts):
+        return SELECTED_SCHEMA.empty_table()
+    return ray.data.from_arrow_refs([t for t, n in zip(tables, counts, strict=True) if n])
+
+
+def select_run(ctx: Any, score_column: str, operator: str,
+               policy: ThresholdPolicy | TopFractionCharsPolicy | TopPercentPolicy) -> pa.Table | ray.data.Dataset:
+    """A stage's ``selected`` table over the run's staged documents (a ``FinalizeContext``),
+    selected on the cluster (``select_dataset``)."""
+    names = ctx.documents_schema().names
+    if score_column not in names:  # the stage adds it to every document: none were staged
+        return SELECTED_SCHEMA.empty_table()
+    columns = ["id", score_column, "n_chars" if "n_chars" in names else "text"]
+    columns += [c for c in ("source_file", "source_row") if c in names]
+    return select_dataset(ctx.documents_dataset(columns), score_column, operator, policy)

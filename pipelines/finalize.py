@@ -36,6 +36,16 @@ class FinalizeContext:
         """URLs of the staged ``documents`` files of this run."""
         return sorted(f.url for f in self.staged if f.table == "documents")
 
+    def documents_schema(self) -> pa.Schema:
+        """The union of the staged ``documents`` files' schemas, from the footers their writers
+        reported (no file is opened); empty when none were staged."""
+        schemas = [f.arrow_schema() for f in self.staged if f.table == "documents"]
+        return pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
+
+    def documents_rows(self) -> int:
+        """Rows in the staged ``documents`` files (from the writers' reports)."""
+        return sum(f.rows for f in self.staged if f.table == "documents")
+
     def scan_documents(self) -> pl.LazyFrame:
         """Lazy frame over the staged ``documents`` of this run (quarantined rows excluded)."""
         return scan_staged(self.layout, self.staged, ["documents"])

@@ -18,7 +18,7 @@ Shum et al., "Predictive Data Selection" (arXiv:2503.00808). The math lives in
 from __future__ import annotations
 
 import os
-from typing import Annotated, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 
 import pyarrow as pa
 from pydantic import Field
@@ -26,7 +26,10 @@ from pydantic import Field
 from operators.base import MiB, Resources, StageConfig
 from operators.preselect.math import normalize_column_for_fasttext
 from operators.preselect.scorer import load_scorer, score_normalized
-from operators.selection import ThresholdPolicy, TopFractionCharsPolicy, select_documents
+from operators.selection import ThresholdPolicy, TopFractionCharsPolicy, select_run
+
+if TYPE_CHECKING:
+    import ray
 
 DEFAULT_STAGE = "preselect"
 
@@ -55,9 +58,8 @@ class PreSelectConfig(StageConfig):
     def build(self) -> PreSelectScorer:
         return PreSelectScorer(self.model, self.score_column)
 
-    def finalize(self, ctx) -> dict[str, pa.Table]:
-        return {"selected": select_documents(ctx.scan_documents(), self.score_column,
-                                             self.stage_name, self.selection)}
+    def finalize(self, ctx) -> dict[str, pa.Table | ray.data.Dataset]:
+        return {"selected": select_run(ctx, self.score_column, self.stage_name, self.selection)}
 
 
 class PreSelectScorer:

@@ -29,7 +29,7 @@ like (measured on the demo pool: README, "SAE selection").
 from __future__ import annotations
 
 import logging
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import fsspec
 import numpy as np
@@ -43,7 +43,10 @@ from operators.lm.stage import LM_ACTOR_OVERHEAD, LMStageConfig, engine_memory_b
 from operators.sae.embed import Embeddings, embed_texts, open_tap_engine
 from operators.sae.head import SAEHead, idx_column, val_column
 from operators.sae.math import generalized_jaccard_many, prototype
-from operators.selection import TopPercentPolicy, select_documents
+from operators.selection import TopPercentPolicy, select_run
+
+if TYPE_CHECKING:
+    import ray
 
 log = logging.getLogger("curate.sae")
 DEFAULT_STAGE = "sae_select"
@@ -170,9 +173,8 @@ class SAESelectConfig(StageConfig):
                  len(texts), len(refs), self.aggregate, int((refs.max(axis=0) > 0).sum()), refs.shape[1])
         return SAESimilarity(refs, self._head.name, self.score_column)
 
-    def finalize(self, ctx) -> dict[str, pa.Table]:
-        return {"selected": select_documents(ctx.scan_documents(), self.score_column, self.stage_name,
-                                             self.policy)}
+    def finalize(self, ctx) -> dict[str, pa.Table | ray.data.Dataset]:
+        return {"selected": select_run(ctx, self.score_column, self.stage_name, self.policy)}
 
 
 class SAESimilarity:

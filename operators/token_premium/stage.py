@@ -20,15 +20,25 @@ Per document the stage adds ``n_bytes``, ``n_chars`` and, per tokenizer ``<t>``,
 from __future__ import annotations
 
 import logging
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field
 
+from operators.aggregate import colocated, fold_sums, partitions_for
 from operators.base import MiB, RunFailed, StageConfig
-from operators.token_premium.math import PREMIUM_SCHEMA, premium_table
+from operators.token_premium.math import (
+    PREMIUM_SCHEMA,
+    count_columns,
+    premium_from_sums,
+    premium_partials,
+)
 from operators.token_premium.tokenizers import TokenizerSpec, load_tokenizer
+
+if TYPE_CHECKING:
+    import ray
 
 log = logging.getLogger("curate.token_premium")
 
@@ -57,16 +67,28 @@ class TokenCountsConfig(StageConfig):
         return TokenCounter(self.tokenizers)
 
     def finalize(self, ctx) -> dict[str, pa.Table]:
-        docs = ctx.scan_documents()
-        if self.lang_column not in docs.collect_schema().names():
+        """The ``token_premium`` table: per-document counts added up on the cluster
+        (``premium_sums``); the driver holds one row of sums per (language, part)."""
+        names = ctx.documents_schema().names
+        if self.lang_column not in names:
             return {"token_premium": PREMIUM_SCHEMA.empty_table()}
-        present = docs.select(pl.col(self.lang_column).drop_nulls().unique()).collect().to_series().to_list()
-        if present and self.ref_lang not in present and not getattr(ctx, "partial", False):
+        tokenizers = [t.name for t in self.tokenizers]
+        columns = ["id", self.lang_column, *[c for c in ("source_file", "source_row") if c in names],
+                   *count_columns(tokenizers)]
+        sums = premium_sums(ctx.documents_dataset(columns), tokenizers, self.ref_lang, self.lang_column,
+                            partitions_for(ctx.documents_rows()))
+        if not sums.height:
+            return {"token_premium": PREMIUM_SCHEMA.empty_table()}
+        present = sums.filter(pl.col("part") == "present")
+        languages = sorted(present["lang"].to_list())
+        if languages and self.ref_lang not in languages and not getattr(ctx, "partial", False):
             raise RunFailed(f"{self.stage_name}.ref_lang: {self.ref_lang!r} is not in the data, so every "
-                            f"premium would be null; languages present: {sorted(present)}")
-        docs = self._deduplicated(docs)
-        table = premium_table(docs, [t.name for t in self.tokenizers], self.ref_lang,
-                              self.max_unk_share, self.lang_column)
+                            f"premium would be null; languages present: {languages}")
+        duplicates = present["docs"].sum() - sums.filter(pl.col("part") != "present")["docs"].sum()
+        if duplicates:
+            log.warning("%s: %d duplicate (id, %s) row(s); the premium counts the first of each by "
+                        "(source_file, source_row)", self.stage_name, duplicates, self.lang_column)
+        table = premium_from_sums(sums, tokenizers, self.ref_lang, self.max_unk_share)
         if table.num_rows:
             from operators.token_premium.chart import plot_premium
 
@@ -74,20 +96,36 @@ class TokenCountsConfig(StageConfig):
         return {"token_premium": table}
 
 
-    def _deduplicated(self, docs: pl.LazyFrame) -> pl.LazyFrame:
-        """One row per (id, lang): the first by (source_file, source_row), with a warning naming the
-        count of duplicates (a parallel corpus has one document per id and language)."""
-        keys = ["id", self.lang_column]
-        names = docs.collect_schema().names()
-        order = [c for c in ("source_file", "source_row") if c in names]
-        counts = docs.filter(pl.col(self.lang_column).is_not_null()).select(
-            pl.len().alias("rows"), pl.struct(keys).n_unique().alias("unique")).collect()
-        duplicates = counts["rows"][0] - counts["unique"][0]
-        if duplicates:
-            log.warning("%s: %d duplicate (id, %s) row(s); the premium counts the first of each by "
-                        "(source_file, source_row)", self.stage_name, duplicates, self.lang_column)
-        docs = docs.sort(order) if order else docs
-        return docs.unique(keys, keep="first", maintain_order=True)
+def typed_counts(batch: pa.Table, tokenizers: list[str], lang_column: str) -> pa.Table:
+    """The columns the premium reads, with one type in every block (a column a file lacks is null):
+    id, lang (from ``lang_column``), the lineage present, the counts as int64."""
+    columns = {"id": pc.cast(batch.column("id"), pa.string()),
+               "lang": pc.cast(batch.column(lang_column), pa.string())}
+    for name, kind in (("source_file", pa.string()), ("source_row", pa.int64())):
+        if name in batch.column_names:
+            columns[name] = pc.cast(batch.column(name), kind)
+    for name in count_columns(tokenizers):
+        columns[name] = (pc.cast(batch.column(name), pa.int64()) if name in batch.column_names
+                         else pa.nulls(batch.num_rows, pa.int64()))
+    return pa.table(columns)
+
+
+def block_partials(block: pa.Table, tokenizers: list[str], ref_lang: str) -> pa.Table:
+    """``premium_partials`` of one block that holds every row of its ids."""
+    return premium_partials(pl.from_arrow(block), tokenizers, ref_lang).to_arrow()
+
+
+def premium_sums(docs: ray.data.Dataset, tokenizers: list[str], ref_lang: str, lang_column: str,
+                 partitions: int) -> pl.DataFrame:
+    """The run's ``premium_partials`` summed per (lang, part), computed on the cluster: the rows
+    are hash-partitioned by id (every language of an id in one block, for the parallel-corpus
+    rule and the de-duplication), each block sums its own; the driver adds the blocks' sums."""
+    typed = docs.map_batches(typed_counts, fn_kwargs={"tokenizers": tokenizers, "lang_column": lang_column},
+                             batch_size=None, batch_format="pyarrow")
+    partials = colocated(typed, "id", partitions).map_batches(
+        block_partials, fn_kwargs={"tokenizers": tokenizers, "ref_lang": ref_lang},
+        batch_size=None, batch_format="pyarrow")
+    return fold_sums(partials, ["lang", "part"])
 
 
 class TokenCounter:

@@ -17,6 +17,7 @@ import math
 from typing import TYPE_CHECKING
 
 import polars as pl
+import pyarrow as pa
 
 if TYPE_CHECKING:
     import ray
@@ -61,6 +62,15 @@ def fold_sums(ds: ray.data.Dataset, keys: list[str]) -> pl.DataFrame:
         values = [c for c in total.columns if c not in keys]
         total = total.group_by(keys, maintain_order=True).agg(pl.col(values).sum())
     return total if total is not None else pl.DataFrame()
+
+
+def sum_partials(partials: pa.Table, keys: list[str]) -> pl.DataFrame:
+    """``fold_sums`` of partial sums already on the driver (a small run's single block)."""
+    frame = pl.from_arrow(partials)
+    if not isinstance(frame, pl.DataFrame) or frame.height == 0:
+        return pl.DataFrame()
+    values = [c for c in frame.columns if c not in keys]
+    return frame.group_by(keys, maintain_order=True).agg(pl.col(values).sum())
 
 
 def ordered_blocks(ds: ray.data.Dataset, keys: list[str], descending: list[bool]) -> list[ray.ObjectRef]:

@@ -291,4 +291,17 @@ def select_run(ctx: Any, score_column: str, operator: str,
         return SELECTED_SCHEMA.empty_table()
     columns = ["id", score_column, "n_chars" if "n_chars" in names else "text"]
     columns += [c for c in ("source_file", "source_row") if c in names]
+    if not ctx.on_cluster:
+        return select_table(ctx.documents_table(columns), score_column, operator, policy)
     return select_dataset(ctx.documents_dataset(columns), score_column, operator, policy)
+
+
+def select_table(docs: pa.Table, score_column: str, operator: str,
+                 policy: ThresholdPolicy | TopFractionCharsPolicy | TopPercentPolicy) -> pa.Table:
+    """``select_dataset`` for a small run held on the driver: the same code over one block."""
+    rows = selection_rows(docs, score_column)
+    order = [(k, "descending" if d else "ascending") for k, d in zip(ORDER, DESCENDING, strict=True)]
+    block = rows.sort_by(order, null_placement="at_end")
+    n_scored, _, total_chars = block_totals(block)
+    table, _ = select_block(block, Position(0, 0, n_scored, total_chars), operator, policy)
+    return table

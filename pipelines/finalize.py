@@ -9,6 +9,7 @@ a ``pyarrow.Table`` (small: staged by the driver) or a ``ray.data.Dataset`` (sta
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,14 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from pipelines.staging import StagedFile, decode_files, encode_files, stage_rows
 from pipelines.tables import RunLayout
+
+#: Runs with at most this many staged documents finalize on the driver (``FinalizeContext.on_cluster``).
+LOCAL_ROWS = 200_000
+
+
+def local_rows() -> int:
+    """``$CURATE_FINALIZE_LOCAL_ROWS`` (tests set 0 to force the Ray path), else ``LOCAL_ROWS``."""
+    return int(os.environ.get("CURATE_FINALIZE_LOCAL_ROWS", LOCAL_ROWS))
 
 
 @dataclass
@@ -49,6 +58,23 @@ class FinalizeContext:
     def scan_documents(self) -> pl.LazyFrame:
         """Lazy frame over the staged ``documents`` of this run (quarantined rows excluded)."""
         return scan_staged(self.layout, self.staged, ["documents"])
+
+    @property
+    def on_cluster(self) -> bool:
+        """True when the run is large enough for the finalizers to run as Ray aggregations; below
+        ``LOCAL_ROWS`` staged documents they apply the same per-block code to the run as one block
+        on the driver (whose memory is then bounded by ``LOCAL_ROWS``), without Ray's fixed cost."""
+        return self.documents_rows() > local_rows()
+
+    def documents_table(self, columns: list[str] | None = None) -> pa.Table:
+        """The staged ``documents`` as one table on the driver (small runs: ``on_cluster`` False)."""
+        files = self.documents_files()
+        if not files:
+            return pa.table({c: pa.array([], pa.null()) for c in columns or ["id"]})
+        fs = PyFileSystem(FSSpecHandler(self.layout.fs))
+        paths = [self.layout.fs._strip_protocol(f) for f in files]
+        return pads.dataset(paths, filesystem=fs, format="parquet",
+                            schema=self.documents_schema()).to_table(columns=columns)
 
     def documents_dataset(self, columns: list[str] | None = None) -> ray.data.Dataset:
         """The staged ``documents`` as a Ray dataset (only ``columns`` when given), read by workers."""

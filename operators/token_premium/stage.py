@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from operators.aggregate import colocated, fold_sums, partitions_for
+from operators.aggregate import colocated, fold_sums, partitions_for, sum_partials
 from operators.base import MiB, RunFailed, StageConfig
 from operators.token_premium.math import (
     PREMIUM_SCHEMA,
@@ -75,8 +75,12 @@ class TokenCountsConfig(StageConfig):
         tokenizers = [t.name for t in self.tokenizers]
         columns = ["id", self.lang_column, *[c for c in ("source_file", "source_row") if c in names],
                    *count_columns(tokenizers)]
-        sums = premium_sums(ctx.documents_dataset(columns), tokenizers, self.ref_lang, self.lang_column,
-                            partitions_for(ctx.documents_rows()))
+        if ctx.on_cluster:
+            sums = premium_sums(ctx.documents_dataset(columns), tokenizers, self.ref_lang, self.lang_column,
+                                partitions_for(ctx.documents_rows()))
+        else:  # a small run: the same per-block code, the run as one block on the driver
+            typed = typed_counts(ctx.documents_table(columns), tokenizers, self.lang_column)
+            sums = sum_partials(block_partials(typed, tokenizers, self.ref_lang), ["lang", "part"])
         if not sums.height:
             return {"token_premium": PREMIUM_SCHEMA.empty_table()}
         present = sums.filter(pl.col("part") == "present")

@@ -170,3 +170,27 @@ def test_premium_partials_of_blocks_of_whole_ids_add_up_to_the_whole():
     assert premium_from_sums(summed, ["a", "b"], "eng_Latn", 0.1).to_pylist() == expected.to_pylist()
     eng = [r for r in expected.to_pylist() if r["lang"] == "eng_Latn"]
     assert [r["premium"] for r in eng] == [1.0, 1.0]  # the reference against itself, per tokenizer
+
+
+# ------------------------------------------------- small runs: the same code, one block, on the driver
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: p.describe())
+def test_small_run_selection_on_the_driver_equals_the_reference(policy):
+    from operators.selection import select_table
+
+    docs = _documents()
+    expected = select_documents(pl.LazyFrame(pl.from_arrow(docs)), "score", "op", policy)
+    assert select_table(docs, "score", "op", policy).equals(expected)
+
+
+@pytest.mark.parametrize("case", ["mixed", "no reference", "reference only", "nothing shared"])
+def test_small_run_premium_on_the_driver_equals_the_reference(case):
+    from operators.aggregate import sum_partials
+    from operators.token_premium.stage import block_partials, typed_counts
+
+    docs = _cases()[case]
+    expected, _ = _reference(docs)
+    partials = block_partials(typed_counts(docs, ["a", "b"], "lang"), ["a", "b"], "eng_Latn")
+    got = premium_from_sums(sum_partials(partials, ["lang", "part"]), ["a", "b"], "eng_Latn", 0.1)
+    assert got.to_pylist() == expected.to_pylist()

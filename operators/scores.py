@@ -54,12 +54,12 @@ from typing import ClassVar, Literal
 import fsspec
 import numpy as np
 import pyarrow as pa
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from operators.arrow import ragged
 from operators.base import MiB, Need, PlanError, Resources, StageConfig, StrictModel
 from operators.detection.math import binoculars_score, mean_entropy, mean_log_rank
-from operators.lm.models import ModelSpec, load_tokenizer, tokenizer_fingerprint
+from operators.lm.models import ModelSpec, TextEncoder, load_tokenizer, tokenizer_fingerprint
 from operators.membership.math import (
     FrequencyTable,
     dcpdd_score,
@@ -141,7 +141,12 @@ class ScoresConfig(StageConfig):
     cpu_only: ClassVar[bool] = True
     default_memory: ClassVar[int] = 384 * MiB  # measured: 215 MiB peak USS, plus a DC-PDD table
     resources: Resources = Resources(num_cpus=1, concurrency=1, batch_size=256)
+    _lm: object | None = PrivateAttr(None)  # the lm stage whose columns we read (set by ``bind``)
 
+    @property
+    def text_column(self) -> str:
+        """The column the lm stage scored (its ``text_column``; ``text`` when not bound to one)."""
+        return getattr(self._lm, "text_column", "text")
 
     @property
     def stage_name(self) -> str:
@@ -162,6 +167,8 @@ class ScoresConfig(StageConfig):
             return Need((f"{m}__{metric}",), field, value, hint, prefix=field == "model")
 
         needs = [lm("logprob"), lm("entropy"), lm("logp2"), lm("rank")]
+        if self.zlib:
+            needs.append(lm("truncated"))
         if self.dcpdd is not None:
             needs.append(lm("token_ids"))
         if self.binoculars:
@@ -174,12 +181,14 @@ class ScoresConfig(StageConfig):
         return needs
 
     def bind(self, earlier: list[StageConfig]) -> ScoresConfig:
-        """DC-PDD: the frequency table must come from the tokenizer of the lm stage whose columns we read."""
-        if self.dcpdd is not None:
-            lm = next((s for s in earlier if getattr(getattr(s, "model", None), "name", None) == self.model), None)
-            if lm is not None:
-                check_freq_table_tokenizer(self.dcpdd.freq_table, lm.model)
-        return self
+        """Keep the lm stage whose columns we read (zlib reads its text column and tokenizer); DC-PDD:
+        the frequency table must come from that stage's tokenizer."""
+        lm = next((s for s in reversed(earlier) if s.op == "lm" and s.model.name == self.model), None)
+        if lm is not None and self.dcpdd is not None:
+            check_freq_table_tokenizer(self.dcpdd.freq_table, lm.model)
+        bound = self.model_copy()
+        bound._lm = lm
+        return bound
 
     def score_names(self) -> list[str]:
         """Column suffixes this stage writes (``_topk`` for scores made from top-k estimates)."""
@@ -227,6 +236,7 @@ class ScoreOperator:
         self.cfg = cfg
         self.table: FrequencyTable | None = None
         self.vocab_size = cfg.vocab_size  # else inferred once from a large enough batch, then kept
+        self.encoder: TextEncoder | None = None  # the lm stage's, loaded at the first cut document
         if cfg.dcpdd is not None:
             self.table = FrequencyTable.load(cfg.dcpdd.freq_table)
 
@@ -273,7 +283,7 @@ class ScoreOperator:
         }
         if cfg.allow_topk_estimates:  # the same formulas on the estimates, under their own names
             scorers["minkpp_topk"], scorers["mean_entropy_topk"] = scorers["minkpp"], scorers["mean_entropy"]
-        if cfg.zlib:
+        if cfg.zlib:  # the text span the logprobs score, not the whole (maybe cut) document
             scorers["zlib"] = lambda d: zlib_ratio(d["logprob"], d["text"])
         if self.table is not None:
             table, a = self.table, cfg.dcpdd.a  # type: ignore[union-attr]
@@ -301,9 +311,30 @@ class ScoreOperator:
                                                    hint="add an lm stage over text_lower")
         rows = {role: ragged(batch.column(name)) for role, name in wanted.items()}
         if cfg.zlib:
-            rows["text"] = batch.column("text").to_pylist()
+            rows["text"] = self._scored_texts(batch)
         _check_aligned(rows, m)
         return rows
+
+    def _scored_texts(self, batch: pa.Table) -> list[str | None]:
+        """Per row, the text the lm stage scored: its text column, cut where the lm stage cut the
+        tokens (``M__truncated``) to the span of the kept tokens (``TextEncoder.scored_text``)."""
+        column = self.cfg.text_column
+        if column not in batch.column_names:
+            raise KeyError(f"column {column!r} not found: zlib compresses the text the lm stage for "
+                           f"{self.cfg.model!r} scored (its text_column)")
+        texts = batch.column(column).to_pylist()
+        cut = batch.column(self._column(batch, "truncated")).to_pylist()
+        return [self._span(text, row) if flag else text for row, (text, flag) in enumerate(zip(texts, cut, strict=True))]
+
+    def _span(self, text: str, row: int) -> str:
+        if self.encoder is None:
+            lm = self.cfg._lm
+            if lm is None:
+                raise ValueError(f"{self.cfg.model}__truncated is true in row {row}: zlib needs the span the "
+                                 "lm stage scored, from that stage's tokenizer; bind the scores stage to its "
+                                 "lm stage (a pipeline config does; by hand: ScoresConfig.bind([lm_config]))")
+            self.encoder = TextEncoder(load_tokenizer(lm.model), lm.max_tokens, lm.score_first_token)
+        return self.encoder.scored_text(text)
 
     def _column(self, batch: pa.Table, metric: str, model: str | None = None, hint: str = "") -> str:
         """The column holding ``metric`` (or its vLLM estimate); a clear error naming what is missing."""

@@ -212,3 +212,19 @@ class TextEncoder:
             row = ([self.bos] if self.bos is not None else []) + row[:budget]
             out[i] = Encoded(row, truncated, None if len(row) >= 2 else SKIP_SHORT)
         return out
+
+    def scored_text(self, text: str) -> str:
+        """The part of ``text`` that ``encode`` keeps: all of it, or for a cut document the prefix up
+        to the end of the last kept token (its character offset; a slow tokenizer, which has no
+        offsets, decodes the kept ids instead). zlib compresses exactly this span."""
+        budget = self.max_tokens - (self.bos is not None)
+        try:
+            enc = self.tokenizer(text[: self.char_cap], add_special_tokens=False, return_offsets_mapping=True)
+            if len(enc["input_ids"]) <= budget and len(text) > self.char_cap:
+                enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        except NotImplementedError:  # slow (Python) tokenizers have no offsets
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return text if len(ids) <= budget else self.tokenizer.decode(ids[:budget])
+        if len(enc["input_ids"]) <= budget:
+            return text
+        return text[: enc["offset_mapping"][budget - 1][1]]

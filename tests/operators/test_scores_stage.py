@@ -33,6 +33,7 @@ def lm_batch(**extra: list) -> pa.Table:
         "m__entropy": pa.array([[1, 2, 1], [0.5], None, []], LIST),
         "m__logp2": pa.array([[2, 5, 2], [1], None, []], LIST),
         "m__rank": pa.array([[1 / V, 2 / V, 1 / V], [4 / V], None, []], LIST),
+        "m__truncated": pa.array([False, False, None, False]),
     }
     cols.update(extra)
     return pa.table(cols)
@@ -150,7 +151,7 @@ def test_lowercase_text_stage():
 
 def _pipeline(stage: dict) -> dict:
     """A scores-only pipeline whose input already carries the lm columns of model ``m``."""
-    lm_columns = [f"m__{c}" for c in ("token_ids", "logprob", "entropy", "logp2", "rank", "n_scored")]
+    lm_columns = [f"m__{c}" for c in ("token_ids", "logprob", "entropy", "logp2", "rank", "n_scored", "truncated")]
     return {"name": "t", "input": {"url": "/tmp/in", "columns": lm_columns}, "stages": [stage]}
 
 
@@ -165,3 +166,26 @@ def test_config_errors_name_the_field(tmp_path):
         parse_config(_pipeline({"op": "scores", "model": "m", "resources": {"num_gpus": 1}}))
     cfg = parse_config(_pipeline({"op": "scores", "model": "m"}))
     assert cfg.stages[0].stage_name == "scores_m"
+
+
+def test_zlib_compresses_the_scored_span_of_the_lm_stages_text_column(tmp_path, one_torch_thread):
+    """A cut document: zlib compresses the text of the tokens the lm stage kept, read from the lm
+    stage's ``text_column``, never the whole ``text``."""
+    from operators.lm.stage import LMStageConfig
+    from tests.operators.lm.tiny_lm import build_tiny_lm
+
+    model = build_tiny_lm(tmp_path / "lm")  # word-level tokenizer, no BOS: 6 tokens = 6 words
+    lm = LMStageConfig(model={"name": "tiny", "path": str(model)}, max_tokens=6, text_column="text_lower")
+    docs = pa.table({"text": ["THE CAT SAT ON THE MAT . A DOG", "HELLO WORLD"],
+                     "text_lower": ["the cat sat on the mat . a dog", "hello world"]})
+    batch, cols = docs, lm.build().process(docs)
+    for name, column in zip(cols.column_names, cols.columns, strict=True):
+        batch = batch.append_column(name, column)
+    assert batch.column("tiny__truncated").to_pylist() == [True, False]
+    scores = ScoresConfig(model="tiny", vocab_size=32).bind([lm])
+    out = scores.build().process(batch).to_pydict()
+    lp = [np.asarray(x, dtype=np.float64) for x in batch.column("tiny__logprob").to_pylist()]
+    assert out["tiny__zlib"] == pytest.approx([-lp[0].mean() / len(zlib.compress(b"the cat sat on the mat")),
+                                               -lp[1].mean() / len(zlib.compress(b"hello world"))], rel=1e-12)
+    with pytest.raises(ValueError, match="row 0.*bind"):  # no lm stage: a cut row has no known span
+        ScoresConfig(model="tiny", vocab_size=32).build().process(batch)

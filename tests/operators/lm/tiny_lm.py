@@ -26,3 +26,47 @@ def build_tiny_lm(out: Path, seed: int = 0) -> Path:
                          num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
     LlamaForCausalLM(config).save_pretrained(out)
     return out
+
+
+def build_tiny_head_model(kind: str, out: Path, seed: int = 0) -> Path:
+    """A random 2-block model of an architecture whose output head is more than a matmul, with the
+    word-level tokenizer: ``gptj`` and ``phi`` (an ``lm_head`` with a bias, set to N(0, 1) so it
+    shows), ``granite`` (logits divided by ``logits_scaling`` = 4)."""
+    from transformers import AutoModelForCausalLM, GPTJConfig, GraniteConfig, PhiConfig
+
+    build_tiny_lm(out, seed)  # its tokenizer; the Llama weights are replaced
+    for old in out.glob("*.safetensors"):
+        old.unlink()
+    common = {"vocab_size": 32, "bos_token_id": 1, "eos_token_id": 2}
+    configs = {
+        "gptj": lambda: GPTJConfig(n_embd=64, n_layer=2, n_head=2, rotary_dim=16, n_positions=128, **common),
+        "phi": lambda: PhiConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                 partial_rotary_factor=0.5, max_position_embeddings=128, **common),
+        "granite": lambda: GraniteConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2, logits_scaling=4.0,
+                                         embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.1,
+                                         tie_word_embeddings=False, max_position_embeddings=128, **common),
+    }
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(configs[kind]())
+    bias = getattr(model.get_output_embeddings(), "bias", None)
+    if bias is not None:
+        with torch.no_grad():
+            bias.normal_(0.0, 1.0)
+    model.save_pretrained(out)
+    return out
+
+
+def vllm_head_logits(paths: list[str], ids: list[int]) -> list:
+    """Each model's logits [T, V] of ``ids`` from the vLLM engine (its head over vLLM's pooled
+    states); run it in a fresh process (a Ray task with max_calls=1): vLLM binds its process."""
+    from operators.lm.models import ModelSpec
+    from operators.lm.vllm_engine import VLLMEngine
+
+    out, engines = [], []  # engines stay alive: freeing one tears down vLLM's process-wide state
+    for path in paths:
+        engines.append(VLLMEngine(ModelSpec(name="t", path=path, backend="vllm"), max_tokens=32, cpu_threads=1))
+        lm = engines[-1].lm
+        with torch.inference_mode():
+            out.append(lm.head(lm.pool([ids], lm.hidden_size)[0]).float().numpy())
+    return out

@@ -57,15 +57,21 @@ def decoder_blocks(model: nn.Module, num_layers: int) -> nn.ModuleList:
 
 
 def residual_stream(output: Any) -> torch.Tensor:
-    """A vLLM block's output as HF's ``hidden_states`` entry: ``hidden + residual`` when fused."""
+    """A vLLM block's output as HF's ``hidden_states`` entry (``hidden + residual`` when fused), in
+    storage of its own: the model keeps updating its tensors in place (see ``HiddenTaps``)."""
     if isinstance(output, tuple):
         hidden, residual = output[0], output[1] if len(output) > 1 else None
-        return hidden if residual is None else hidden + residual
-    return output
+        return hidden.clone() if residual is None else hidden + residual
+    return output.clone()
 
 
 class HiddenTaps:
-    """Makes a vLLM model's forward return [tokens, H·(k+1)]: tapped layers (ascending), final state."""
+    """Makes a vLLM model's forward return [tokens, H·(k+1)]: tapped layers (ascending), final state.
+
+    Every tap is copied when captured: vLLM's blocks hand their residual on and update it in place
+    (``fused_add_rms_norm`` on CUDA), so a reference kept until the end of the forward would read a
+    later layer's residual stream.
+    """
 
     def __init__(self, model: nn.Module, num_layers: int) -> None:
         self.model, self.num_layers = model, num_layers
@@ -99,7 +105,9 @@ class HiddenTaps:
             self._handles.append(hook)
 
     def _block_input(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._captured[0] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[1]
+        # a copy: block 0 takes this very tensor as its running residual, which the fused
+        # add-RMSNorm of vLLM's CUDA kernels updates in place (the CPU path allocates anew)
+        self._captured[0] = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[1]).clone()
 
     def _block_output(self, layer: int) -> Callable:
         def hook(_module: nn.Module, _args: tuple, output: Any) -> None:

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from operators.lm.models import ModelSpec
 from operators.lm.torch_engine import LMHead
-from tests.operators.lm.tiny_lm import build_tiny_head_model, vllm_head_logits
+from tests.operators.lm.tiny_lm import build_tiny_head_model, vllm_head_logits, vllm_tap_storage
 
 IDS = [1, 3, 5, 7, 8, 3, 9, 13, 4, 6, 12, 18]
 KINDS = ("gptj", "phi", "granite")
@@ -60,3 +60,13 @@ def test_granite_divisor_reaches_the_torch_engine_too(tmp_path):
     path = build_tiny_head_model("granite", Path(tmp_path) / "granite")
     engine = TorchEngine(ModelSpec(name="g", path=str(path)), max_tokens=16, device="cpu")
     assert engine.head.scale == pytest.approx(0.25)
+
+
+@pytest.mark.slow
+def test_vllm_taps_are_copies_not_views_of_what_the_model_updates(tmp_path, local_ray):
+    """Layer 0 is block 0's input, which vLLM's block 0 keeps as its running residual (updated in
+    place by the fused add-RMSNorm on CUDA): a tap must own its storage."""
+    path = build_tiny_head_model("llama", tmp_path / "llama")
+    task = local_ray.remote(num_cpus=1, max_calls=1)(vllm_tap_storage)
+    shared = local_ray.get(task.remote(str(path), IDS, {0, 1}), timeout=900)
+    assert shared == {0: False, 1: False}

@@ -39,6 +39,8 @@ def build_tiny_head_model(kind: str, out: Path, seed: int = 0) -> Path:
         old.unlink()
     common = {"vocab_size": 32, "bos_token_id": 1, "eos_token_id": 2}
     configs = {
+        "llama": lambda: LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                     num_key_value_heads=2, max_position_embeddings=128, **common),
         "gptj": lambda: GPTJConfig(n_embd=64, n_layer=2, n_head=2, rotary_dim=16, n_positions=128, **common),
         "phi": lambda: PhiConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                                  partial_rotary_factor=0.5, max_position_embeddings=128, **common),
@@ -70,3 +72,34 @@ def vllm_head_logits(paths: list[str], ids: list[int]) -> list:
         with torch.inference_mode():
             out.append(lm.head(lm.pool([ids], lm.hidden_size)[0]).float().numpy())
     return out
+
+
+def vllm_tap_storage(path: str, ids: list[int], layers: set[int]) -> dict[int, bool]:
+    """Per tapped layer: whether the vLLM engine's captured tap shares storage with a tensor a decoder
+    block received or returned in the same forward (what the model may still update in place).
+    Checked at the end of the last block, before the taps are concatenated. Run in a fresh process."""
+    from operators.lm.models import ModelSpec
+    from operators.lm.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine(ModelSpec(name="t", path=path, backend="vllm"), max_tokens=32, layers=layers, cpu_threads=1)
+    seen: set[int] = set()
+    shared: dict[int, bool] = {}
+
+    def record(*values: object) -> None:
+        for value in values:
+            if isinstance(value, torch.Tensor):
+                seen.add(value.untyped_storage().data_ptr())
+            elif isinstance(value, tuple | list):
+                record(*value)
+            elif isinstance(value, dict):
+                record(*value.values())
+
+    blocks = engine.taps.blocks
+    for block in blocks:
+        block.register_forward_pre_hook(lambda _m, args, kwargs: record(args, kwargs), with_kwargs=True)
+        block.register_forward_hook(lambda _m, _args, output: record(output))
+    blocks[-1].register_forward_hook(lambda _m, _a, _o: shared.update(
+        {layer: t.untyped_storage().data_ptr() in seen for layer, t in engine.taps._captured.items()}))
+    with torch.inference_mode():
+        engine.lm.pool([ids], engine.hidden_size * (len(engine.taps.layers) + 1))
+    return shared

@@ -133,3 +133,19 @@ def test_mona_pools_all_n_tokens_by_hand(engine, tmp_path):
     engine.add_taps(set(head.layers))
     got = dense(engine.score(doc, [head])[0].heads, "sae", sae.cfg.d_sae)
     np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_mona_default_pools_every_token_as_eq_7(engine, tmp_path):
+    """By default e = (1/n) Σ_{t=0}^{n-1} SAE.encode(h_t): MoNA's Eq. 7 averages all n tokens, x_0 too."""
+    layer = 2
+    sae = random_sae(HIDDEN, seed=4)
+    save_sparsify(sae, tmp_path / "sae", layer=layer)
+    doc = engine.encode([TEXT])
+    with torch.inference_mode():
+        hs = engine.model(input_ids=torch.tensor([doc[0].ids]), output_hidden_states=True).hidden_states
+    expected = sae.encode(hs[layer][0].float()).mean(dim=0)  # [d_sae], all n rows
+    head = build_head({"sae": str(tmp_path / "sae"), "layer": layer}, engine.model_info())
+    assert head.params.skip_first == 0
+    engine.add_taps(set(head.layers))
+    got = dense(engine.score(doc, [head])[0].heads, "sae", sae.cfg.d_sae)
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-5)

@@ -20,7 +20,7 @@ Output columns (float64; null when the document had no scored position):
     M__minkpp         Min-K%++: lowest k·n of (lp-μ)/σ                (Zhang et al. 2025)     higher ⇒ member
     M__zlib           log PPL / zlib bytes                            (Carlini et al. 2021)   lower ⇒ member
     M__dcpdd          DC-PDD β = mean_first-occurrence min(-p·ln f, a) (Zhang et al. 2024)    higher ⇒ member
-    M__mean_entropy   mean H                                          (GLTR)                  lower ⇒ machine
+    M__mean_entropy   mean H                                          (GLTR, DetectGPT)       higher ⇒ machine
     M__mean_log_rank  mean ln rank                                    (GLTR, DetectGPT)       lower ⇒ machine
     M__binoculars     mean NLL / mean xent                            (Hans et al. 2024)      lower ⇒ machine
     M__lowercase      log PPL(x) / log PPL(lower(x))                  (Carlini et al. 2021)   lower ⇒ member
@@ -38,7 +38,7 @@ them only with ``allow_topk_estimates: true``, and then names what it computes f
 what it is:
 
     M__minkpp_topk          Min-K%++ with μ, σ from the top-k estimates            higher ⇒ member
-    M__mean_entropy_topk    mean of the top-k entropy estimate                     lower ⇒ machine
+    M__mean_entropy_topk    mean of the top-k entropy estimate                     higher ⇒ machine
 
 (in place of ``M__minkpp`` / ``M__mean_entropy``). Without it, a plan whose lm stage gives only
 estimates fails before Ray starts.
@@ -78,8 +78,11 @@ log = logging.getLogger("curate.scores")
 #: column, P(machine-written)). ``curate eval`` reports every score in this direction.
 SCORE_DIRECTIONS: dict[str, Literal["higher", "lower"]] = {
     "ppl": "lower", "mink": "higher", "minkpp": "higher", "minkpp_topk": "higher", "zlib": "lower",
-    "dcpdd": "higher", "mean_entropy": "lower", "mean_log_rank": "lower", "binoculars": "lower",
-    "lowercase": "lower", "pawn_score": "higher", "mean_entropy_topk": "lower",
+    # higher entropy => machine, as the reference code that defines the entropy baseline has it:
+    # DetectGPT's run.py (eric-mitchell/detect-gpt) feeds get_entropy to its ROC as is, with
+    # machine-written = 1, and negates only the rank baselines
+    "dcpdd": "higher", "mean_entropy": "higher", "mean_log_rank": "lower", "binoculars": "lower",
+    "lowercase": "lower", "pawn_score": "higher", "mean_entropy_topk": "higher",
 }
 
 

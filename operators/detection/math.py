@@ -4,7 +4,9 @@ Inputs are the arrays the LM engine yields for one document over the scored posi
 (token x_i predicted from x_<i): ``entropy`` H_i = -Σ_v p_v ln p_v, ``rank`` = fraction of the
 vocabulary whose logprob is ≥ the observed token's (1/V = top-1), ``logprob`` lp_i.
 
-* ``mean_entropy``      (1/n) Σ_i H_i — Gehrmann et al. 2019 (GLTR); lower ⇒ machine-written.
+* ``mean_entropy``      (1/n) Σ_i H_i — Gehrmann et al. 2019 (GLTR), Mitchell et al. 2023 (DetectGPT
+                        baselines); higher ⇒ machine-written, the direction of DetectGPT's
+                        reference code (``run.py``: entropy scored as is, only ranks negated).
 * ``mean_log_rank``     (1/n) Σ_i ln r_i, r_i = max(1, round(rank_i · V)) — Mitchell et al. 2023
                         (DetectGPT baselines), GLTR; lower ⇒ machine-written.
 * ``binoculars_score``  Hans et al. 2024, "Spotting LLMs With Binoculars: Zero-Shot Detection

@@ -108,3 +108,13 @@ def test_scores_are_finite(data, n):
     x = data.draw(hnp.arrays(np.float32, n, elements=st.floats(0.125, 12.0, width=32)))
     for value in (mean_entropy(entropy), mean_log_rank(rank, 50_000), binoculars_score(lp, x)):
         assert math.isfinite(value)
+
+
+def test_registered_directions_follow_the_reference_code():
+    """DetectGPT's run.py scores its entropy baseline as is (machine-written = 1) and negates only the
+    rank baselines: higher mean entropy ⇒ machine, lower mean log-rank ⇒ machine."""
+    from operators.scores import score_direction
+
+    assert score_direction("m__mean_entropy") == "higher"
+    assert score_direction("m__mean_entropy_topk") == "higher"
+    assert score_direction("m__mean_log_rank") == "lower"

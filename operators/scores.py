@@ -22,7 +22,7 @@ Output columns (float64; null when the document had no scored position):
     M__dcpdd          DC-PDD β = mean_first-occurrence min(-p·ln f, a) (Zhang et al. 2024)    higher ⇒ member
     M__mean_entropy   mean H                                          (GLTR, DetectGPT)       higher ⇒ machine
     M__mean_log_rank  mean ln rank                                    (GLTR, DetectGPT)       lower ⇒ machine
-    M__binoculars     mean NLL / mean xent                            (Hans et al. 2024)      lower ⇒ machine
+    M__binoculars     mean NLL / mean xent (xent: all n positions)    (Hans et al. 2024)      lower ⇒ machine
     M__lowercase      log PPL(x) / log PPL(lower(x))                  (Carlini et al. 2021)   lower ⇒ member
 
 Lowercase needs a second LM pass over lower(text), which doubles the model cost: a
@@ -404,9 +404,11 @@ def _check_aligned(rows: dict[str, list], model: str) -> None:
                if role not in ("text", "token_ids", "logprob_lower")}
     ref = lengths.pop("logprob")
     for role, got in lengths.items():
-        bad = [i for i, (a, b) in enumerate(zip(ref, got, strict=True)) if a and b is not None and a != b]
+        extra = 1 if role == "xent" else 0  # xent: every position, the last token's included
+        bad = [i for i, (a, b) in enumerate(zip(ref, got, strict=True)) if a and b is not None and a + extra != b]
         if bad:
-            raise ValueError(f"{model}__{role} and {model}__logprob differ in length (row {bad[0]})")
+            raise ValueError(f"{model}__{role} and {model}__logprob differ in length (row {bad[0]}"
+                             f"{'; xent has one row more' if extra else ''})")
 
 
 def _nan_to_none(x: float) -> float | None:

@@ -46,17 +46,20 @@ def mean_log_rank(rank: ArrayLike, vocab_size: int) -> float:
 
 
 def binoculars_score(performer_logprob: ArrayLike, cross_entropy: ArrayLike) -> float:
-    """Binoculars B = [-(1/n) Σ_i lp_i^perf] / [(1/n) Σ_i x_i].
+    """Binoculars B = [-(1/(n-1)) Σ_{i=1}^{n-1} lp_i^perf] / [(1/n) Σ_{t=0}^{n-1} x_t] for n tokens.
 
-    Numerator: mean NLL of the observed tokens under the performer. Denominator: mean
-    cross-perplexity term x_i = -Σ_v softmax(observer)_v · log softmax(performer)_v
-    (``cross_entropy_per_position``). This is the assignment of the two models in the authors'
-    released code (``binoculars/detector.py``). Lower ⇒ machine-written. NaN when empty or when
-    the mean cross-entropy is 0.
+    Numerator: mean NLL of the n - 1 scored tokens under the performer. Denominator: mean
+    cross-perplexity term x_t = -Σ_v softmax(observer_t)_v · log softmax(performer_t)_v
+    (``cross_entropy_per_position``) over all n positions, the last one included, as the authors'
+    code averages it (``binoculars/metrics.py``, ``entropy``: every non-pad position); the model
+    assignment is theirs too (``binoculars/detector.py``). So ``cross_entropy`` holds one value more
+    than ``performer_logprob``. Lower ⇒ machine-written. NaN when empty or when the mean
+    cross-entropy is 0.
     """
     lp, x = _f64(performer_logprob), _f64(cross_entropy)
-    if lp.size != x.size:
-        raise ValueError(f"performer_logprob ({lp.size}) and cross_entropy ({x.size}) are not aligned")
+    if x.size != lp.size + 1 and lp.size + x.size:
+        raise ValueError(f"cross_entropy ({x.size}) must hold one value more than performer_logprob "
+                         f"({lp.size}): every position, the last token's included")
     if lp.size == 0 or x.mean() == 0.0:
         return math.nan
     return float(-lp.mean() / x.mean())

@@ -87,10 +87,11 @@ def test_dcpdd_scores_the_ids_after_bos(tmp_path, monkeypatch):
 
 def test_binoculars_and_lowercase_columns():
     ln = math.log
-    batch = lm_batch(m__xent=pa.array([[1, 1, 2], [3], None, []], LIST),
+    batch = lm_batch(m__xent=pa.array([[1, 1, 2, 4], [3, 1], None, []], LIST),
                      low__logprob=pa.array([[ln(.5), ln(.5), ln(.5)], [ln(.5)], None, None], LIST))
     out = run(batch, binoculars=True, lowercase={"enabled": True, "model": "low"})
-    assert out["m__binoculars"][:2] == pytest.approx([(ln(16) / 3) / (4 / 3), ln(8) / 3])
+    # xent: one row more than logprob (every position, the last one included)
+    assert out["m__binoculars"][:2] == pytest.approx([(ln(16) / 3) / (8 / 4), ln(8) / 2])
     assert out["m__lowercase"][:2] == pytest.approx([(ln(16) / 3) / ln(2), ln(8) / ln(2)])
     assert out["m__binoculars"][2:] == [None, None]
 

@@ -11,6 +11,7 @@ functions of ``operators.membership.math`` and ``operators.detection.math``; eve
       dcpdd: {freq_table: ${CURATE_CACHE}/freq/smollm2.parquet, a: 0.01}   # optional
       zlib: true
       binoculars: false                 # true needs an lm ``observer`` (M__xent)
+      gltr: false                       # true: GLTR's rank histogram (4 columns)
       lowercase: {enabled: false, model: smollm2_lower}
 
 Output columns (float64; null when the document had no scored position):
@@ -22,6 +23,8 @@ Output columns (float64; null when the document had no scored position):
     M__dcpdd          DC-PDD β = mean_first-occurrence min(-p·ln f, a) (Zhang et al. 2024)    higher ⇒ member
     M__mean_entropy   mean H                                          (GLTR, DetectGPT)       higher ⇒ machine
     M__mean_log_rank  mean ln rank                                    (GLTR, DetectGPT)       lower ⇒ machine
+    M__gltr_top10     share of tokens of rank ≤ 10  (gltr: true)      (GLTR)                  higher ⇒ machine
+    M__gltr_top100 / _top1000 / _rest   … of rank 11–100 / 101–1000 / > 1000  (GLTR)          lower ⇒ machine
     M__binoculars     mean NLL / mean xent (xent: all n positions)    (Hans et al. 2024)      lower ⇒ machine
     M__lowercase      log PPL(x) / log PPL(lower(x))                  (Carlini et al. 2021)   lower ⇒ member
 
@@ -58,7 +61,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from operators.arrow import ragged
 from operators.base import MiB, Need, PlanError, Resources, StageConfig, StrictModel
-from operators.detection.math import binoculars_score, mean_entropy, mean_log_rank
+from operators.detection.math import binoculars_score, gltr_buckets, mean_entropy, mean_log_rank
 from operators.lm.models import ModelSpec, TextEncoder, load_tokenizer, tokenizer_fingerprint
 from operators.membership.math import (
     FrequencyTable,
@@ -83,7 +86,11 @@ SCORE_DIRECTIONS: dict[str, Literal["higher", "lower"]] = {
     # machine-written = 1, and negates only the rank baselines
     "dcpdd": "higher", "mean_entropy": "higher", "mean_log_rank": "lower", "binoculars": "lower",
     "lowercase": "lower", "pawn_score": "higher", "mean_entropy_topk": "higher",
+    # GLTR (Gehrmann et al. 2019): machine text has more top-10 tokens, human text more in the rest
+    "gltr_top10": "higher", "gltr_top100": "lower", "gltr_top1000": "lower", "gltr_rest": "lower",
 }
+#: GLTR's bins, in the order of ``gltr_buckets``.
+GLTR_COLUMNS = ("gltr_top10", "gltr_top100", "gltr_top1000", "gltr_rest")
 
 
 def score_direction(column: str) -> Literal["higher", "lower"] | None:
@@ -135,6 +142,7 @@ class ScoresConfig(StageConfig):
     dcpdd: DcpddOptions | None = None
     zlib: bool = True
     binoculars: bool = Field(False, description="Needs an lm observer (the M__xent column).")
+    gltr: bool = Field(False, description="GLTR's rank histogram: M__gltr_top10 / _top100 / _top1000 / _rest.")
     lowercase: LowercaseOptions = LowercaseOptions()
     vocab_size: int | None = Field(
         None, gt=0, description="V of the model's logits, for mean_log_rank; default: from the ranks.")
@@ -198,6 +206,7 @@ class ScoresConfig(StageConfig):
         est = "_topk" if self.allow_topk_estimates else ""
         names = ["ppl", "mink", f"minkpp{est}"] + (["zlib"] if self.zlib else [])
         names += (["dcpdd"] if self.dcpdd is not None else []) + [f"mean_entropy{est}", "mean_log_rank"]
+        names += list(GLTR_COLUMNS) if self.gltr else []
         names += (["binoculars"] if self.binoculars else []) + (["lowercase"] if self.lowercase.enabled else [])
         return names
 
@@ -293,6 +302,8 @@ class ScoreOperator:
             scorers["dcpdd"] = lambda d: dcpdd_score(scored_ids(d["token_ids"], len(d["logprob"])),
                                                      d["logprob"], table, a)
         scorers["mean_log_rank"] = lambda d: mean_log_rank(d["rank"], vocab) if vocab else math.nan
+        for i, name in enumerate(GLTR_COLUMNS):
+            scorers[name] = lambda d, i=i: gltr_buckets(d["rank"], vocab)[i] if vocab else math.nan
         if cfg.binoculars:
             scorers["binoculars"] = lambda d: binoculars_score(d["logprob"], d["xent"])
         if cfg.lowercase.enabled:

@@ -9,6 +9,10 @@ vocabulary whose logprob is ≥ the observed token's (1/V = top-1), ``logprob`` 
                         reference code (``run.py``: entropy scored as is, only ranks negated).
 * ``mean_log_rank``     (1/n) Σ_i ln r_i, r_i = max(1, round(rank_i · V)) — Mitchell et al. 2023
                         (DetectGPT baselines), GLTR; lower ⇒ machine-written.
+* ``gltr_buckets``      GLTR's rank histogram, Gehrmann et al. 2019: the fractions of tokens whose
+                        rank r_i is in the top 10, 11–100, 101–1000 and above 1000 (the
+                        green / yellow / red / purple bins of the GLTR demo). Machine text
+                        has more top-10 tokens, human text more in the other bins.
 * ``binoculars_score``  Hans et al. 2024, "Spotting LLMs With Binoculars: Zero-Shot Detection
                         of Machine-Generated Text"; lower ⇒ machine-written.
 
@@ -43,6 +47,26 @@ def mean_log_rank(rank: ArrayLike, vocab_size: int) -> float:
     """(1/n) Σ_i ln r_i with r_i = max(1, round(rank_i · V)); NaN when empty."""
     r = integer_rank(rank, vocab_size)
     return float(np.log(r).mean()) if r.size else math.nan
+
+
+#: Upper rank bounds of GLTR's bins: top-10, top-100, top-1000; the fourth bin is everything above.
+GLTR_BOUNDS = (10, 100, 1000)
+
+
+def gltr_buckets(rank: ArrayLike, vocab_size: int) -> np.ndarray:
+    """GLTR fractions [f_10, f_100, f_1000, f_rest] over the n tokens (they sum to 1):
+
+        f_10 = |{i : r_i ≤ 10}| / n,        f_100  = |{i : 10 < r_i ≤ 100}| / n,
+        f_1000 = |{i : 100 < r_i ≤ 1000}| / n,   f_rest = |{i : r_i > 1000}| / n
+
+    with r_i = max(1, round(rank_i · V)) the 1-based rank (``integer_rank``; GLTR's 0-based rank
+    k < 10 is r ≤ 10). NaN × 4 when empty.
+    """
+    r = integer_rank(rank, vocab_size)
+    if r.size == 0:
+        return np.full(len(GLTR_BOUNDS) + 1, math.nan)
+    bins = np.searchsorted(np.asarray(GLTR_BOUNDS), r, side="left")  # r ≤ 10 -> 0, ≤ 100 -> 1, …
+    return np.bincount(bins, minlength=len(GLTR_BOUNDS) + 1) / r.size
 
 
 def binoculars_score(performer_logprob: ArrayLike, cross_entropy: ArrayLike) -> float:

@@ -190,3 +190,19 @@ def test_zlib_compresses_the_scored_span_of_the_lm_stages_text_column(tmp_path, 
                                                -lp[1].mean() / len(zlib.compress(b"hello world"))], rel=1e-12)
     with pytest.raises(ValueError, match="row 0.*bind"):  # no lm stage: a cut row has no known span
         ScoresConfig(model="tiny", vocab_size=32).build().process(batch)
+
+
+def test_gltr_rank_buckets_by_hand():
+    """GLTR bins per document: ranks ≤ 10, 11–100, 101–1000, > 1000 (V = 2000, ranks as fractions c/V)."""
+    ranks = [1, 5, 10, 11, 100, 101, 1000, 1001, 2000]
+    n = len(ranks)
+    batch = lm_batch(m__logprob=pa.array([[-1.0] * n, [-1.0], None, []], LIST),
+                     m__entropy=pa.array([[1.0] * n, [1.0], None, []], LIST),
+                     m__logp2=pa.array([[2.0] * n, [2.0], None, []], LIST),
+                     m__rank=pa.array([[r / 2000 for r in ranks], [1 / 2000], None, []], LIST))
+    out = run(batch, gltr=True, zlib=False, vocab_size=2000)
+    got = [out[f"m__gltr_{b}"][0] for b in ("top10", "top100", "top1000", "rest")]
+    assert got == pytest.approx([3 / 9, 2 / 9, 2 / 9, 2 / 9])
+    assert [out[f"m__gltr_{b}"][1] for b in ("top10", "top100", "top1000", "rest")] == [1.0, 0.0, 0.0, 0.0]
+    assert out["m__gltr_top10"][2:] == [None, None]
+    assert "m__gltr_top10" not in run(lm_batch(), zlib=False)  # opt-in

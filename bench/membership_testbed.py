@@ -175,7 +175,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="membership-testbed-") as tmp:
         freq = Path(tmp) / "freq.parquet"
         table = FrequencyTable.from_token_ids(
-            [tokenizer(t, add_special_tokens=False)["input_ids"] for t in reference], len(tokenizer), MODEL,
+            [tokenizer(t)["input_ids"] for t in reference], len(tokenizer), MODEL,
             args.max_tokens)
         table.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
         table.source = {"documents": len(reference), "what": "reference_docs() minus the pool"}

@@ -115,6 +115,19 @@ def load_causal_lm(spec: ModelSpec, device: str) -> Any:
     return model.to(device).eval()
 
 
+def model_vocab_size(spec: ModelSpec, tokenizer: Any) -> int:
+    """The width of the model's logits, ``config.vocab_size`` (at least ``len(tokenizer)``); the
+    tokenizer's size when no config can be read (a GGUF file)."""
+    from transformers import AutoConfig
+
+    where, kwargs = spec.load_args()
+    try:
+        config = AutoConfig.from_pretrained(where, **kwargs).get_text_config()
+    except (OSError, ValueError):
+        return len(tokenizer)
+    return max(int(config.vocab_size), len(tokenizer))
+
+
 def bos_id(tokenizer: Any) -> int | None:
     """The BOS id if the tokenizer puts one in front by default, else None."""
     bos = tokenizer.bos_token_id

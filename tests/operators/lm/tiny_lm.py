@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 WORDS = ["<unk>", "<s>", "</s>", "the", "a", "cat", "dog", "sat", "on", "mat", "hello", "world", "is", ".",
@@ -15,10 +15,13 @@ TEXT = "the cat sat on the mat . a dog is in the world"
 N_LAYERS, HIDDEN = 4, 32
 
 
-def build_tiny_lm(out: Path, seed: int = 0) -> Path:
-    """Save a random 4-block Llama and its tokenizer (no BOS added) to ``out``."""
+def build_tiny_lm(out: Path, seed: int = 0, bos: bool = False) -> Path:
+    """Save a random 4-block Llama (32 logits) and its tokenizer (19 ids; <s> = 1 in front only with
+    ``bos``) to ``out``."""
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                             unk_token="<unk>").save_pretrained(out)
     torch.manual_seed(seed)

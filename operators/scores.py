@@ -19,7 +19,7 @@ Output columns (float64; null when the document had no scored position):
     M__ppl            exp(-mean lp)                                   lower ⇒ member / machine
     M__mink           Min-K% Prob: mean of the lowest k·n lp          (Shi et al. 2024)       higher ⇒ member
     M__minkpp         Min-K%++: lowest k·n of (lp-μ)/σ                (Zhang et al. 2025)     higher ⇒ member
-    M__zlib           log PPL / zlib bytes                            (Carlini et al. 2021)   lower ⇒ member
+    M__zlib           log PPL / zlib bytes of the scored span         (Carlini et al. 2021)   lower ⇒ member
     M__dcpdd          DC-PDD β = mean_first-occurrence min(-p·ln f, a) (Zhang et al. 2024)    higher ⇒ member
     M__mean_entropy   mean H                                          (GLTR, DetectGPT)       higher ⇒ machine
     M__mean_log_rank  mean ln rank                                    (GLTR, DetectGPT)       lower ⇒ machine
@@ -27,6 +27,10 @@ Output columns (float64; null when the document had no scored position):
     M__gltr_top100 / _top1000 / _rest   … of rank 11–100 / 101–1000 / > 1000  (GLTR)          lower ⇒ machine
     M__binoculars     mean NLL / mean xent (xent: all n positions)    (Hans et al. 2024)      lower ⇒ machine
     M__lowercase      log PPL(x) / log PPL(lower(x))                  (Carlini et al. 2021)   lower ⇒ member
+
+zlib compresses exactly the text the log-probs score: the lm stage's ``text_column`` (read from
+the lm stage this stage is bound to), cut after the last kept token where the lm stage cut the
+document at ``max_tokens`` (``M__truncated``; ``TextEncoder.scored_text``).
 
 Lowercase needs a second LM pass over lower(text), which doubles the model cost: a
 ``lowercase_text`` stage adds ``text_lower``, a second ``lm`` stage (its own model name, e.g.

@@ -107,6 +107,7 @@ def min_k_plus_plus(logprob: ArrayLike, entropy: ArrayLike, logp2: ArrayLike, k:
 def zlib_ratio(logprob: ArrayLike, text: str) -> float:
     """zlib ratio (Carlini et al. 2021): log PPL / len(zlib.compress(text.encode("utf-8"))).
 
+    ``text`` must be the span the log-probs score (both reference codes use one span for both).
     log PPL = -mean lp. Lower ⇒ more likely a member (low perplexity relative to the
     text's zlib entropy).
     """

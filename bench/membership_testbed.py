@@ -108,12 +108,12 @@ def score(docs: pa.Table, model_dir: Path, freq: Path, max_tokens: int) -> pa.Ta
     from operators.scores import ScoresConfig
 
     spec = {"name": MODEL, "path": str(model_dir)}
-    stages = [LowercaseTextConfig().build(),
-              LMStageConfig(model=spec, max_tokens=max_tokens, cpu_threads=1).build(),
+    lm = LMStageConfig(model=spec, max_tokens=max_tokens, cpu_threads=1)
+    stages = [LowercaseTextConfig().build(), lm.build(),
               LMStageConfig(model={**spec, "name": f"{MODEL}_lower"}, text_column="text_lower",
                             max_tokens=max_tokens, cpu_threads=1).build(),
               ScoresConfig(model=MODEL, min_k=0.2, dcpdd={"freq_table": str(freq), "a": 0.01},
-                           lowercase={"enabled": True, "model": f"{MODEL}_lower"}).build()]
+                           lowercase={"enabled": True, "model": f"{MODEL}_lower"}).bind([lm]).build()]
     for stage in stages:
         cols = stage.process(docs)
         for name in cols.column_names:
@@ -175,7 +175,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="membership-testbed-") as tmp:
         freq = Path(tmp) / "freq.parquet"
         table = FrequencyTable.from_token_ids(
-            [tokenizer(t, add_special_tokens=False)["input_ids"] for t in reference], len(tokenizer), MODEL,
+            [tokenizer(t)["input_ids"] for t in reference], len(tokenizer), MODEL,
             args.max_tokens)
         table.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
         table.source = {"documents": len(reference), "what": "reference_docs() minus the pool"}

@@ -50,8 +50,9 @@ def configs(max_tokens: int, threads: int) -> tuple[dict[str, LMStageConfig], Sc
         "sae": {**lm, "metrics": ["logprob"], "heads": [head["sae"]], "keep_positions": False},
         "scores": {**lm, "metrics": SCORES_METRICS, "heads": []},
     }
-    scores = ScoresConfig.model_validate(next(s for s in stages if s["op"] == "scores"))
-    return {k: LMStageConfig.model_validate(v) for k, v in passes.items()}, scores
+    lms = {k: LMStageConfig.model_validate(v) for k, v in passes.items()}
+    scores = ScoresConfig.model_validate(next(s for s in stages if s["op"] == "scores")).bind([lms["scores"]])
+    return lms, scores
 
 
 def run_pass(lm: Any, scores: Any | None, table: pa.Table, batch_size: int) -> tuple[float, pa.Table]:

@@ -11,6 +11,7 @@ functions of ``operators.membership.math`` and ``operators.detection.math``; eve
       dcpdd: {freq_table: ${CURATE_CACHE}/freq/smollm2.parquet, a: 0.01}   # optional
       zlib: true
       binoculars: false                 # true needs an lm ``observer`` (M__xent)
+      gltr: false                       # true: GLTR's rank histogram (4 columns)
       lowercase: {enabled: false, model: smollm2_lower}
 
 Output columns (float64; null when the document had no scored position):
@@ -18,12 +19,18 @@ Output columns (float64; null when the document had no scored position):
     M__ppl            exp(-mean lp)                                   lower ⇒ member / machine
     M__mink           Min-K% Prob: mean of the lowest k·n lp          (Shi et al. 2024)       higher ⇒ member
     M__minkpp         Min-K%++: lowest k·n of (lp-μ)/σ                (Zhang et al. 2025)     higher ⇒ member
-    M__zlib           log PPL / zlib bytes                            (Carlini et al. 2021)   lower ⇒ member
+    M__zlib           log PPL / zlib bytes of the scored span         (Carlini et al. 2021)   lower ⇒ member
     M__dcpdd          DC-PDD β = mean_first-occurrence min(-p·ln f, a) (Zhang et al. 2024)    higher ⇒ member
-    M__mean_entropy   mean H                                          (GLTR)                  lower ⇒ machine
+    M__mean_entropy   mean H                                          (GLTR, DetectGPT)       higher ⇒ machine
     M__mean_log_rank  mean ln rank                                    (GLTR, DetectGPT)       lower ⇒ machine
-    M__binoculars     mean NLL / mean xent                            (Hans et al. 2024)      lower ⇒ machine
+    M__gltr_top10     share of tokens of rank ≤ 10  (gltr: true)      (GLTR)                  higher ⇒ machine
+    M__gltr_top100 / _top1000 / _rest   … of rank 11–100 / 101–1000 / > 1000  (GLTR)          lower ⇒ machine
+    M__binoculars     mean NLL / mean xent (xent: all n positions)    (Hans et al. 2024)      lower ⇒ machine
     M__lowercase      log PPL(x) / log PPL(lower(x))                  (Carlini et al. 2021)   lower ⇒ member
+
+zlib compresses exactly the text the log-probs score: the lm stage's ``text_column`` (read from
+the lm stage this stage is bound to), cut after the last kept token where the lm stage cut the
+document at ``max_tokens`` (``M__truncated``; ``TextEncoder.scored_text``).
 
 Lowercase needs a second LM pass over lower(text), which doubles the model cost: a
 ``lowercase_text`` stage adds ``text_lower``, a second ``lm`` stage (its own model name, e.g.
@@ -38,7 +45,7 @@ them only with ``allow_topk_estimates: true``, and then names what it computes f
 what it is:
 
     M__minkpp_topk          Min-K%++ with μ, σ from the top-k estimates            higher ⇒ member
-    M__mean_entropy_topk    mean of the top-k entropy estimate                     lower ⇒ machine
+    M__mean_entropy_topk    mean of the top-k entropy estimate                     higher ⇒ machine
 
 (in place of ``M__minkpp`` / ``M__mean_entropy``). Without it, a plan whose lm stage gives only
 estimates fails before Ray starts.
@@ -54,12 +61,12 @@ from typing import ClassVar, Literal
 import fsspec
 import numpy as np
 import pyarrow as pa
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from operators.arrow import ragged
 from operators.base import MiB, Need, PlanError, Resources, StageConfig, StrictModel
-from operators.detection.math import binoculars_score, mean_entropy, mean_log_rank
-from operators.lm.models import ModelSpec, load_tokenizer, tokenizer_fingerprint
+from operators.detection.math import binoculars_score, gltr_buckets, mean_entropy, mean_log_rank
+from operators.lm.models import ModelSpec, TextEncoder, load_tokenizer, tokenizer_fingerprint
 from operators.membership.math import (
     FrequencyTable,
     dcpdd_score,
@@ -78,9 +85,16 @@ log = logging.getLogger("curate.scores")
 #: column, P(machine-written)). ``curate eval`` reports every score in this direction.
 SCORE_DIRECTIONS: dict[str, Literal["higher", "lower"]] = {
     "ppl": "lower", "mink": "higher", "minkpp": "higher", "minkpp_topk": "higher", "zlib": "lower",
-    "dcpdd": "higher", "mean_entropy": "lower", "mean_log_rank": "lower", "binoculars": "lower",
-    "lowercase": "lower", "pawn_score": "higher", "mean_entropy_topk": "lower",
+    # higher entropy => machine, as the reference code that defines the entropy baseline has it:
+    # DetectGPT's run.py (eric-mitchell/detect-gpt) feeds get_entropy to its ROC as is, with
+    # machine-written = 1, and negates only the rank baselines
+    "dcpdd": "higher", "mean_entropy": "higher", "mean_log_rank": "lower", "binoculars": "lower",
+    "lowercase": "lower", "pawn_score": "higher", "mean_entropy_topk": "higher",
+    # GLTR (Gehrmann et al. 2019): machine text has more top-10 tokens, human text more in the rest
+    "gltr_top10": "higher", "gltr_top100": "lower", "gltr_top1000": "lower", "gltr_rest": "lower",
 }
+#: GLTR's bins, in the order of ``gltr_buckets``.
+GLTR_COLUMNS = ("gltr_top10", "gltr_top100", "gltr_top1000", "gltr_rest")
 
 
 def score_direction(column: str) -> Literal["higher", "lower"] | None:
@@ -132,6 +146,7 @@ class ScoresConfig(StageConfig):
     dcpdd: DcpddOptions | None = None
     zlib: bool = True
     binoculars: bool = Field(False, description="Needs an lm observer (the M__xent column).")
+    gltr: bool = Field(False, description="GLTR's rank histogram: M__gltr_top10 / _top100 / _top1000 / _rest.")
     lowercase: LowercaseOptions = LowercaseOptions()
     vocab_size: int | None = Field(
         None, gt=0, description="V of the model's logits, for mean_log_rank; default: from the ranks.")
@@ -141,7 +156,12 @@ class ScoresConfig(StageConfig):
     cpu_only: ClassVar[bool] = True
     default_memory: ClassVar[int] = 384 * MiB  # measured: 215 MiB peak USS, plus a DC-PDD table
     resources: Resources = Resources(num_cpus=1, concurrency=1, batch_size=256)
+    _lm: object | None = PrivateAttr(None)  # the lm stage whose columns we read (set by ``bind``)
 
+    @property
+    def text_column(self) -> str:
+        """The column the lm stage scored (its ``text_column``; ``text`` when not bound to one)."""
+        return getattr(self._lm, "text_column", "text")
 
     @property
     def stage_name(self) -> str:
@@ -162,6 +182,8 @@ class ScoresConfig(StageConfig):
             return Need((f"{m}__{metric}",), field, value, hint, prefix=field == "model")
 
         needs = [lm("logprob"), lm("entropy"), lm("logp2"), lm("rank")]
+        if self.zlib:
+            needs.append(lm("truncated"))
         if self.dcpdd is not None:
             needs.append(lm("token_ids"))
         if self.binoculars:
@@ -174,18 +196,21 @@ class ScoresConfig(StageConfig):
         return needs
 
     def bind(self, earlier: list[StageConfig]) -> ScoresConfig:
-        """DC-PDD: the frequency table must come from the tokenizer of the lm stage whose columns we read."""
-        if self.dcpdd is not None:
-            lm = next((s for s in earlier if getattr(getattr(s, "model", None), "name", None) == self.model), None)
-            if lm is not None:
-                check_freq_table_tokenizer(self.dcpdd.freq_table, lm.model)
-        return self
+        """Keep the lm stage whose columns we read (zlib reads its text column and tokenizer); DC-PDD:
+        the frequency table must come from that stage's tokenizer."""
+        lm = next((s for s in reversed(earlier) if s.op == "lm" and s.model.name == self.model), None)
+        if lm is not None and self.dcpdd is not None:
+            check_freq_table_tokenizer(self.dcpdd.freq_table, lm.model)
+        bound = self.model_copy()
+        bound._lm = lm
+        return bound
 
     def score_names(self) -> list[str]:
         """Column suffixes this stage writes (``_topk`` for scores made from top-k estimates)."""
         est = "_topk" if self.allow_topk_estimates else ""
         names = ["ppl", "mink", f"minkpp{est}"] + (["zlib"] if self.zlib else [])
         names += (["dcpdd"] if self.dcpdd is not None else []) + [f"mean_entropy{est}", "mean_log_rank"]
+        names += list(GLTR_COLUMNS) if self.gltr else []
         names += (["binoculars"] if self.binoculars else []) + (["lowercase"] if self.lowercase.enabled else [])
         return names
 
@@ -227,6 +252,7 @@ class ScoreOperator:
         self.cfg = cfg
         self.table: FrequencyTable | None = None
         self.vocab_size = cfg.vocab_size  # else inferred once from a large enough batch, then kept
+        self.encoder: TextEncoder | None = None  # the lm stage's, loaded at the first cut document
         if cfg.dcpdd is not None:
             self.table = FrequencyTable.load(cfg.dcpdd.freq_table)
 
@@ -273,13 +299,15 @@ class ScoreOperator:
         }
         if cfg.allow_topk_estimates:  # the same formulas on the estimates, under their own names
             scorers["minkpp_topk"], scorers["mean_entropy_topk"] = scorers["minkpp"], scorers["mean_entropy"]
-        if cfg.zlib:
+        if cfg.zlib:  # the text span the logprobs score, not the whole (maybe cut) document
             scorers["zlib"] = lambda d: zlib_ratio(d["logprob"], d["text"])
         if self.table is not None:
             table, a = self.table, cfg.dcpdd.a  # type: ignore[union-attr]
             scorers["dcpdd"] = lambda d: dcpdd_score(scored_ids(d["token_ids"], len(d["logprob"])),
                                                      d["logprob"], table, a)
         scorers["mean_log_rank"] = lambda d: mean_log_rank(d["rank"], vocab) if vocab else math.nan
+        for i, name in enumerate(GLTR_COLUMNS):
+            scorers[name] = lambda d, i=i: gltr_buckets(d["rank"], vocab)[i] if vocab else math.nan
         if cfg.binoculars:
             scorers["binoculars"] = lambda d: binoculars_score(d["logprob"], d["xent"])
         if cfg.lowercase.enabled:
@@ -301,9 +329,30 @@ class ScoreOperator:
                                                    hint="add an lm stage over text_lower")
         rows = {role: ragged(batch.column(name)) for role, name in wanted.items()}
         if cfg.zlib:
-            rows["text"] = batch.column("text").to_pylist()
+            rows["text"] = self._scored_texts(batch)
         _check_aligned(rows, m)
         return rows
+
+    def _scored_texts(self, batch: pa.Table) -> list[str | None]:
+        """Per row, the text the lm stage scored: its text column, cut where the lm stage cut the
+        tokens (``M__truncated``) to the span of the kept tokens (``TextEncoder.scored_text``)."""
+        column = self.cfg.text_column
+        if column not in batch.column_names:
+            raise KeyError(f"column {column!r} not found: zlib compresses the text the lm stage for "
+                           f"{self.cfg.model!r} scored (its text_column)")
+        texts = batch.column(column).to_pylist()
+        cut = batch.column(self._column(batch, "truncated")).to_pylist()
+        return [self._span(text, row) if flag else text for row, (text, flag) in enumerate(zip(texts, cut, strict=True))]
+
+    def _span(self, text: str, row: int) -> str:
+        if self.encoder is None:
+            lm = self.cfg._lm
+            if lm is None:
+                raise ValueError(f"{self.cfg.model}__truncated is true in row {row}: zlib needs the span the "
+                                 "lm stage scored, from that stage's tokenizer; bind the scores stage to its "
+                                 "lm stage (a pipeline config does; by hand: ScoresConfig.bind([lm_config]))")
+            self.encoder = TextEncoder(load_tokenizer(lm.model), lm.max_tokens, lm.score_first_token)
+        return self.encoder.scored_text(text)
 
     def _column(self, batch: pa.Table, metric: str, model: str | None = None, hint: str = "") -> str:
         """The column holding ``metric`` (or its vLLM estimate); a clear error naming what is missing."""
@@ -370,9 +419,11 @@ def _check_aligned(rows: dict[str, list], model: str) -> None:
                if role not in ("text", "token_ids", "logprob_lower")}
     ref = lengths.pop("logprob")
     for role, got in lengths.items():
-        bad = [i for i, (a, b) in enumerate(zip(ref, got, strict=True)) if a and b is not None and a != b]
+        extra = 1 if role == "xent" else 0  # xent: every position, the last token's included
+        bad = [i for i, (a, b) in enumerate(zip(ref, got, strict=True)) if a and b is not None and a + extra != b]
         if bad:
-            raise ValueError(f"{model}__{role} and {model}__logprob differ in length (row {bad[0]})")
+            raise ValueError(f"{model}__{role} and {model}__logprob differ in length (row {bad[0]}"
+                             f"{'; xent has one row more' if extra else ''})")
 
 
 def _nan_to_none(x: float) -> float | None:

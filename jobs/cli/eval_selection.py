@@ -33,6 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=256, help="tokens per text (default 256)")
     p.add_argument("--bm25", choices=["max", "concat"], default="max", help="BM25 query mode (default max)")
     p.add_argument("--label-column", default="label")
+    p.add_argument("--skip-first", type=int, default=0,
+                   help="leading tokens left out of the SAE mean (default 0: all, as MoNA; 1: the attention sink)")
     p.add_argument("--demo", action="store_true", help="use the demo pool, model and SAE (prepared once)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=eval_selection_command)
@@ -59,7 +61,7 @@ def eval_selection_command(args: argparse.Namespace) -> int:
                 raise ValueError(f"{name} {getattr(args, name)}: missing column(s) {absent}")
         result = evaluate_selection(pool, target, args.model, args.sae, args.layer, n=args.n,
                                     max_tokens=args.max_tokens, bm25_mode=args.bm25,
-                                    label_column=args.label_column)
+                                    label_column=args.label_column, skip_first=args.skip_first)
     except (FileNotFoundError, ValueError) as err:
         raise UserError(str(err)) from None
     print(json.dumps(asdict(result), indent=2) if args.json else result.table())

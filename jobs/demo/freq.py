@@ -14,7 +14,9 @@ from jobs.demo.corpus import reference_docs
 from jobs.train.freq import BatchCounter
 
 #: 2: counted on ``reference_docs()`` (disjoint from the scored corpus), with a tokenizer
-#: fingerprint and a source record; version 1 counted the scored corpus itself.
+#: fingerprint and a source record; version 1 counted the scored corpus itself. (Counting BOS and
+#: |V| = config.vocab_size, as DC-PDD's reference code does, leaves the demo table as it was: SmolLM2
+#: adds no BOS and its config.vocab_size is its tokenizer's 49,152.)
 FREQ_VERSION = 2
 
 

@@ -117,7 +117,7 @@ class SelectionEval:
 
 def evaluate_selection(pool: pa.Table, target: pa.Table, model: str | Path, sae: str | Path, layer: int,
                        n: float = 0.05, max_tokens: int = 256, bm25_mode: BM25Mode = "max",
-                       label_column: str = "label", skip_first: int = 1) -> SelectionEval:
+                       label_column: str = "label", skip_first: int = 0) -> SelectionEval:
     """Embed pool and target with the LM + SAE head (as the ``lm`` stage does); score; precision@n."""
     from operators.sae.embed import embed_texts, open_tap_engine
     from operators.sae.head import SAEHead, SAEHeadParams

@@ -13,20 +13,21 @@ class BatchCounter:
     """Ray actor: loads the tokenizer once; per batch, the sparse counts of its documents' first ids."""
 
     def __init__(self, model: str, max_tokens: int, text_column: str) -> None:
-        from operators.lm.models import ModelSpec, load_tokenizer
+        from operators.lm.models import ModelSpec, load_tokenizer, model_vocab_size
 
-        self.tokenizer = load_tokenizer(ModelSpec(name="freq", path=model))
-        self.vocab_size = len(self.tokenizer)
+        spec = ModelSpec(name="freq", path=model)
+        self.tokenizer = load_tokenizer(spec)
+        self.vocab_size = model_vocab_size(spec, self.tokenizer)  # |V| = config.vocab_size, as DC-PDD
         self.max_tokens, self.text_column = max_tokens, text_column
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from operators.membership.math import count_reference_tokens
+
         texts = [t for t in batch.column(self.text_column).to_pylist() if t and not t.isspace()]
-        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-        flat = np.fromiter((i for row in ids for i in row[: self.max_tokens]), dtype=np.int64)
-        counts = np.bincount(flat, minlength=self.vocab_size)
+        counts = count_reference_tokens(self.tokenizer, texts, self.max_tokens, self.vocab_size)
         nonzero = np.flatnonzero(counts)
         return pa.table({"token_id": [nonzero.tolist()], "count": [counts[nonzero].tolist()],
-                         "docs": [len(texts)], "tokens": [int(flat.size)]})
+                         "docs": [len(texts)], "tokens": [int(counts.sum())]})
 
 
 def build_frequency_table(input_url: str, model: str, max_tokens: int = 1024, name: str | None = None,
@@ -36,12 +37,13 @@ def build_frequency_table(input_url: str, model: str, max_tokens: int = 1024, na
     import ray
     from ray.data import ActorPoolStrategy
 
-    from operators.lm.models import ModelSpec, load_tokenizer, tokenizer_fingerprint
+    from operators.lm.models import ModelSpec, load_tokenizer, model_vocab_size, tokenizer_fingerprint
     from operators.membership.math import FrequencyTable
     from pipelines.io import list_shards
 
-    tokenizer = load_tokenizer(ModelSpec(name="freq", path=model))
-    vocab_size = len(tokenizer)
+    spec = ModelSpec(name="freq", path=model)
+    tokenizer = load_tokenizer(spec)
+    vocab_size = model_vocab_size(spec, tokenizer)
     shards = list_shards(input_url)
     ds = ray.data.read_parquet(shards).select_columns([text_column])
     # leave a CPU to the read tasks: actors holding every CPU would starve them (a hang)

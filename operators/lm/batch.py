@@ -10,7 +10,11 @@ A backend runs the decoder over a micro-batch of B documents and hands over righ
 ``batch_results`` turns them into one ``DocResult`` per document: the exact per-position metrics
 (``LogitMetrics``: logits built ``rows`` at a time on the states' device, never [N, V]), the
 cached layers, and the heads' columns. Row j of every metric scores x_{j+1}; hidden row j is the
-state at x_j, every token included (see ``operators.lm.torch_engine``).
+state at x_j, every token included (see ``operators.lm.torch_engine``). ``xent`` (with an
+observer) has one row more, at every token x_0 … x_{n-1}: Binoculars' cross-perplexity averages
+every non-pad position of the two models' logits, the last one (which predicts past the text)
+included, as the reference does (``ahans30/Binoculars``, ``binoculars/metrics.py``, ``entropy``);
+heads see its first n - 1 rows, aligned with the other metrics.
 """
 
 from __future__ import annotations
@@ -62,6 +66,10 @@ class LogitMetrics:
         if not parts:
             return {k: torch.empty(0, device=h.device) for k in ("logprob", *self.names)}
         return {k: torch.cat(v) for k, v in parts.items()}
+
+    def cross_entropy(self, h: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
+        """xent [N] of the observer's states ``obs`` [N,H] against the performer's ``h`` [N,H]."""
+        return cross_entropy(self.observer_head(obs), self.head(h))
 
     def _workspace(self, rows: int) -> tuple[torch.Tensor, ...]:
         """Two reusable [rows, V] float32 scratch buffers."""
@@ -127,6 +135,11 @@ def batch_results(tokens: torch.Tensor, lengths: torch.Tensor, last: torch.Tenso
     bounds = np.cumsum((lengths - 1).tolist())[:-1]                            # per-doc row splits
     per_doc = {k: np.split(v.cpu().numpy(), bounds) for k, v in flat.items()}
     results = [DocResult({k: parts[b] for k, parts in per_doc.items()}) for b in range(tokens.shape[0])]
+    if obs is not None:  # Binoculars' x-ppl averages every position, the last token's too (module doc)
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        tail = metrics.cross_entropy(last[rows, lengths - 1], obs[rows, lengths - 1]).float().cpu().numpy()
+        for r, x in zip(results, tail, strict=True):
+            r.metrics["xent"] = np.append(r.metrics["xent"], np.float32(x))
     token_bounds = np.cumsum(lengths.tolist())[:-1]                            # per-doc token splits
     for layer in cache_layers:
         cached = hidden[layer][tmask].float().cpu().numpy()                    # [Σ n_b, H]

@@ -100,7 +100,8 @@ class SAEHeadParams(StrictModel):
     layer: int = Field(description="HF hidden_states index of the residual stream the SAE reads.")
     name: str = Field("sae", pattern=r"^[A-Za-z][A-Za-z0-9_]*$", description="Column prefix.")
     hidden_mean: bool = Field(False, description="Also write the mean-pooled raw state (cosine baseline).")
-    skip_first: int = Field(1, ge=0, description="Leading positions left out of the mean (attention sink).")
+    skip_first: int = Field(0, ge=0, description="Leading positions left out of the mean: 0 pools all n "
+                            "tokens as MoNA's Eq. 7; 1 drops x_0, an attention sink.")
 
     def columns(self) -> list[str]:
         cols = [f"{self.name}__sae_idx", f"{self.name}__sae_val"]

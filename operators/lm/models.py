@@ -115,6 +115,19 @@ def load_causal_lm(spec: ModelSpec, device: str) -> Any:
     return model.to(device).eval()
 
 
+def model_vocab_size(spec: ModelSpec, tokenizer: Any) -> int:
+    """The width of the model's logits, ``config.vocab_size`` (at least ``len(tokenizer)``); the
+    tokenizer's size when no config can be read (a GGUF file)."""
+    from transformers import AutoConfig
+
+    where, kwargs = spec.load_args()
+    try:
+        config = AutoConfig.from_pretrained(where, **kwargs).get_text_config()
+    except (OSError, ValueError):
+        return len(tokenizer)
+    return max(int(config.vocab_size), len(tokenizer))
+
+
 def bos_id(tokenizer: Any) -> int | None:
     """The BOS id if the tokenizer puts one in front by default, else None."""
     bos = tokenizer.bos_token_id
@@ -212,3 +225,19 @@ class TextEncoder:
             row = ([self.bos] if self.bos is not None else []) + row[:budget]
             out[i] = Encoded(row, truncated, None if len(row) >= 2 else SKIP_SHORT)
         return out
+
+    def scored_text(self, text: str) -> str:
+        """The part of ``text`` that ``encode`` keeps: all of it, or for a cut document the prefix up
+        to the end of the last kept token (its character offset; a slow tokenizer, which has no
+        offsets, decodes the kept ids instead). zlib compresses exactly this span."""
+        budget = self.max_tokens - (self.bos is not None)
+        try:
+            enc = self.tokenizer(text[: self.char_cap], add_special_tokens=False, return_offsets_mapping=True)
+            if len(enc["input_ids"]) <= budget and len(text) > self.char_cap:
+                enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        except NotImplementedError:  # slow (Python) tokenizers have no offsets
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return text if len(ids) <= budget else self.tokenizer.decode(ids[:budget])
+        if len(enc["input_ids"]) <= budget:
+            return text
+        return text[: enc["offset_mapping"][budget - 1][1]]

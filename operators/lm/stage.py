@@ -17,7 +17,9 @@ Output columns, prefixed by the model's name ``<m>`` (row j of every list scores
                                                 backend; vllm.mode prompt_logprobs: logprob,
                                                 max_logprob, rank (exact) and entropy_topk,
                                                 top_p_topk, logp2_topk (estimates)
-    <m>__xent                list<float32>      with an observer: -Σ softmax(obs)·log softmax(<m>)
+    <m>__xent                list<float32>      with an observer: -Σ softmax(obs)·log softmax(<m>) at
+                                                every token x_0 … x_{n-1} (n rows, one more than the
+                                                metrics: the last predicts past the text)
     <m>__hidden_<L>          list<list<float32>> for each ``cache_hidden`` layer: [n_scored + 1][H],
                                                 row j = layer L's state at token x_j, every token
                                                 (row j made metrics row j; the last row is the

@@ -137,12 +137,20 @@ def restore_linears(model: nn.Module) -> None:
 
 
 class LMHead:
-    """Hidden states [c,H] -> logits [c,V] as the model computes them (softcap / scale included)."""
+    """Hidden states h [c,H] -> logits [c,V] as HF's model classes compute them:
+
+        z = (h Wᵀ + b) · logit_scale / logits_scaling,   then z = s · tanh(z / s) with s the softcap
+
+    b: the head's bias (Phi-1/1.5/2, GPT-J, CodeGen); ``logit_scale`` multiplies (Cohere),
+    ``logits_scaling`` divides (Granite), ``final_logit_softcapping`` caps (Gemma 2); each is
+    left out where the config does not set it.
+    """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, config: Any) -> None:
         self.weight, self.bias = weight, bias                                       # [V,H], [V]
         text = config.get_text_config()
-        self.scale = getattr(text, "logit_scale", None)
+        multiply, divide = getattr(text, "logit_scale", None), getattr(text, "logits_scaling", None)
+        self.scale = None if multiply is None and divide is None else (multiply or 1.0) / (divide or 1.0)
         self.softcap = getattr(text, "final_logit_softcapping", None)
         self.vocab_size = self.weight.shape[0]
         cpu_fp32 = self.weight.device.type == "cpu" and self.weight.dtype == torch.float32

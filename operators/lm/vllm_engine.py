@@ -57,15 +57,21 @@ def decoder_blocks(model: nn.Module, num_layers: int) -> nn.ModuleList:
 
 
 def residual_stream(output: Any) -> torch.Tensor:
-    """A vLLM block's output as HF's ``hidden_states`` entry: ``hidden + residual`` when fused."""
+    """A vLLM block's output as HF's ``hidden_states`` entry (``hidden + residual`` when fused), in
+    storage of its own: the model keeps updating its tensors in place (see ``HiddenTaps``)."""
     if isinstance(output, tuple):
         hidden, residual = output[0], output[1] if len(output) > 1 else None
-        return hidden if residual is None else hidden + residual
-    return output
+        return hidden.clone() if residual is None else hidden + residual
+    return output.clone()
 
 
 class HiddenTaps:
-    """Makes a vLLM model's forward return [tokens, H·(k+1)]: tapped layers (ascending), final state."""
+    """Makes a vLLM model's forward return [tokens, H·(k+1)]: tapped layers (ascending), final state.
+
+    Every tap is copied when captured: vLLM's blocks hand their residual on and update it in place
+    (``fused_add_rms_norm`` on CUDA), so a reference kept until the end of the forward would read a
+    later layer's residual stream.
+    """
 
     def __init__(self, model: nn.Module, num_layers: int) -> None:
         self.model, self.num_layers = model, num_layers
@@ -99,7 +105,9 @@ class HiddenTaps:
             self._handles.append(hook)
 
     def _block_input(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._captured[0] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[1]
+        # a copy: block 0 takes this very tensor as its running residual, which the fused
+        # add-RMSNorm of vLLM's CUDA kernels updates in place (the CPU path allocates anew)
+        self._captured[0] = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[1]).clone()
 
     def _block_output(self, layer: int) -> Callable:
         def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
@@ -107,8 +115,17 @@ class HiddenTaps:
         return hook
 
 
-def checkpoint_tensor(spec: ModelSpec, names: tuple[str, ...]) -> torch.Tensor:
-    """The first of ``names`` found in the model's safetensors files (local dir or Hub snapshot)."""
+#: HF config keys of output heads that ``LMHead`` does not reproduce: such a model is refused by name.
+UNSUPPORTED_HEAD_KEYS = {
+    "lm_head_multiplier": "Falcon-H1 multiplies the logits by lm_head_multiplier",
+    "dim_model_base": "MiniCPM divides the final state by hidden_size / dim_model_base before the head",
+    "output_multiplier_scale": "Grok-1 multiplies the logits by output_multiplier_scale",
+}
+
+
+def checkpoint_tensor(spec: ModelSpec, names: tuple[str, ...], required: bool = True) -> torch.Tensor | None:
+    """The first of ``names`` found in the model's safetensors files (local dir or Hub snapshot);
+    None when absent and not ``required``."""
     from safetensors import safe_open
 
     if is_local_path(spec.path):
@@ -122,15 +139,20 @@ def checkpoint_tensor(spec: ModelSpec, names: tuple[str, ...]) -> torch.Tensor:
             for name in names:
                 if name in f.keys():  # noqa: SIM118 (safe_open has keys(), not __contains__)
                     return f.get_tensor(name)
+    if not required:
+        return None
     raise ValueError(f"model {spec.name!r}: none of {list(names)} in {folder}/*.safetensors")
 
 
 def output_head(llm: Any, model: nn.Module, spec: ModelSpec, vocab_size: int) -> LMHead:
-    """The LM head vLLM's pooling runner leaves out: the tied input embedding, else the
-    checkpoint's ``lm_head.weight``, on the model's device and dtype."""
+    """The LM head vLLM's pooling runner leaves out, as HF's model class computes it (``LMHead``):
+    the tied input embedding, else the checkpoint's ``lm_head.weight``, plus its ``lm_head.bias``
+    where it has one, on the model's device and dtype. A head ``LMHead`` cannot reproduce is refused
+    (``check_output_head``)."""
     from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
     config = llm.llm_engine.model_config.hf_config
+    param = next(model.parameters())
     embed = next((m for m in model.modules() if isinstance(m, VocabParallelEmbedding)), None)
     tied = getattr(config.get_text_config(), "tie_word_embeddings", getattr(config, "tie_word_embeddings", False))
     if tied and embed is not None and embed.weight.is_floating_point():
@@ -139,10 +161,36 @@ def output_head(llm: Any, model: nn.Module, spec: ModelSpec, vocab_size: int) ->
         raise ValueError(f"model {spec.name!r}: vllm.mode 'exact' needs the output embedding in floating "
                          "point; convert the GGUF file to a safetensors directory first")
     else:
-        param = next(model.parameters())
         weight = checkpoint_tensor(spec, ("lm_head.weight", "model.lm_head.weight"))
         weight = weight[:vocab_size].to(device=param.device, dtype=param.dtype)
-    return LMHead(weight, None, config)
+    bias = None if spec.is_gguf else checkpoint_tensor(spec, ("lm_head.bias", "model.lm_head.bias"), required=False)
+    if bias is not None:
+        bias = bias[:vocab_size].to(device=param.device, dtype=param.dtype)
+    head = LMHead(weight, bias, config)
+    check_output_head(head, config, getattr(model, "logits_processor", None), spec)
+    return head
+
+
+def check_output_head(head: LMHead, config: Any, processor: Any, spec: ModelSpec) -> None:
+    """Refuse a model whose logits ``head`` would get wrong: a config key of a head transform we do
+    not apply (``UNSUPPORTED_HEAD_KEYS``), or a scale / softcap in vLLM's own logits processor (kept,
+    unused, by its pooling runner) other than the one ``head`` takes from the HF config."""
+    text = config.get_text_config()
+    arch = ", ".join(getattr(config, "architectures", None) or [type(config).__name__])
+    for key, why in UNSUPPORTED_HEAD_KEYS.items():
+        if getattr(text, key, None) is not None:
+            raise ValueError(f"model {spec.name!r} ({arch}): backend 'vllm' does not support its output head "
+                             f"({why}); use backend: torch, which checks its logits against the model's")
+    if processor is None:
+        return
+    theirs = (float(getattr(processor, "scale", 1.0) or 1.0), getattr(processor, "soft_cap", None))
+    ours = (float(head.scale or 1.0), head.softcap)
+    scale_ok = abs(theirs[0] - ours[0]) <= 1e-6 * abs(ours[0])
+    cap_ok = (theirs[1] is None) == (ours[1] is None) and (ours[1] is None or abs(theirs[1] - ours[1]) <= 1e-6)
+    if not (scale_ok and cap_ok):
+        raise ValueError(f"model {spec.name!r} ({arch}): vLLM scales its logits by {theirs[0]} with softcap "
+                         f"{theirs[1]}, its HF config by {ours[0]} with softcap {ours[1]}; backend 'vllm' does "
+                         "not support this output head, use backend: torch")
 
 
 class LoadedLM:

@@ -143,10 +143,16 @@ def kv_bytes_per_token(spec: ModelSpec, dtype_bytes: int) -> int:
 
         where, load_kwargs = spec.load_args()
         config = AutoConfig.from_pretrained(where, **load_kwargs).get_text_config().to_dict()
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    def key(*names: str) -> int:  # HF's attribute_map aliases (GPT-2/GPT-J: n_head, n_embd, n_layer)
+        found = next((config[n] for n in names if config.get(n)), None)
+        if found is None:
+            raise ValueError(f"model {spec.name!r}: config.json has none of {list(names)}")
+        return int(found)
+
+    heads = key("num_attention_heads", "n_head", "num_heads")
+    head_dim = config.get("head_dim") or key("hidden_size", "n_embd", "d_model") // heads
     kv_heads = config.get("num_key_value_heads") or heads
-    return 2 * config["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes
+    return 2 * key("num_hidden_layers", "n_layer", "num_layers") * kv_heads * head_dim * dtype_bytes
 
 
 def load_llm(spec: ModelSpec, kwargs: dict[str, Any]) -> Any:

@@ -31,6 +31,7 @@ import json
 import math
 import zlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -106,6 +107,7 @@ def min_k_plus_plus(logprob: ArrayLike, entropy: ArrayLike, logp2: ArrayLike, k:
 def zlib_ratio(logprob: ArrayLike, text: str) -> float:
     """zlib ratio (Carlini et al. 2021): log PPL / len(zlib.compress(text.encode("utf-8"))).
 
+    ``text`` must be the span the log-probs score (both reference codes use one span for both).
     log PPL = -mean lp. Lower ⇒ more likely a member (low perplexity relative to the
     text's zlib entropy).
     """
@@ -125,8 +127,9 @@ def lowercase_ratio(logprob: ArrayLike, logprob_lower: ArrayLike) -> float:
 class FrequencyTable:
     """Token counts of a reference corpus, for DC-PDD's token frequency f(x).
 
-    f(x) = (count(x) + 1) / (N + |V|)  (Laplace smoothing), N = Σ counts = ``n_tokens``.
-    Only the first ``max_tokens_per_doc`` tokens of each document are counted. The table is
+    f(x) = (count(x) + 1) / (N + |V|)  (Laplace smoothing), N = Σ counts = ``n_tokens``, |V| the
+    model's ``config.vocab_size``. Only the first ``max_tokens_per_doc`` tokens of each document are
+    counted, BOS included where the tokenizer adds one (``count_reference_tokens``). The table is
     specific to a tokenizer: ``model`` names it, ``tokenizer_fingerprint`` identifies it
     (``operators.lm.models.tokenizer_fingerprint``), and ``source`` records what was counted (file
     list and content hash). The reference corpus must be disjoint from the documents scored, as in
@@ -206,6 +209,18 @@ class FrequencyTable:
             schema = pq.read_schema(f)
         return {k.decode(): json.loads(v) for k, v in (schema.metadata or {}).items()
                 if k.decode() in (*_META_KEYS, *_OPTIONAL_META_KEYS)}
+
+
+def count_reference_tokens(tokenizer: Any, texts: list[str], max_tokens: int, vocab_size: int) -> np.ndarray:
+    """Token counts [vocab_size] of a reference corpus, as DC-PDD's reference code counts them
+    (``zhang-wei-chao/DC-PDD``, ``src/com_fre_dis.py``): ``tok.encode(text)[:max_tok]`` per document,
+    so with the special tokens the tokenizer adds by default (its BOS), BOS included in the
+    ``max_tokens``; |V| = ``vocab_size``, the model's ``config.vocab_size`` (the reference's
+    ``vob_siz``, 50304 for Pythia, not the tokenizer's 50277)."""
+    ids = tokenizer(list(texts), add_special_tokens=True)["input_ids"] if texts else []
+    flat = np.fromiter((i for row in ids for i in row[:max_tokens]), dtype=np.int64)
+    _check_ids(flat, vocab_size)
+    return np.bincount(flat, minlength=vocab_size).astype(np.int64)
 
 
 def _check_ids(ids: np.ndarray, vocab_size: int) -> None:

@@ -6,13 +6,14 @@ encodes every token with a sparse autoencoder and mean-pools the codes:
 
     z_t = SAE.encode(h_t)                            [d_sae], sparse (TopK: k non-zeros)
     e   = (1 / |P|) Σ_{t ∈ P} z_t                     the sample embedding
-    P   = {t : skip_first ≤ t < n}                    pooled positions (all n tokens, as in MoNA)
+    P   = {t : skip_first ≤ t < n}                    pooled positions
 
-The engine hands heads the states of every token x_0 … x_{n-1}, the last one included (MoNA
-pools the SAE codes of all tokens of the sample). ``skip_first`` (default 1) drops x_0: the first position is an attention sink whose
-residual norm is ~100× the others (SmolLM2-135M, layer 15: ~23,000 vs ~150), so it would
-dominate both the SAE's training loss and the mean. A document with no pooled position gets the
-zero embedding (similarity 0).
+The engine hands heads the states of every token x_0 … x_{n-1}, the last one included. By default
+(``skip_first`` = 0) P is all n tokens, as MoNA's Eq. 7 averages them. ``skip_first: 1`` drops x_0,
+an attention sink whose residual norm is ~100× the others (SmolLM2-135M, layer 15: ~23,000 vs
+~150), so that its code does not weigh on the mean (its effect on ``curate eval-selection --demo``
+is in the README, "SAE selection"; SAE training skips x_0 either way, where it would dominate the
+loss). A document with no pooled position gets the zero embedding (similarity 0).
 
 Columns, for a head named ``<name>`` (default ``sae``):
 

@@ -6,8 +6,9 @@ embedding e_i (mean-pooled SAE codes). This stage
 
 * ``build`` (once per actor): embeds the target examples (``target``: a Parquet of texts of the
   target task) with the *same* engine and head as the ``lm`` stage it names (``lm``: that stage's
-  name; ``head``: its SAE head's name when it has several) — its model, head params and
-  ``max_tokens``, resolved when the plan is checked — and averages them into the prototype
+  name; ``head``: its SAE head's name when it has several) — its model, head params and every
+  tokenization setting (``max_tokens``, ``score_first_token``), resolved when the plan is
+  checked — and averages them into the prototype
       proto = (1 / |X_t|) Σ_{x ∈ X_t} e(x);
 * ``process`` (per batch): ``sae_similarity`` = generalized Jaccard to the prototype,
       J(e_i, proto) = Σ_k min(e_ik, proto_k) / Σ_k max(e_ik, proto_k);
@@ -29,6 +30,7 @@ like (measured on the demo pool: README, "SAE selection").
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import fsspec
@@ -38,9 +40,10 @@ import pyarrow.parquet as pq
 from pydantic import Field, PrivateAttr, model_validator
 
 from operators.base import MiB, Need, PlanError, Resources, StageConfig
+from operators.lm.engine import EngineSettings, open_engine
 from operators.lm.heads import SAEHeadParams
-from operators.lm.stage import LM_ACTOR_OVERHEAD, LMStageConfig, engine_memory_bytes
-from operators.sae.embed import Embeddings, embed_texts, open_tap_engine
+from operators.lm.stage import LM_ACTOR_OVERHEAD, LMStageConfig, engine_memory_bytes, engine_settings
+from operators.sae.embed import Embeddings, embed_texts
 from operators.sae.head import SAEHead, idx_column, val_column
 from operators.sae.math import generalized_jaccard_many, prototype
 from operators.selection import TopPercentPolicy, select_run
@@ -165,7 +168,7 @@ class SAESelectConfig(StageConfig):
     def build(self) -> SAESimilarity:
         if self._lm is None or self._head is None:
             raise RuntimeError("sae_select is not bound to its lm stage: build it through a pipeline config")
-        engine = open_tap_engine(self._lm.model, self._head.layer, self._lm.max_tokens, vllm=self._lm.vllm)
+        engine = open_engine(target_engine_settings(self._lm, self._head.layer))
         head = SAEHead(self._head, engine.model_info())
         texts = read_texts(self.target, self.target_text_column)
         refs = reference_rows(embed_texts(engine, head, texts), self.aggregate, self.target)
@@ -175,6 +178,13 @@ class SAESelectConfig(StageConfig):
 
     def finalize(self, ctx) -> dict[str, pa.Table | ray.data.Dataset]:
         return {"selected": select_run(ctx, self.score_column, self.stage_name, self.policy)}
+
+
+def target_engine_settings(lm: LMStageConfig, layer: int) -> EngineSettings:
+    """The lm stage's engine settings (model, backend, max_tokens, score_first_token, vllm options:
+    every setting that decides the token ids), tapping only the SAE's ``layer``: the target examples
+    are tokenized exactly as the documents. No metrics, no observer."""
+    return replace(engine_settings(lm), metrics=(), layers={layer}, observer=None)
 
 
 class SAESimilarity:

@@ -33,6 +33,7 @@ def lm_batch(**extra: list) -> pa.Table:
         "m__entropy": pa.array([[1, 2, 1], [0.5], None, []], LIST),
         "m__logp2": pa.array([[2, 5, 2], [1], None, []], LIST),
         "m__rank": pa.array([[1 / V, 2 / V, 1 / V], [4 / V], None, []], LIST),
+        "m__truncated": pa.array([False, False, None, False]),
     }
     cols.update(extra)
     return pa.table(cols)
@@ -86,10 +87,11 @@ def test_dcpdd_scores_the_ids_after_bos(tmp_path, monkeypatch):
 
 def test_binoculars_and_lowercase_columns():
     ln = math.log
-    batch = lm_batch(m__xent=pa.array([[1, 1, 2], [3], None, []], LIST),
+    batch = lm_batch(m__xent=pa.array([[1, 1, 2, 4], [3, 1], None, []], LIST),
                      low__logprob=pa.array([[ln(.5), ln(.5), ln(.5)], [ln(.5)], None, None], LIST))
     out = run(batch, binoculars=True, lowercase={"enabled": True, "model": "low"})
-    assert out["m__binoculars"][:2] == pytest.approx([(ln(16) / 3) / (4 / 3), ln(8) / 3])
+    # xent: one row more than logprob (every position, the last one included)
+    assert out["m__binoculars"][:2] == pytest.approx([(ln(16) / 3) / (8 / 4), ln(8) / 2])
     assert out["m__lowercase"][:2] == pytest.approx([(ln(16) / 3) / ln(2), ln(8) / ln(2)])
     assert out["m__binoculars"][2:] == [None, None]
 
@@ -150,7 +152,7 @@ def test_lowercase_text_stage():
 
 def _pipeline(stage: dict) -> dict:
     """A scores-only pipeline whose input already carries the lm columns of model ``m``."""
-    lm_columns = [f"m__{c}" for c in ("token_ids", "logprob", "entropy", "logp2", "rank", "n_scored")]
+    lm_columns = [f"m__{c}" for c in ("token_ids", "logprob", "entropy", "logp2", "rank", "n_scored", "truncated")]
     return {"name": "t", "input": {"url": "/tmp/in", "columns": lm_columns}, "stages": [stage]}
 
 
@@ -165,3 +167,42 @@ def test_config_errors_name_the_field(tmp_path):
         parse_config(_pipeline({"op": "scores", "model": "m", "resources": {"num_gpus": 1}}))
     cfg = parse_config(_pipeline({"op": "scores", "model": "m"}))
     assert cfg.stages[0].stage_name == "scores_m"
+
+
+def test_zlib_compresses_the_scored_span_of_the_lm_stages_text_column(tmp_path, one_torch_thread):
+    """A cut document: zlib compresses the text of the tokens the lm stage kept, read from the lm
+    stage's ``text_column``, never the whole ``text``."""
+    from operators.lm.stage import LMStageConfig
+    from tests.operators.lm.tiny_lm import build_tiny_lm
+
+    model = build_tiny_lm(tmp_path / "lm")  # word-level tokenizer, no BOS: 6 tokens = 6 words
+    lm = LMStageConfig(model={"name": "tiny", "path": str(model)}, max_tokens=6, text_column="text_lower")
+    docs = pa.table({"text": ["THE CAT SAT ON THE MAT . A DOG", "HELLO WORLD"],
+                     "text_lower": ["the cat sat on the mat . a dog", "hello world"]})
+    batch, cols = docs, lm.build().process(docs)
+    for name, column in zip(cols.column_names, cols.columns, strict=True):
+        batch = batch.append_column(name, column)
+    assert batch.column("tiny__truncated").to_pylist() == [True, False]
+    scores = ScoresConfig(model="tiny", vocab_size=32).bind([lm])
+    out = scores.build().process(batch).to_pydict()
+    lp = [np.asarray(x, dtype=np.float64) for x in batch.column("tiny__logprob").to_pylist()]
+    assert out["tiny__zlib"] == pytest.approx([-lp[0].mean() / len(zlib.compress(b"the cat sat on the mat")),
+                                               -lp[1].mean() / len(zlib.compress(b"hello world"))], rel=1e-12)
+    with pytest.raises(ValueError, match="row 0.*bind"):  # no lm stage: a cut row has no known span
+        ScoresConfig(model="tiny", vocab_size=32).build().process(batch)
+
+
+def test_gltr_rank_buckets_by_hand():
+    """GLTR bins per document: ranks ≤ 10, 11–100, 101–1000, > 1000 (V = 2000, ranks as fractions c/V)."""
+    ranks = [1, 5, 10, 11, 100, 101, 1000, 1001, 2000]
+    n = len(ranks)
+    batch = lm_batch(m__logprob=pa.array([[-1.0] * n, [-1.0], None, []], LIST),
+                     m__entropy=pa.array([[1.0] * n, [1.0], None, []], LIST),
+                     m__logp2=pa.array([[2.0] * n, [2.0], None, []], LIST),
+                     m__rank=pa.array([[r / 2000 for r in ranks], [1 / 2000], None, []], LIST))
+    out = run(batch, gltr=True, zlib=False, vocab_size=2000)
+    got = [out[f"m__gltr_{b}"][0] for b in ("top10", "top100", "top1000", "rest")]
+    assert got == pytest.approx([3 / 9, 2 / 9, 2 / 9, 2 / 9])
+    assert [out[f"m__gltr_{b}"][1] for b in ("top10", "top100", "top1000", "rest")] == [1.0, 0.0, 0.0, 0.0]
+    assert out["m__gltr_top10"][2:] == [None, None]
+    assert "m__gltr_top10" not in run(lm_batch(), zlib=False)  # opt-in

@@ -54,14 +54,15 @@ def test_cross_entropy_by_hand():
 
 
 def test_binoculars_by_hand():
-    # observed tokens [0, 2]: performer lp = [ln 1/2, ln 1/3]
-    lp = [math.log(0.5), math.log(1 / 3)]
+    # two tokens; position 0 predicts token 1 = id 0: performer lp = ln 1/2. The cross-perplexity
+    # averages both positions, the last one (predicting past the text) included, as metrics.py does.
+    lp = [math.log(0.5)]
     x = cross_entropy_per_position(OBSERVER, PERFORMER).numpy()
-    expected = ((LN2 + LN3) / 2) / ((5 / 3 * LN2 + LN3) / 2)
+    expected = LN2 / ((5 / 3 * LN2 + LN3) / 2)
     assert binoculars_score(lp, x) == pytest.approx(expected, rel=1e-6)
     assert math.isnan(binoculars_score([], []))
-    with pytest.raises(ValueError):
-        binoculars_score([-1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="one value more"):
+        binoculars_score([-1.0], [1.0])
 
 
 def test_cross_entropy_masked_vocab_is_not_nan():
@@ -105,6 +106,16 @@ def test_scores_are_finite(data, n):
     entropy = data.draw(hnp.arrays(np.float32, n, elements=floats))
     rank = data.draw(hnp.arrays(np.float32, n, elements=st.floats(2.0**-20, 1.0, width=32)))
     lp = data.draw(hnp.arrays(np.float32, n, elements=st.floats(-30.0, 0.0, width=32)))
-    x = data.draw(hnp.arrays(np.float32, n, elements=st.floats(0.125, 12.0, width=32)))
+    x = data.draw(hnp.arrays(np.float32, n + 1, elements=st.floats(0.125, 12.0, width=32)))
     for value in (mean_entropy(entropy), mean_log_rank(rank, 50_000), binoculars_score(lp, x)):
         assert math.isfinite(value)
+
+
+def test_registered_directions_follow_the_reference_code():
+    """DetectGPT's run.py scores its entropy baseline as is (machine-written = 1) and negates only the
+    rank baselines: higher mean entropy ⇒ machine, lower mean log-rank ⇒ machine."""
+    from operators.scores import score_direction
+
+    assert score_direction("m__mean_entropy") == "higher"
+    assert score_direction("m__mean_entropy_topk") == "higher"
+    assert score_direction("m__mean_log_rank") == "lower"

@@ -240,7 +240,13 @@ def test_observer_xent_against_itself_is_the_entropy(demo_model):
     op = LMStageConfig(model={"name": "perf", "path": str(demo_model)}, metrics=["logprob", "entropy"],
                        observer={"name": "obs", "path": str(demo_model)}).build()
     row = op.process(pa.table({"text": TEXTS[:1]})).to_pylist()[0]
-    np.testing.assert_allclose(row["perf__xent"], row["perf__entropy"], rtol=1e-4, atol=1e-4)
+    # every position, the last one too (Binoculars' metrics.py): n rows against the metrics' n - 1
+    assert len(row["perf__xent"]) == len(row["perf__entropy"]) + 1 == len(row["perf__token_ids"])
+    np.testing.assert_allclose(row["perf__xent"][:-1], row["perf__entropy"], rtol=1e-4, atol=1e-4)
+    model = op.engine.model
+    with torch.inference_mode():
+        last = torch.log_softmax(model(input_ids=torch.tensor([row["perf__token_ids"]])).logits[0, -1].double(), -1)
+    assert row["perf__xent"][-1] == pytest.approx(-(last.exp() * last).sum().item(), abs=1e-4)
     assert row["perf__xent_sum"] == pytest.approx(sum(row["perf__xent"]), rel=1e-5)
 
 

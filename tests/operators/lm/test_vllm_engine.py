@@ -148,7 +148,7 @@ def test_exact_vllm_equals_torch(exact_rows, torch_rows):
     assert latents_equal / latents >= 0.99
     # Binoculars against itself: the cross-entropy is the entropy
     row = exact_rows[0]
-    close(row["smol__xent"], row["smol__entropy"], atol=1e-3)
+    close(row["smol__xent"][:-1], row["smol__entropy"], atol=1e-3)
     assert exact_rows[1]["smol__skip_reason"] == SKIP_EMPTY
     assert exact_rows[5]["smol__truncated"] is True and len(exact_rows[5]["smol__token_ids"]) == 128
 

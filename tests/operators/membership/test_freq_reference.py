@@ -52,3 +52,22 @@ def test_demo_reference_is_disjoint_from_the_scored_corpus(demo_freq_table):
     demo_model = Path(corpus).parent / "smollm2-135m-instruct"
     assert meta["tokenizer_fingerprint"] == tokenizer_fingerprint(
         load_tokenizer(ModelSpec(name="smollm2", path=str(demo_model))))
+
+
+def test_reference_counts_bos_and_uses_the_models_vocabulary_width(tmp_path):
+    """As DC-PDD's src/com_fre_dis.py: tok.encode(text)[:max_tok] (BOS included where the tokenizer
+    adds one) into |V| = config.vocab_size bins (32 logits here, the tokenizer has 19 ids)."""
+    import pyarrow as pa
+
+    from jobs.train.freq import BatchCounter
+
+    model = build_tiny_lm(tmp_path / "lm", bos=True)
+    counter = BatchCounter(str(model), 3, "text")
+    assert counter.vocab_size == 32
+    out = counter(pa.table({"text": ["the cat", "the dog .", "   "]}))
+    # ids: [<s>=1, the=3, cat=5], [1, 3, dog=6] (cut at 3, BOS included)
+    got = dict(zip(out["token_id"][0].as_py(), out["count"][0].as_py(), strict=True))
+    assert got == {1: 2, 3: 2, 5: 1, 6: 1} and out["tokens"][0].as_py() == 6
+    table = FrequencyTable(np.bincount(list(got), weights=list(got.values()), minlength=32).astype(np.int64),
+                           6, counter.vocab_size, "tiny")
+    assert table.freq([1])[0] == pytest.approx((2 + 1) / (6 + 32))  # f = (count + 1) / (N + |V|)

@@ -133,3 +133,41 @@ def test_mona_pools_all_n_tokens_by_hand(engine, tmp_path):
     engine.add_taps(set(head.layers))
     got = dense(engine.score(doc, [head])[0].heads, "sae", sae.cfg.d_sae)
     np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_mona_default_pools_every_token_as_eq_7(engine, tmp_path):
+    """By default e = (1/n) Σ_{t=0}^{n-1} SAE.encode(h_t): MoNA's Eq. 7 averages all n tokens, x_0 too."""
+    layer = 2
+    sae = random_sae(HIDDEN, seed=4)
+    save_sparsify(sae, tmp_path / "sae", layer=layer)
+    doc = engine.encode([TEXT])
+    with torch.inference_mode():
+        hs = engine.model(input_ids=torch.tensor([doc[0].ids]), output_hidden_states=True).hidden_states
+    expected = sae.encode(hs[layer][0].float()).mean(dim=0)  # [d_sae], all n rows
+    head = build_head({"sae": str(tmp_path / "sae"), "layer": layer}, engine.model_info())
+    assert head.params.skip_first == 0
+    engine.add_taps(set(head.layers))
+    got = dense(engine.score(doc, [head])[0].heads, "sae", sae.cfg.d_sae)
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_sae_select_tokenizes_its_targets_as_the_lm_stage_does(tmp_path, one_torch_thread):
+    """score_first_token (a context token where the tokenizer adds none) reaches the target's engine:
+    a target text equal to a document gets the document's very embedding (J = 1 to its nearest)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from operators.lm.stage import LMStageConfig
+    from operators.sae.stage import SAESelectConfig
+
+    model = build_tiny_lm(tmp_path / "lm")  # its tokenizer adds no BOS
+    save_sparsify(random_sae(HIDDEN, seed=5), tmp_path / "sae", layer=2)
+    lm = LMStageConfig(model={"name": "tiny", "path": str(model)}, max_tokens=32, score_first_token=True,
+                       metrics=["logprob"], heads=[{"kind": "sae", "params": {"sae": str(tmp_path / "sae"), "layer": 2}}])
+    texts = ["the cat sat on the mat", "a dog is in the world"]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "target.parquet")
+    docs = lm.build().process(pa.table({"text": texts}))
+    assert docs.column("tiny__token_ids").to_pylist()[0][0] == 1  # <s> in front
+    select = SAESelectConfig(target=str(tmp_path / "target.parquet"), lm=lm.stage_name, aggregate="max").bind([lm])
+    scores = select.build().process(docs).column(select.score_column).to_pylist()
+    assert scores == pytest.approx([1.0, 1.0], abs=1e-6)

@@ -184,11 +184,11 @@ def test_head_and_selection_through_the_pipeline(tmp_path, demo_model, tiny_sae,
     docs = read_table(str(tmp_path / "out" / "documents")).to_pandas().set_index("id").sort_index()
     assert docs.loc["d40", "sae__sae_idx"] is None and math.isnan(docs.loc["d40", "sae_similarity"])
 
-    # consistent with a direct encode of the same states (layer 3, positions 1 … n-2)
+    # consistent with a direct encode of the same states (layer 3, all n tokens: the head's default)
     sae = load_sparsify(tiny_sae, layer=LAYER)
     engine = open_tap_engine(str(demo_model), LAYER, max_tokens=32)
     for i in (0, 1, 7):
-        h = collect_activations(engine, [texts[i]], LAYER, max_rows=10_000)
+        h = collect_activations(engine, [texts[i]], LAYER, max_rows=10_000, skip_first=0)
         want = sae.encode(h).mean(0).numpy()
         row = docs.loc[f"d{i:02d}"]
         got = from_sparse(row["sae__sae_idx"], row["sae__sae_val"], D_SAE)
@@ -197,7 +197,7 @@ def test_head_and_selection_through_the_pipeline(tmp_path, demo_model, tiny_sae,
         assert list(row["sae__sae_idx"]) == sorted(row["sae__sae_idx"]) and (row["sae__sae_val"] > 0).all()
 
     # similarity = J(e_i, proto), proto = mean of the target embeddings
-    proto = np.mean([sae.encode(collect_activations(engine, [t], LAYER, 10_000)).mean(0).numpy()
+    proto = np.mean([sae.encode(collect_activations(engine, [t], LAYER, 10_000, skip_first=0)).mean(0).numpy()
                      for t in read_texts(str(tmp_path / "target.parquet"))], axis=0)
     for i in (0, 2, 9):
         row = docs.loc[f"d{i:02d}"]

@@ -13,7 +13,7 @@ from typing import Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from conftest import tiny_pipeline, write_shard
+from conftest import tiny_pipeline, wait_for_lease_end, write_shard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -160,7 +160,8 @@ def test_killed_driver_then_rerun_matches_uninterrupted_run(tmp_path, local_ray)
         run_pipeline(parse_config({raw!r}), "2026-02-03")
     """)
     driver = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+                              stderr=subprocess.DEVNULL, start_new_session=True,
+                              env={**os.environ, "CURATE_LOCK_LEASE_S": "5"})  # its lock outlives it 5 s
     deadline = time.time() + 120
     while time.time() < deadline and not set(out.glob("_data/documents/*/*/*.parquet")) - previous:
         time.sleep(0.1)
@@ -170,6 +171,7 @@ def test_killed_driver_then_rerun_matches_uninterrupted_run(tmp_path, local_ray)
     assert staged, "the driver never staged a batch before the deadline"
     assert query(str(out), "SELECT text FROM documents").column("text").to_pylist() == ["previous night"]
 
+    wait_for_lease_end(out, "2026-02-03")  # the killed run's lease ends by itself
     run_pipeline(parse_config(raw), "2026-02-03")
     sql = "SELECT id, text, n_chars, tokens__cl100k FROM documents ORDER BY id"
     rerun = query(str(out), sql)

@@ -61,8 +61,6 @@ class CacheConfig(StrictModel):
     enabled: bool = Field(True, description="false: every stage computes every row (no table is read or written).")
     stages: list[str] | None = Field(
         None, description="Stage names to cache; default: every lm stage (the costly ones).")
-    expire_days: float = Field(30, gt=0, description="`curate maintain` removes entries neither made nor "
-                               "used by a night in this many days (its --cache-days overrides).")
 
 
 @dataclass(frozen=True)

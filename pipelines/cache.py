@@ -316,7 +316,12 @@ def cache_stats(catalog) -> list[dict]:  # noqa: ANN001
     """Per cache table: stage, fingerprint, entries, files and bytes of its current snapshot."""
     out = []
     for name in cache_tables(catalog):
-        table = load_table(catalog, name)
+        try:
+            table = load_table(catalog, name)
+        except Exception as err:  # noqa: BLE001 - shown as unreadable, the rest still listed
+            out.append({"table": name, "stage": _describe(name)[0], "fingerprint": _describe(name)[1],
+                        "entries": 0, "files": 0, "bytes": 0, "error": f"{type(err).__name__}: cannot be read"})
+            continue
         snapshot = table.current_snapshot() if table is not None else None
         summary = dict(snapshot.summary.additional_properties) if snapshot is not None else {}
 
@@ -360,7 +365,11 @@ def expire_cache(catalog, output: Output, days: float, now: datetime | None = No
     report = ExpireReport(cutoff, {}, {})
     used_table = load_table(catalog, USED_TABLE)
     for name in cache_tables(catalog):
-        table = load_table(catalog, name)
+        try:
+            table = load_table(catalog, name)
+        except Exception as err:  # noqa: BLE001 - a broken cache table is left as it is
+            log.warning("cache: %s cannot be read (%s); not expired", name, type(err).__name__)
+            continue
         if table is None or table.current_snapshot() is None:
             continue
         recent: set[str] = set()

@@ -83,6 +83,7 @@ class MaintainReport:
     metadata_files: list[str] = field(default_factory=list)  # used only by expired snapshots
     orphan_metadata: list[str] = field(default_factory=list)  # no table version references them
     cache: str | None = None  # the result cache's expiry (pipelines.cache.expire_cache), one line
+    broken_cache: list[str] = field(default_factory=list)  # cache tables that cannot be read (files kept)
 
     @property
     def expired_count(self) -> int:
@@ -107,6 +108,9 @@ class MaintainReport:
                          f"{self.grace_hours:g} hour(s) (--grace-hours)")
         if self.cache:
             lines.append(self.cache)
+        if self.broken_cache:
+            lines.append(f"kept the files of {len(self.broken_cache)} cache table(s) that cannot be read: "
+                         f"{', '.join(self.broken_cache)} (drop them; the cache is rebuilt by the next nights)")
         if self.live_dates:
             lines.append(f"kept {len(self.kept_live)} staged file(s) of running night(s): "
                          f"{', '.join(self.live_dates)}")
@@ -270,7 +274,13 @@ def maintain(output: Output, retain_days: float = 14, dry_run: bool = False,
         referenced[name] = {_relative(fs, p, data_root) for p in kept_paths}
         report.orphan_metadata += _orphan_metadata(output, catalog, f"{NAMESPACE}.{name}", older_than, dry_run)
     for name in cache_tables(catalog, used=True):  # result cache (issue 26): its own namespace
-        table = cache_table(catalog, name)
+        try:
+            table = cache_table(catalog, name)
+        except Exception as err:  # noqa: BLE001 - a broken cache table: keep its files, report it
+            log.warning("cache table %s cannot be read (%s); its files are kept", name, type(err).__name__)
+            report.broken_cache.append(name)
+            referenced[name] = {p for p in files if p.startswith(f"{name}/")}
+            continue
         expired, kept, kept_paths, metadata = _expire(table, set(), cutoff, live_since, dry_run)
         report.expired[name], report.kept_snapshots = expired, report.kept_snapshots + kept
         report.metadata_files += metadata

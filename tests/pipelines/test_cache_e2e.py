@@ -8,6 +8,7 @@ import random
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
@@ -71,6 +72,11 @@ def _rows(out: Path, table: str, date: str) -> tuple[list[str], list[tuple]]:
 
     t = query(str(out), f"SELECT * EXCLUDE (run_date) FROM {table}", date=date)
     return t.column_names, sorted(tuple(repr(v) for v in r.values()) for r in t.to_pylist())
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _stage(result, name):
@@ -147,3 +153,32 @@ def test_cached_nights_give_the_same_tables(tmp_path, nights, scorer, local_ray,
     after = {p for p in data.rglob("*.parquet") if p.parts[len(data.parts)].startswith("_cache_")}
     assert not [p for p in before - after if "token_premium" in str(p) or "preselect" in str(p)]
     assert all(name in report.summary() for name in broken)
+
+
+def test_lm_stage_is_cached_by_default(tmp_path, local_ray, one_torch_thread):
+    """The real lm stage (torch, a handful of short documents): repeated texts carry the stored values."""
+    texts = ["The cat sat on the mat.", "Ray Data streams blocks.", "Iceberg tables have snapshots.",
+             "A brand new sentence appears."]
+    for night, rows in (("1", texts[:3]), ("2", texts[1:])):
+        pq.write_table(pa.table({"id": [f"d{i}" for i in range(len(rows))], "text": rows}),
+                       _mkdir(tmp_path / night) / "part-0.parquet")
+    out = tmp_path / "out"
+
+    def run(night, date):
+        raw = {"name": "lmcache", "input": {"url": str(tmp_path / night)}, "output": {"url": str(out)},
+               "stages": [{"op": "lm", "model": {"name": "m", "path": str(DEMO / "smollm2-135m-instruct"),
+                                                 "backend": "torch"},
+                           "max_tokens": 16, "cpu_threads": 1, "resources": {"batch_size": 4}}]}
+        return run_pipeline(parse_config(raw), date)
+
+    assert _stage(run("1", "2026-04-01"), "lm_m").cache_hits == 0
+    second = run("2", "2026-04-02")
+    assert (_stage(second, "lm_m").cache_hits, _stage(second, "lm_m").cache_misses) == (2, 1)
+    from jobs.ops.query import query
+
+    cols = "text, m__token_ids, m__logprob, m__entropy, m__nll_sum, m__n_scored"
+    one = {r["text"]: r for r in query(str(out), f"SELECT {cols} FROM documents", date="2026-04-01").to_pylist()}
+    two = {r["text"]: r for r in query(str(out), f"SELECT {cols} FROM documents", date="2026-04-02").to_pylist()}
+    for text in texts[1:3]:
+        assert two[text] == one[text]  # the stored float32 lists and float64 sums, bit for bit
+    assert two[texts[3]]["m__n_scored"] > 0

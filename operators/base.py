@@ -130,6 +130,14 @@ class StageConfig(StrictModel):
     cpu_only: ClassVar[bool] = False
     #: RAM one actor uses, measured on the demo data (README "Resources"); ``resources.memory`` overrides.
     default_memory: ClassVar[int] = 512 * MiB
+    #: Result cache (``pipelines.cache``): bump when the operator computes something else for the same
+    #: text and config, so the cached results of the older code miss.
+    cache_version: ClassVar[int] = 1
+    #: Config fields that never change a row's output (resources, finalize-only settings): left out
+    #: of the cache key. Subclasses add theirs (``StageConfig.cache_ignore | {...}``).
+    cache_ignore: ClassVar[frozenset[str]] = frozenset({"name", "resources", "max_quarantine_share"})
+    #: Distributions whose code computes the output: their versions are part of the cache key.
+    cache_packages: ClassVar[tuple[str, ...]] = ()
 
     @model_validator(mode="after")
     def _no_gpu_for_cpu_only(self) -> StageConfig:

@@ -21,6 +21,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from operators.base import StrictModel
 from operators.registry import STAGE_CONFIGS
+from pipelines.cache import CacheConfig
 from pipelines.plan import plan_errors
 from pipelines.storage import StorageConfig
 
@@ -103,6 +104,8 @@ class PipelineConfig(StrictModel):
         DEFAULT_MAX_QUARANTINE_SHARE, ge=0, le=1,
         description="Error budget: the run fails, committing nothing, when more than this share of its "
         "rows is quarantined.")
+    cache: CacheConfig = Field(default_factory=CacheConfig, description="Reuse stages' results for texts "
+                               "seen before (pipelines.cache); default: the lm stages.")
     max_unreadable_files: int = Field(
         0, ge=0, description="Error budget of input files that cannot be read at all (no footer: their "
         "rows cannot be counted); the run fails, committing nothing, above it.")
@@ -122,6 +125,14 @@ class PipelineConfig(StrictModel):
         if dupes:
             raise ValueError(f"stage names must be unique; repeated: {dupes} (set 'name')")
         return stages
+
+    @model_validator(mode="after")
+    def _cached_stages_exist(self) -> PipelineConfig:
+        names = [s.stage_name for s in self.stages]
+        unknown = [n for n in self.cache.stages or [] if n not in names]
+        if unknown:
+            raise ValueError(f"cache.stages: {unknown} are not stage names of this pipeline; stages: {names}")
+        return self
 
     def config_hash(self) -> str:
         """Stable hash of the validated config (what the manifest and runs table record)."""

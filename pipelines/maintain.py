@@ -44,6 +44,9 @@ from pyiceberg.exceptions import CommitFailedException
 from pyiceberg.expressions import EqualTo
 from pyiceberg.table import Table
 
+from pipelines.cache import cache_tables, expire_cache
+from pipelines.cache import identifier as cache_identifier
+from pipelines.cache import load_table as cache_table
 from pipelines.io import url_to_fs
 from pipelines.lock import LOCK_TABLE, held_locks, lock_table
 from pipelines.tables import (
@@ -79,6 +82,8 @@ class MaintainReport:
     live_dates: list[str] = field(default_factory=list)
     metadata_files: list[str] = field(default_factory=list)  # used only by expired snapshots
     orphan_metadata: list[str] = field(default_factory=list)  # no table version references them
+    cache: str | None = None  # the result cache's expiry (pipelines.cache.expire_cache), one line
+    broken_cache: list[str] = field(default_factory=list)  # cache tables that cannot be read (files kept)
 
     @property
     def expired_count(self) -> int:
@@ -101,6 +106,11 @@ class MaintainReport:
         if self.kept_young:
             lines.append(f"kept {len(self.kept_young)} unreferenced data file(s) younger than "
                          f"{self.grace_hours:g} hour(s) (--grace-hours)")
+        if self.cache:
+            lines.append(self.cache)
+        if self.broken_cache:
+            lines.append(f"kept the files of {len(self.broken_cache)} cache table(s) that cannot be read: "
+                         f"{', '.join(self.broken_cache)} (drop them; the cache is rebuilt by the next nights)")
         if self.live_dates:
             lines.append(f"kept {len(self.kept_live)} staged file(s) of running night(s): "
                          f"{', '.join(self.live_dates)}")
@@ -218,9 +228,11 @@ def _ms(when: datetime) -> int:
 
 
 def maintain(output: Output, retain_days: float = 14, dry_run: bool = False,
-             now: datetime | None = None, grace_hours: float = DEFAULT_GRACE_HOURS) -> MaintainReport:
+             now: datetime | None = None, grace_hours: float = DEFAULT_GRACE_HOURS,
+             cache_days: float | None = None) -> MaintainReport:
     """Expire snapshots older than ``retain_days`` that no retained run reads; remove orphan files
-    older than ``grace_hours``."""
+    older than ``grace_hours``; remove result cache entries neither made nor used in ``cache_days``
+    days (None: leave the entries; their tables' snapshots and orphans are kept clean either way)."""
     if retain_days < 0:
         raise ValueError(f"retain days must be >= 0, got {retain_days}")
     if grace_hours < 0:
@@ -244,6 +256,9 @@ def maintain(output: Output, retain_days: float = 14, dry_run: bool = False,
     report.live_dates = sorted(held)
     live_since = _earliest(held)
 
+    if cache_days is not None:  # result cache (issue 26): expire entries before the files are judged
+        report.cache = expire_cache(catalog, output, cache_days, now, dry_run).summary(dry_run)
+
     rows = _committed_rows(catalog)
     protected = protected_snapshots(rows, cutoff)
     referenced: dict[str, set[str]] = {}
@@ -258,6 +273,19 @@ def maintain(output: Output, retain_days: float = 14, dry_run: bool = False,
         report.metadata_files += metadata
         referenced[name] = {_relative(fs, p, data_root) for p in kept_paths}
         report.orphan_metadata += _orphan_metadata(output, catalog, f"{NAMESPACE}.{name}", older_than, dry_run)
+    for name in cache_tables(catalog, used=True):  # result cache (issue 26): its own namespace
+        try:
+            table = cache_table(catalog, name)
+        except Exception as err:  # noqa: BLE001 - a broken cache table: keep its files, report it
+            log.warning("cache table %s cannot be read (%s); its files are kept", name, type(err).__name__)
+            report.broken_cache.append(name)
+            referenced[name] = {p for p in files if p.startswith(f"{name}/")}
+            continue
+        expired, kept, kept_paths, metadata = _expire(table, set(), cutoff, live_since, dry_run)
+        report.expired[name], report.kept_snapshots = expired, report.kept_snapshots + kept
+        report.metadata_files += metadata
+        referenced[name] = {_relative(fs, p, data_root) for p in kept_paths}
+        report.orphan_metadata += _orphan_metadata(output, catalog, cache_identifier(name), older_than, dry_run)
     if lock_table(catalog, create=False) is not None:
         report.orphan_metadata += _orphan_metadata(output, catalog, LOCK_TABLE, older_than, dry_run)
 

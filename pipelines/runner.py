@@ -31,6 +31,8 @@ from ray.data import ActorPoolStrategy
 
 from operators.base import RunFailed, StageConfig
 from pipelines.budget import check_budget
+from pipelines.cache import CachePlan, commit_cache, plan_cache, split_files
+from pipelines.cache_stage import CachedStageRunner, fold_counts, join_cache, split_cache_rows
 from pipelines.config import ConfigError, PipelineConfig, check_plan
 from pipelines.finalize import FinalizeContext, scan_staged
 from pipelines.guards import check_shrink
@@ -69,6 +71,8 @@ class StageStats:
     rows_out: int = 0
     quarantined: int = 0
     seconds: float = 0.0
+    cache_hits: int | None = None  # rows served from the result cache (None: not cached)
+    cache_misses: int | None = None  # rows not in it (computed once per distinct text)
 
 
 @dataclass
@@ -141,16 +145,18 @@ def _read_shards(batch: pa.Table, input_cfg: dict, storage: object = None) -> pa
         yield from read_shard(url, **input_cfg)
 
 
-def write_staged(batch: pa.Table, layout: RunLayout) -> pa.Table:
+def write_staged(batch: pa.Table, layout: RunLayout, cache: CachePlan | None = None) -> pa.Table:
     """Last step (a Ray task per batch): write the batch's documents and quarantine rows to staging;
     emit its stats row, which names the files written (``files``: encoded ``StagedFile``s)."""
+    # result cache (issue 26): stage the new entries and hit records, drop the cache's columns
+    batch, cache_files, cache_counts = split_cache_rows(batch, layout, cache, f"part-{batch_key(batch)}")
     seconds = {c.removeprefix(SECONDS_PREFIX): pc.sum(batch.column(c)).as_py() or 0.0
                for c in batch.column_names if c.startswith(SECONDS_PREFIX)}
     batch = batch.drop_columns([c for c in batch.column_names if c.startswith(SECONDS_PREFIX)])
     bad = pc.is_valid(batch.column("quarantine_reason"))
     key = batch_key(batch)
     docs, quarantined = batch.filter(pc.invert(bad)), batch.filter(bad)
-    written = []
+    written = list(cache_files)
     for table, rows in (("documents", docs), ("quarantine", quarantined)):
         if rows.num_rows:
             rows = rows.drop_columns([c for c in ("quarantine_reason", "quarantine_stage", "text_bytes",
@@ -162,13 +168,15 @@ def write_staged(batch: pa.Table, layout: RunLayout) -> pa.Table:
     return pa.table({"key": [key], "rows": [batch.num_rows],
                      "quarantined_by": [json.dumps(by_stage)], "seconds_by": [json.dumps(seconds)],
                      "files": pa.array([encode_files(written)], pa.binary()),
+                     "cache_by": [json.dumps(cache_counts)],
                      STATS_KEY: [lost_of(quarantined)]})  # rows lost in unreadable parts (pipelines.lost)
 
 
 def build_dataset(cfg: PipelineConfig, shards: list[str], layout: RunLayout,
-                  progress: object | None = None) -> ray.data.Dataset:
+                  progress: object | None = None, cache: CachePlan | None = None) -> ray.data.Dataset:
     """The Ray Data plan: read → stages → staged writer (lazy until consumed); every stage adds its
-    rows to ``progress`` (a ``ProgressCounter`` actor) when given."""
+    rows to ``progress`` (a ``ProgressCounter`` actor) when given. With a ``cache`` plan the read rows
+    are joined with the cache tables first (run at once, see ``pipelines.cache_stage``)."""
     input_cfg = {"text_column": cfg.input.text_column, "id_column": cfg.input.id_column,
                  "batch_rows": cfg.input.read_batch_rows, "max_text_bytes": cfg.input.max_text_bytes,
                  "control_chars": cfg.input.control_chars}
@@ -178,7 +186,15 @@ def build_dataset(cfg: PipelineConfig, shards: list[str], layout: RunLayout,
         ds = ray.data.from_items([{"url": u} for u in shards], override_num_blocks=len(shards))
         ds = ds.map_batches(_read_shards, fn_kwargs={"input_cfg": input_cfg, "storage": cfg.output.storage},
                             batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS)
+    if cache is not None:  # result cache (issue 26)
+        ds = join_cache(ds, cache, cfg.stages)
     for stage in cfg.stages:
+        entry = cache.stages.get(stage.stage_name) if cache is not None else None
+        if entry is not None:  # one join partition per call: each distinct text computed once
+            ds = ds.map_batches(CachedStageRunner, fn_constructor_kwargs={"stage": stage, "entry": entry,
+                                                                          "progress": progress},
+                                batch_format="pyarrow", **(_resources(stage) | {"batch_size": None}))
+            continue
         ds = ds.map_batches(StageRunner, fn_constructor_kwargs={"stage": stage, "progress": progress},
                             batch_format="pyarrow", **_resources(stage))
     return ds
@@ -192,26 +208,30 @@ def _resources(stage: StageConfig) -> dict:
             "num_gpus": r.num_gpus or None, "memory": stage.memory_bytes()}
 
 
-def execute(ds: ray.data.Dataset, layout: RunLayout, write_batch_rows: int) -> list[dict]:
+def execute(ds: ray.data.Dataset, layout: RunLayout, write_batch_rows: int,
+            cache: CachePlan | None = None) -> list[dict]:
     """Run the plan; return one stats row per written batch. The writers are Ray tasks, as many as
     the cluster has room for: they scale with it."""
     if is_process_local(layout.url(layout.root)):  # memory:// output: write from the driver
-        return [write_staged(b, layout).to_pylist()[0]
+        return [write_staged(b, layout, cache).to_pylist()[0]
                 for b in ds.iter_batches(batch_size=write_batch_rows, batch_format="pyarrow")]
-    stats = ds.map_batches(write_staged, fn_kwargs={"layout": layout},
+    stats = ds.map_batches(write_staged, fn_kwargs={"layout": layout, "cache": cache},
                            batch_size=write_batch_rows, batch_format="pyarrow", num_cpus=WRITER_CPUS)
     return stats.take_all()
 
 
-def execute_with_progress(cfg: PipelineConfig, shards: list[str], layout: RunLayout) -> list[dict]:
+def execute_with_progress(cfg: PipelineConfig, shards: list[str], layout: RunLayout,
+                          cache: CachePlan | None = None) -> list[dict]:
     """``execute`` the plan; off a terminal, print a progress line every few seconds meanwhile."""
     if sys.stderr.isatty():  # Ray Data's own progress bars
-        return execute(build_dataset(cfg, shards, layout), layout, cfg.output.write_batch_rows)
+        return execute(build_dataset(cfg, shards, layout, cache=cache), layout, cfg.output.write_batch_rows,
+                       cache)
     counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
     try:
         with ProgressReporter([s.stage_name for s in cfg.stages], count_rows(shards),
                               lambda: ray.get(counter.snapshot.remote(), timeout=30)):
-            return execute(build_dataset(cfg, shards, layout, counter), layout, cfg.output.write_batch_rows)
+            return execute(build_dataset(cfg, shards, layout, counter, cache), layout,
+                           cfg.output.write_batch_rows, cache)
     finally:
         ray.kill(counter)
 
@@ -233,7 +253,8 @@ def count_rows(shards: list[str], max_shards: int = 2000) -> int | None:
 
 
 def stage_stats(rows: list[dict], stage_names: list[str]) -> list[StageStats]:
-    """Fold per-batch stats into per-stage counts: in = out of the previous stage."""
+    """Fold per-batch stats into per-stage counts: in = out of the previous stage; cache hits and
+    misses of cached stages."""
     total = sum(r["rows"] for r in rows)
     quarantined, seconds = Counter(), Counter()
     for r in rows:
@@ -244,6 +265,10 @@ def stage_stats(rows: list[dict], stage_names: list[str]) -> list[StageStats]:
         q = quarantined.get(name, 0)
         out.append(StageStats(name, remaining, remaining - q, q, round(seconds.get(name, 0.0), 3)))
         remaining -= q
+    for stats in out:  # result cache (issue 26)
+        counts = fold_counts(rows).get(stats.name)
+        if counts is not None:
+            stats.cache_hits, stats.cache_misses = counts.get("hits", 0), counts.get("misses", 0)
     return out
 
 
@@ -284,11 +309,12 @@ def _run(cfg: PipelineConfig, output, run_date: str, held: contextlib.ExitStack,
         shards = list_shards(cfg.input.url)
         log.info("run %s: %d shard(s) from %s", run_id, len(shards), cfg.input.url)
         check_input(cfg, shards, catalog)
+        cache = plan_cache(cfg, catalog, output, count_rows(shards))  # result cache (issue 26)
         init_ray(cfg)
         check_resources(cfg, ray.cluster_resources,
                         addressed=bool(cfg.ray.address or os.environ.get("RAY_ADDRESS")))
         check_output_reachable(cfg, output, len([n for n in ray.nodes() if n.get("Alive")]))
-        stats_rows = execute_with_progress(cfg, shards, layout)
+        stats_rows = execute_with_progress(cfg, shards, layout, cache)
         staged = staged_of(stats_rows)
         result.stages = stage_stats(stats_rows, [s.stage_name for s in cfg.stages])
         lost = fold_lost(stats_rows)  # unreadable row groups count their rows; files their own budget
@@ -299,7 +325,9 @@ def _run(cfg: PipelineConfig, output, run_date: str, held: contextlib.ExitStack,
         with tempfile.TemporaryDirectory(prefix="curate-report-") as tmp:
             staged += _finalize(cfg, layout, staged, Path(tmp), partial)
             lock.check()  # LockLost: another run took the date; this one must not commit
-            committed = commit_night(catalog, run_date, staged)
+            night_files, cache_files = split_files(staged)  # result cache (issue 26): not replaced by date
+            committed = commit_night(catalog, run_date, night_files)
+            commit_cache(catalog, cache, cache_files)  # append only; a failure is a warning
             lock.check()  # and once more before the runs row, the commit point
             _publish_reports(layout, Path(tmp))
         snapshots = {t: snap for t, (snap, _) in committed.items()}

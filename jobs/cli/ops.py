@@ -15,7 +15,7 @@ DEFAULT_OUTPUT = os.environ.get("CURATE_OUTPUT", "./output")
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add every operating subcommand to the ``curate`` parser."""
-    for add in (_query, _tables, _report, _nightly, _maintain, _schedule, _submit, _jobs, _quarantine,
+    for add in (_query, _tables, _report, _nightly, _maintain, _cache, _schedule, _submit, _jobs, _quarantine,
                 _check, _recover):
         add(sub)
 
@@ -116,7 +116,19 @@ def _maintain(sub: argparse._SubParsersAction) -> None:
                         "longer than any run, which commits the files it writes)")
     p.add_argument("--dry-run", dest="dry_run", action="store_true",
                    help="print what would be removed, remove nothing")
+    p.add_argument("--cache-days", dest="cache_days", type=_days, default=30, metavar="N",
+                   help="remove result cache entries neither made nor used by a night in the last N days "
+                        "(default 30)")
     p.set_defaults(func=_lazy("jobs.ops.maintain", "maintain_command"))
+
+
+def _cache(sub: argparse._SubParsersAction) -> None:
+    p = verb(sub, "cache", "the result cache: entries, size, and the recent nights' hits and misses",
+             "curate cache stats --output ./output")
+    p.add_argument("action", choices=["stats"], help="stats: per cache table and per night")
+    _output(p)
+    p.add_argument("--nights", type=int, default=7, help="how many recent nights to show (default 7)")
+    p.set_defaults(func=_lazy("jobs.ops.cache", "cache_command", reading=True))
 
 
 def _hours(value: str) -> float:

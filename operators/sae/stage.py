@@ -24,7 +24,7 @@ Prototype vs max. A mean-pooled code's support grows with the document's length 
 d_sae 2304, k 32: ~330 active latents for a sentence, ~1,400 for a 200-token doc), and the mean of
 several diverse target examples is spread thin over the union of their supports. J to such a
 prototype then favours long, dense documents over short on-task ones; ``max`` compares like with
-like (measured on the demo pool: README, "SAE selection").
+like (measured on the demo pool: docs/methods/sae_select.md).
 """
 
 from __future__ import annotations

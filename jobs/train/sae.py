@@ -69,7 +69,7 @@ def train_sae(input_url: str, model: str, output: str | Path, s: TrainSettings, 
     texts = shuffled_texts(input_url, s)
     start = time.perf_counter()
     engine = open_tap_engine(model, s.layer, max_tokens=s.max_tokens)
-    check_sae_layer(s.layer, engine.num_layers, f"model {model!r}")
+    check_sae_layer(s.layer, engine.model_info().num_layers, f"model {model!r}")
     log(f"sae train: collecting up to {s.max_rows} layer-{s.layer} activations from {len(texts)} texts")
     acts = collect_activations(engine, texts, s.layer, s.max_rows, s.skip_first)
     del engine

@@ -34,6 +34,7 @@ class EngineSettings:
     """What an engine loads and computes; the ``lm`` stage derives it from its config."""
 
     model: ModelSpec
+    backend: str = "torch"                               # a key of BACKENDS (the lm stage's ``backend``)
     max_tokens: int = 1024
     metrics: tuple[str, ...] = ()
     layers: set[Layer] = field(default_factory=set)      # tapped from the start (heads may add more)
@@ -87,13 +88,15 @@ def hf_layer_index(layer: Layer, num_layers: int, model: str) -> int:
     return index
 
 
-#: ``model.backend`` -> the engine class ("module:Class"), imported only when used.
+#: Every engine there is -> its class ("module:Class"), imported only when used. The lm stage config
+#: picks one (``LMStageConfig.backend``: ``model.backend``, and for vllm its ``vllm.mode``).
 BACKENDS: dict[str, str] = {"torch": "operators.lm.torch_engine:TorchEngine",
-                            "vllm": "operators.lm.vllm_engine:VLLMEngine"}
+                            "vllm": "operators.lm.vllm_engine:VLLMEngine",
+                            "vllm_logprobs": "operators.lm.vllm_logprobs:VLLMPromptLogprobsEngine"}
 
 
 def open_engine(settings: EngineSettings) -> Engine:
-    """Load the engine of ``settings.model.backend``."""
-    module_name, _, cls_name = BACKENDS[settings.model.backend].partition(":")
+    """Load the engine ``settings.backend`` names."""
+    module_name, _, cls_name = BACKENDS[settings.backend].partition(":")
     engine_cls = getattr(importlib.import_module(module_name), cls_name)
     return engine_cls.from_settings(settings)

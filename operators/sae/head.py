@@ -43,7 +43,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from operators.lm.heads import ModelInfo, SAEHeadParams, token_mask
+from operators.lm.heads import ModelInfo, token_mask
+from operators.sae.head_params import SAEHeadParams
 from operators.sae.io import load_sae, saelens_hf_layer, sparsify_hookpoint
 from operators.sae.math import to_sparse
 from operators.sae.model import SparseAutoencoder

@@ -41,10 +41,11 @@ from pydantic import Field, PrivateAttr, model_validator
 
 from operators.base import MiB, Need, PlanError, Resources, StageConfig
 from operators.lm.engine import EngineSettings, open_engine
-from operators.lm.heads import SAEHeadParams
-from operators.lm.stage import LM_ACTOR_OVERHEAD, LMStageConfig, engine_memory_bytes, engine_settings
+from operators.lm.memory import LM_ACTOR_OVERHEAD, engine_memory_bytes
+from operators.lm.stage import LMStageConfig, engine_settings
 from operators.sae.embed import Embeddings, embed_texts
 from operators.sae.head import SAEHead, idx_column, val_column
+from operators.sae.head_params import SAEHeadParams
 from operators.sae.math import generalized_jaccard_many, prototype
 from operators.selection import TopPercentPolicy, select_run
 

@@ -19,8 +19,10 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from operators.lm.heads import ModelInfo, resolve_head_factory
-from operators.sae.head import SAEHeadParams, build_head, mean_codes, pooled_mask
+from operators.lm.head_specs import resolve_head_factory
+from operators.lm.heads import ModelInfo
+from operators.sae.head import build_head, mean_codes, pooled_mask
+from operators.sae.head_params import SAEHeadParams
 from operators.sae.io import load_sparsify, save_sparsify
 from operators.sae.math import from_sparse, generalized_jaccard
 from operators.sae.model import SAEConfig, SparseAutoencoder

@@ -43,7 +43,8 @@ import pyarrow as pa
 from pydantic import BaseModel, Field, model_validator
 
 from operators.base import Need, StageConfig
-from operators.lm.engine import DocResult, Engine, EngineSettings, open_engine
+from operators.lm.backends import open_engine
+from operators.lm.engine import DocResult, Engine, EngineSettings
 from operators.lm.head_specs import HeadSpec, PawnHeadSpec, SAEHeadSpec, resolve_head_factory
 from operators.lm.heads import Head, Layer
 from operators.lm.memory import PAWN_HEAD_MEMORY, engine_memory_bytes
@@ -118,7 +119,7 @@ class LMStageConfig(StageConfig):
 
     @property
     def backend(self) -> str:
-        """The engine, a key of ``operators.lm.engine.BACKENDS``: ``model.backend``, or
+        """The engine, a key of ``operators.lm.backends.BACKENDS``: ``model.backend``, or
         ``vllm_logprobs`` for vLLM's top-k prompt logprobs. The one place ``vllm.mode`` is read."""
         if self.model.backend == "vllm" and self.vllm.mode == "prompt_logprobs":
             return "vllm_logprobs"

@@ -146,11 +146,6 @@ class TorchEngine(EngineBase):
                    observer=s.observer, max_batch_tokens=s.max_batch_tokens,
                    score_first_token=s.score_first_token)
 
-    def early_exit_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits [N,V] of the model cut after the block whose output is ``hidden`` [N,H]: the final
-        norm, then the LM head (what a checkpoint keeping only the first k blocks computes)."""
-        return self.head(self.model.base_model.norm(hidden.to(self.device)))
-
     def add_taps(self, layers: set[int | str]) -> None:
         """Also capture ``layers`` (e.g. those heads read)."""
         wanted = self.taps.layers | {self.resolve_layer(x) for x in layers}

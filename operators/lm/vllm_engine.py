@@ -245,11 +245,6 @@ class VLLMEngine(EngineBase):
                    options=options, max_batch_tokens=s.max_batch_tokens, score_first_token=s.score_first_token,
                    cpu_threads=s.cpu_threads)
 
-    def early_exit_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits [N,V] of the model cut after the block whose output is ``hidden`` [N,H]: the final
-        norm, then the LM head (what a checkpoint keeping only the first k blocks computes)."""
-        return self.lm.head(self.lm.model.model.norm(hidden.to(self.device).contiguous()))
-
     def add_taps(self, layers: set[int | str]) -> None:
         wanted = set(self.taps.layers) | {self.resolve_layer(x) for x in layers}
         if wanted - {self.num_layers} != set(self.taps.layers):

@@ -32,7 +32,8 @@ def open_tap_engine(model: Any, layer: int, max_tokens: int = 1024, max_batch_to
                     vllm: Any = None) -> Any:
     """The engine of ``model`` (a ``ModelSpec``, whose backend it uses, or a local path: torch)
     tapping ``layer``; ``vllm``: the lm stage's ``VLLMOptions``."""
-    from operators.lm.engine import EngineSettings, open_engine
+    from operators.lm.backends import open_engine
+    from operators.lm.engine import EngineSettings
     from operators.lm.models import ModelSpec
 
     spec = model if isinstance(model, ModelSpec) else ModelSpec(name="lm", path=str(model))

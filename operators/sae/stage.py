@@ -40,7 +40,8 @@ import pyarrow.parquet as pq
 from pydantic import Field, PrivateAttr, model_validator
 
 from operators.base import MiB, Need, PlanError, Resources, StageConfig
-from operators.lm.engine import EngineSettings, open_engine
+from operators.lm.backends import open_engine
+from operators.lm.engine import EngineSettings
 from operators.lm.memory import LM_ACTOR_OVERHEAD, engine_memory_bytes
 from operators.lm.stage import LMStageConfig, engine_settings
 from operators.sae.embed import Embeddings, embed_texts

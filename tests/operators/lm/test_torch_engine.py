@@ -41,13 +41,6 @@ WORDS = ["<unk>", "<s>", "</s>", "the", "a", "cat", "dog", "sat", "on", "mat", "
 
 
 @pytest.fixture(scope="session")
-def demo_model() -> Path:
-    from jobs.demo.model import prepare_demo_model
-
-    return prepare_demo_model(log=lambda _msg: None)
-
-
-@pytest.fixture(scope="session")
 def tiny_bos_model(tmp_path_factory) -> Path:
     """A random 2-layer Llama whose word-level tokenizer puts <s> (id 1) in front."""
     out = tmp_path_factory.mktemp("tiny-bos")

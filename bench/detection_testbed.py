@@ -76,8 +76,8 @@ def match_lengths(human: list[str], machine: list[str], model_dir: Path) -> list
 def score(docs: pa.Table, max_tokens: int, log=print) -> tuple[pa.Table, dict]:
     """The lm stage (scorer cut + observer cut, last hidden state) and the scores stage over ``docs``."""
     from jobs.demo.cache import demo_dir
+    from jobs.demo.constants import DEMO_MODEL
     from jobs.demo.model import prepare_demo_model
-    from jobs.demo.pawn import DEMO_MODEL
     from jobs.demo.preselect import prepare_member
     from operators.lm.stage import LMStageConfig
     from operators.scores import ScoresConfig
@@ -103,7 +103,8 @@ def score(docs: pa.Table, max_tokens: int, log=print) -> tuple[pa.Table, dict]:
 
 
 def run_seed(scored: pa.Table, seed: int, epochs: int) -> dict:
-    from jobs.demo.pawn import DEMO_MODEL, heldout_eval, stratified_holdout
+    from jobs.demo.constants import DEMO_MODEL
+    from jobs.demo.pawn import heldout_eval, stratified_holdout
     from operators.detection.features import features_from_documents
     from operators.detection.train import train_pawn
 

@@ -165,8 +165,9 @@ CPU_ROWS = ("vllm_full", "vllm_prompt_logprobs", "torch_full", "plain_hf")
 
 def stage_config(row: str, model_dir: str, max_batch_tokens: int) -> Any:
     """The ``lm`` stage config of a CPU row (heads from the demo assets, built once and cached)."""
+    from jobs.demo.constants import DEMO_LAYER
     from jobs.demo.pawn import prepare_demo_pawn
-    from jobs.demo.sae import DEMO_LAYER, prepare_demo_sae
+    from jobs.demo.sae import prepare_demo_sae
     from operators.lm.stage import LMStageConfig
 
     backend = "torch" if row == "torch_full" else "vllm"

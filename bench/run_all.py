@@ -1,10 +1,10 @@
-"""Run every benchmark at small sizes, then rewrite the README's benchmark table (``make bench``).
+"""Run every benchmark at small sizes, then rewrite the tables of bench/README.md (``make bench``).
 
     python -m bench.run_all [--only soak one_pass ...] [--table-only] [--timeout 900]
 
 Each benchmark runs as its own ``python -m bench.<name> ...`` subprocess, so one failure is reported
 and the others still run; each writes ``bench/results/<result>.json``. The table between
-``<!-- bench-table:start -->`` and ``<!-- bench-table:end -->`` in README.md is then rebuilt from
+``<!-- bench-table:start -->`` and ``<!-- bench-table:end -->`` in bench/README.md is then rebuilt from
 the JSON files there (one row per measured ratio; a benchmark that failed this time keeps its last
 figures, marked as such). The membership and detection testbeds are not ratios: their AUROC tables
 (mean ± sd over seeds) go between their own markers, ``<!-- <result>:start -->`` /
@@ -20,10 +20,11 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from bench.common import RESULTS, ROOT
 
-README = ROOT / "README.md"
+README = ROOT / "bench" / "README.md"
 START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
 
 
@@ -129,7 +130,7 @@ def lm_engine_rows(r: dict) -> list[Row]:
         ("lm_engine (CPU)", "torch engine (6 metrics + heads) vs plain HF loop (logprob only), tokens/s",
          r["torch_vs_plain_hf"], f"{_n(r['torch_full_tokens_per_s'])} vs {_n(r['plain_hf_tokens_per_s'])}"),
         ("lm_engine (CPU)", "vLLM engine peak RSS after 3× the documents more in the stage's batches of 32 "
-         "vs after the timed passes (see README: not yet understood)",
+         "vs after the timed passes (varies between runs: see bench/README.md)",
          round(memory["peak_rss_mib_after_3x_docs"] / memory["peak_rss_mib"], 3),
          f"{_n(memory['peak_rss_mib_after_3x_docs'])} vs {_n(memory['peak_rss_mib'])} MiB "
          f"(max_batch_tokens {_n(r['max_batch_tokens'])})"),
@@ -205,13 +206,13 @@ def table(failed: set[str]) -> str:
     return "\n".join(lines)
 
 
-def write_readme(text: str, start: str = START, end: str = END) -> None:
-    """Replace what lies between the markers ``start`` and ``end`` in README.md."""
-    readme = README.read_text()
+def write_readme(text: str, start: str = START, end: str = END, path: Path = README) -> None:
+    """Replace what lies between the markers ``start`` and ``end`` in ``path`` (bench/README.md)."""
+    readme = path.read_text()
     if start not in readme or end not in readme:
-        raise SystemExit(f"README.md lacks the markers {start} / {end}")
+        raise SystemExit(f"{path} lacks the markers {start} / {end}")
     head, rest = readme.split(start, 1)
-    README.write_text(f"{head}{start}\n{text}\n{end}{rest.split(end, 1)[1]}")
+    path.write_text(f"{head}{start}\n{text}\n{end}{rest.split(end, 1)[1]}")
 
 
 def run(bench: Bench, timeout: float) -> str | None:
@@ -230,14 +231,14 @@ def run(bench: Bench, timeout: float) -> str | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=[b.module for b in BENCHES], help="run only these")
-    parser.add_argument("--table-only", action="store_true", help="rebuild the README table, run nothing")
+    parser.add_argument("--table-only", action="store_true", help="rebuild the tables of bench/README.md, run nothing")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per benchmark")
     args = parser.parse_args()
     chosen = [] if args.table_only else [b for b in BENCHES if not args.only or b.module in args.only]
     failures = {b.result: why for b in chosen if (why := run(b, args.timeout)) is not None}
     write_readme(table(set(failures)))
     write_testbeds(set(failures))
-    print(f"==> README.md benchmark and testbed tables rewritten from {RESULTS}")
+    print(f"==> {README.relative_to(ROOT)}: benchmark and testbed tables rewritten from {RESULTS}")
     for name, why in failures.items():
         print(f"FAILED {name}: {why}", file=sys.stderr)
     sys.exit(1 if failures else 0)

@@ -2,7 +2,7 @@
 
 Each stage runs as a real Ray actor (``StageRunner``) over a few batches of demo-like documents;
 a thread in the actor samples its own USS every 20 ms. The defaults in ``StageConfig.default_memory``
-and ``operators.lm.stage.LM_ACTOR_OVERHEAD`` come from these numbers plus 25 % headroom, which is
+and ``operators.lm.memory.LM_ACTOR_OVERHEAD`` come from these numbers plus 25 % headroom, which is
 what Ray Data asks for (``memory = 1.25 × max USS``) before it stops warning.
 
     python -m bench.stage_memory          # writes bench/results/stage_memory.json

@@ -5,7 +5,7 @@
 Texts: the demo corpus (English, machine-written, parallel multilingual), repeated to ``--docs``.
 Tokenizers and stage settings: nightly.yaml's ``token_premium`` stage (smollm2 HF, cl100k, o200k).
 
-* raw:   one process, the tokenizers loaded once (``operators.tokenizers.load_tokenizer``), per batch
+* raw:   one process, the tokenizers loaded once (``operators.token_premium.tokenizers.load_tokenizer``), per batch
          of the stage's ``batch_size``: tiktoken ``encode_ordinary_batch``, HF fast
          ``Tokenizer.encode_batch(add_special_tokens=False)``; token counts only. ``raw_batch``
          leaves the batch calls their own threads (tiktoken 8, HF all cores), ``raw_1thread``

@@ -128,7 +128,7 @@ class StageConfig(StrictModel):
 
     #: True for operators that never use a GPU: asking for one is a config error.
     cpu_only: ClassVar[bool] = False
-    #: RAM one actor uses, measured on the demo data (README "Resources"); ``resources.memory`` overrides.
+    #: RAM one actor uses, measured on the demo data (docs/config.md, "Memory defaults"); ``resources.memory`` overrides.
     default_memory: ClassVar[int] = 512 * MiB
     #: Result cache (``pipelines.cache``): bump when the operator computes something else for the same
     #: text and config, so the cached results of the older code miss.

@@ -40,7 +40,7 @@ that second prefix here.
 No silent estimates. vLLM's cheaper ``vllm.mode: prompt_logprobs`` gives only top-k estimates of
 the entropy and of E[ln²p] (``entropy_topk`` / ``logp2_topk``), and Min-K%++ from them is a
 different number: on Zipf-like logits (V = 49,152, k = 20) σ is off by 1.3–3.8% on average and the
-per-token z by a median of 7–39% (README, "Min-K%++ from top-k estimates"). The stage reads
+per-token z by a median of 7–39% (docs/methods/membership.md, "Min-K%++ from top-k estimates"). The stage reads
 them only with ``allow_topk_estimates: true``, and then names what it computes from them for
 what it is:
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import socket
 from pathlib import Path
 
 import pyarrow as pa
@@ -132,3 +134,38 @@ def wait_for_lease_end(out: Path | str, run_date: str, timeout: float = 120) -> 
     while run_date in held_locks(catalog):
         assert time.time() < deadline, f"the lock of {run_date} is still held after {timeout} s"
         time.sleep(0.2)
+
+
+# ------------------------------------------------------------------ helpers shared across test modules
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (127.0.0.1)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> Path:
+    """The demo model's transformers directory (SmolLM2-135M-Instruct, built once, cached)."""
+    from jobs.demo.model import prepare_demo_model
+
+    return prepare_demo_model(log=lambda _msg: None)
+
+
+def random_sae(d_in: int, d_sae: int = 64, k: int = 4, seed: int = 0, bias_std: float = 0.0):
+    """A TopK SAE with seeded random weights of the right shapes: W_enc ~ N(0, 1/d_in),
+    W_dec ~ N(0, 1/d_sae), and b_enc ~ N(0, bias_std²) when ``bias_std`` > 0 (else zero)."""
+    import torch
+
+    from operators.sae.model import SAEConfig, SparseAutoencoder
+
+    gen = torch.Generator().manual_seed(seed)
+    sae = SparseAutoencoder(SAEConfig(d_in, d_sae, "topk", k))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=gen) / math.sqrt(d_in))
+        if bias_std > 0:
+            sae.b_enc.copy_(torch.randn(d_sae, generator=gen) * bias_std)
+        sae.W_dec.copy_(torch.randn(d_sae, d_in, generator=gen) / math.sqrt(d_sae))
+    return sae.requires_grad_(False).eval()

@@ -2,7 +2,6 @@
 
     curate eval-selection --pool POOL.parquet --target TARGET.parquet --model MODEL_DIR \\
         --sae SAE_DIR --layer 15 [--n 0.05] [--max-tokens 256] [--bm25 max|concat]
-    curate eval-selection --demo        # demo pool + demo model + demo SAE (built once, cached)
 
 POOL needs ``text`` and ``label`` (1 = an example of the target task); TARGET needs ``text``.
 """
@@ -21,7 +20,6 @@ from jobs.errors import UserError
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = verb(sub, "eval-selection", "precision@n of SAE, cosine and BM25 selection",
-             "curate eval-selection --demo",
              "curate eval-selection --pool pool.parquet --target target.parquet --model MODEL_DIR "
              "--sae SAE_DIR --layer 15")
     p.add_argument("--pool", help="Parquet with text, label (1 = target task)")
@@ -35,7 +33,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label-column", default="label")
     p.add_argument("--skip-first", type=int, default=0,
                    help="leading tokens left out of the SAE mean (default 0: all, as MoNA; 1: the attention sink)")
-    p.add_argument("--demo", action="store_true", help="use the demo pool, model and SAE (prepared once)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=eval_selection_command)
 
@@ -43,16 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def eval_selection_command(args: argparse.Namespace) -> int:
     from jobs.eval.selection import evaluate_selection
 
-    if args.demo:
-        from jobs.demo.model import prepare_demo_model
-        from jobs.demo.sae import DEMO_LAYER, prepare_demo_sae
-        from jobs.demo.selection import build_demo_selection_pool
-
-        args.pool, args.target = map(str, build_demo_selection_pool())
-        args.model, args.sae, args.layer = str(prepare_demo_model()), str(prepare_demo_sae()), DEMO_LAYER
     missing = [f"--{k}" for k in ("pool", "target", "model", "sae", "layer") if getattr(args, k) is None]
     if missing:
-        raise UserError(f"eval-selection needs {', '.join(missing)} (or --demo)")
+        raise UserError(f"eval-selection needs {', '.join(missing)}")
     try:
         pool, target = pq.read_table(args.pool), pq.read_table(args.target)
         for name, table, cols in (("pool", pool, ("text", args.label_column)), ("target", target, ("text",))):

@@ -17,7 +17,6 @@ import logging
 import time
 
 from jobs.cli.verbs import verb
-from jobs.demo.freq import prepare_demo_freq
 from jobs.errors import UserError
 from jobs.train.freq import build_frequency_table
 from pipelines.runner import connect_ray
@@ -41,9 +40,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--batch-size", type=int, default=512)
     b.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else an embedded Ray)")
     b.set_defaults(func=freq_build_command)
-    d = verb(actions, "demo", "build (or reuse) the demo frequency table in the curate cache",
-             "curate freq demo")
-    d.set_defaults(func=lambda _args: print(prepare_demo_freq()) or 0)
 
 
 def freq_build_command(args: argparse.Namespace) -> int:

@@ -37,8 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     for flag, kind in (("d_sae", int), ("k", int), ("epochs", int), ("lr", float), ("batch_size", int),
                        ("max_rows", int), ("max_tokens", int), ("skip_first", int), ("seed", int),
                        ("text_column", str)):
-        t.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=getattr(defaults, flag),
-                       help=f"default {getattr(defaults, flag)}")
+        default = getattr(defaults, flag)
+        t.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=default,
+                       help=f"default {default if default is not None else '4 × the model width'}")
     t.set_defaults(func=train_command)
 
 

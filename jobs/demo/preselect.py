@@ -33,19 +33,12 @@ import pyarrow as pa
 import yaml
 
 from jobs.demo.cache import Log, atomic_dir, demo_dir, is_complete, locked
-from jobs.demo.corpus import prepare_demo_corpus
+from jobs.demo.constants import DEMO_LAYERS, FAMILY_TOKENS, member_name
+from jobs.demo.corpus import human_docs, prepare_demo_corpus
+from jobs.demo.lmpass import prepare_demo_lmpass
 from jobs.demo.model import prepare_demo_model
 from jobs.train.preselect import Family, train_from_labels, write_labels
 
-#: Blocks kept per family member (the demo model has 30); the last is the demo model itself.
-#: Measured on the demo corpus (256 tokens): accuracy rises with k (k=6..30: .03 .04 .08 .11 .20
-#: .28 .42), but cut models rank the same way on nearly every document: with k = 6, 15, 30 no
-#: document reaches S = 1 (k=6 has a lower loss than k=15 everywhere), with 20, 24, 28, 30 every
-#: one does. The per-document disagreement that S needs comes from the 15/20 pair, hence these.
-DEMO_LAYERS = (10, 15, 20, 30)
-#: The members score each document's first 128 tokens: the shared lm pass reads the documents that
-#: only the family and the SAE use (128 tokens each) no further, and the cut models rank the same.
-FAMILY_TOKENS = 128
 #: Human docs not held out that get labelled (of ~190).
 DEMO_LABEL_DOCS = 160
 #: 2: members scored by the shared lm pass (early exit), 128-token windows, no context token.
@@ -55,10 +48,6 @@ PRESELECT_VERSION = 2
 DEMO_TRAIN = {"valid_fraction": 0.2}
 FAMILY_FILE = "family.yaml"
 _NOT_WEIGHTS = {"config.json", "model.safetensors", ".complete.json"}
-
-
-def member_name(layers: int) -> str:
-    return f"smollm2_l{layers:02d}"
 
 
 def is_heldout(doc_id: str) -> bool:
@@ -110,12 +99,6 @@ def prepare_member(demo: Path, model_dir: Path, layers: int, log: Log) -> Path:
 # ------------------------------------------------------------------------- the benchmark
 
 
-def human_docs(corpus: Path) -> pa.Table:
-    """Human-written demo docs (label 0, source python-docs), sorted by id: id, text."""
-    frame = pl.read_parquet(sorted(corpus.glob("human-*.parquet")))
-    return frame.filter(pl.col("label") == 0).select("id", "text").sort("id").to_arrow()
-
-
 def check_increasing(scores: dict[str, float], layers: dict[str, int]) -> None:
     """Raise unless the benchmark score strictly increases with the number of blocks."""
     ordered = sorted(scores, key=lambda n: layers[n])
@@ -127,7 +110,6 @@ def check_increasing(scores: dict[str, float], layers: dict[str, int]) -> None:
 
 def family_losses(cache: Path | None, log: Log) -> pl.DataFrame:
     """Per human doc (id, scored_text): each member's nll_sum, hits and tokens (the shared lm pass)."""
-    from jobs.demo.lmpass import prepare_demo_lmpass
 
     return pl.read_parquet(prepare_demo_lmpass(cache, log) / "family.parquet")
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from jobs.demo.assets import build_demo_asset
 from jobs.demo.cache import MARKER, Log
-from jobs.train.sae import TrainSettings, train_on_activations
+from jobs.demo.constants import DEMO_SAE
+from jobs.demo.lmpass import prepare_demo_lmpass
+from jobs.train.sae import train_on_activations
 
-DEMO_LAYER = 15
-#: What the demo SAE trains on and how: up to 32768 activations of ≤ 128-token documents.
-DEMO_SAE = TrainSettings(layer=DEMO_LAYER, epochs=10, max_rows=32_768, max_tokens=128)
 #: 2: saved as sparsify ``layers.14`` (the output of block 14 = HF hidden_states[15]); version 1
 #: wrote ``layers.15`` (off by one) and is rebuilt. 3: activations from the shared demo lm pass
 #: (the same rows ``train_sae`` collects; the corpus's machine docs are vLLM's).
@@ -26,8 +26,6 @@ def prepare_demo_sae(cache: Path | None = None, log: Log = print) -> Path:
     demo corpus: d_sae = 4 · 576, k = 32; returns the directory (the SAE on HF hidden_states[15] is in
     sparsify's ``layers.14/``, the output of block 14). The activations come from the shared lm pass
     (``jobs.demo.lmpass``)."""
-    from jobs.demo.assets import build_demo_asset
-    from jobs.demo.lmpass import prepare_demo_lmpass
 
     def build(tmp: Path, model: Path, corpus: Path) -> dict:
         lmpass = prepare_demo_lmpass(cache, log)

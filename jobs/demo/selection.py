@@ -59,3 +59,16 @@ def build_demo_selection_pool(cache: Path | None = None, log: Any = print) -> tu
     log(f"demo selection pool: {pool.num_rows} rows ({sum(pool.column('label').to_pylist())} positives) "
         f"at {paths[0]}; target {target.num_rows} rows at {paths[1]}")
     return paths
+
+
+def demo_eval_selection(skip_first: int = 0, max_tokens: int = 256, n: float = 0.05) -> Any:
+    """``curate eval-selection``'s evaluation on the demo task: the demo pool and target, the demo
+    model and its layer-15 SAE (each built once, cached); a ``SelectionEval``."""
+    from jobs.demo.constants import DEMO_LAYER
+    from jobs.demo.model import prepare_demo_model
+    from jobs.demo.sae import prepare_demo_sae
+    from jobs.eval.selection import evaluate_selection
+
+    pool, target = build_demo_selection_pool()
+    return evaluate_selection(pq.read_table(pool), pq.read_table(target), prepare_demo_model(), prepare_demo_sae(),
+                              DEMO_LAYER, n=n, max_tokens=max_tokens, skip_first=skip_first)

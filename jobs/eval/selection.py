@@ -120,7 +120,8 @@ def evaluate_selection(pool: pa.Table, target: pa.Table, model: str | Path, sae:
                        label_column: str = "label", skip_first: int = 0) -> SelectionEval:
     """Embed pool and target with the LM + SAE head (as the ``lm`` stage does); score; precision@n."""
     from operators.sae.embed import embed_texts, open_tap_engine
-    from operators.sae.head import SAEHead, SAEHeadParams
+    from operators.sae.head import SAEHead
+    from operators.sae.head_params import SAEHeadParams
     from operators.sae.stage import reference_rows, similarity
 
     pool_texts, target_texts = pool.column("text").to_pylist(), target.column("text").to_pylist()

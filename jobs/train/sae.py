@@ -17,7 +17,7 @@ class TrainSettings:
     """What ``train_sae`` does: data collection and SAE hyper-parameters."""
 
     layer: int
-    d_sae: int = 4 * 576  # 4 × the demo model's width
+    d_sae: int | None = None  # latents; None: 4 × the activations' width H
     k: int = 32
     epochs: int = 10
     lr: float = 1e-3
@@ -69,7 +69,7 @@ def train_sae(input_url: str, model: str, output: str | Path, s: TrainSettings, 
     texts = shuffled_texts(input_url, s)
     start = time.perf_counter()
     engine = open_tap_engine(model, s.layer, max_tokens=s.max_tokens)
-    check_sae_layer(s.layer, engine.num_layers, f"model {model!r}")
+    check_sae_layer(s.layer, engine.model_info().num_layers, f"model {model!r}")
     log(f"sae train: collecting up to {s.max_rows} layer-{s.layer} activations from {len(texts)} texts")
     acts = collect_activations(engine, texts, s.layer, s.max_rows, s.skip_first)
     del engine
@@ -89,16 +89,17 @@ def train_on_activations(acts: Any, output: str | Path, s: TrainSettings, source
     from operators.sae.io import save_sparsify
     from operators.sae.train import train_topk_sae
 
+    d_sae = s.d_sae or 4 * acts.shape[1]
     log(f"sae train: {acts.shape[0]} activations [{acts.shape[1]}] in {source['seconds_collect']:.1f} s; "
-        f"training d_sae={s.d_sae} k={s.k} for {s.epochs} epochs")
+        f"training d_sae={d_sae} k={s.k} for {s.epochs} epochs")
     start = time.perf_counter()
-    sae, stats = train_topk_sae(acts, s.d_sae, s.k, epochs=s.epochs, lr=s.lr, batch_size=s.batch_size,
+    sae, stats = train_topk_sae(acts, d_sae, s.k, epochs=s.epochs, lr=s.lr, batch_size=s.batch_size,
                                 seed=s.seed)
     trained = time.perf_counter() - start
     path = save_sparsify(sae, output, layer=s.layer)
     report = SAETrainReport(path, stats.fvu, stats.dead_fraction, stats.n_train, stats.n_valid,
                             source["n_texts"], source["seconds_collect"], round(trained, 1))
-    meta = {**{k: v for k, v in asdict(report).items() if k != "path"}, "settings": asdict(s),
+    meta = {**{k: v for k, v in asdict(report).items() if k != "path"}, "settings": asdict(s) | {"d_sae": d_sae},
             **{k: v for k, v in source.items() if k not in ("n_texts", "seconds_collect")},
             "torch": torch.__version__}
     (path / "train_stats.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -29,6 +29,7 @@ from typing import Any
 import pyarrow as pa
 import torch
 
+from operators.detection.head_params import PawnHeadParams
 from operators.detection.pawn import MAX_TOKENS, METRIC_NAMES, load_pawn
 
 #: Positions PAWN reads per document (the paper's truncation).
@@ -70,10 +71,6 @@ class PawnLMHead:
 
 
 def build_head(params: dict[str, Any], model_info: Any) -> PawnLMHead:
-    """Head factory for the lm stage: ``params = {path, column = "pawn_score", max_tokens = 512}``."""
-    unknown = set(params) - {"path", "column", "max_tokens"}
-    if unknown or "path" not in params:
-        raise ValueError(f"PAWN head params: need 'path' (a head saved by `curate pawn train`), "
-                         f"optional 'column', 'max_tokens'; got {sorted(params)}")
-    return PawnLMHead(params["path"], model_info, params.get("column", "pawn_score"),
-                      int(params.get("max_tokens", MAX_TOKENS)))
+    """Head factory for the lm stage: ``params`` as ``PawnHeadParams`` (path, column, max_tokens)."""
+    p = PawnHeadParams.model_validate(params)
+    return PawnLMHead(p.path, model_info, p.column, p.max_tokens)

@@ -41,7 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MAX_TOKENS = 512  # rows per document the head reads (t/512 in the gate)
+from operators.detection.head_params import PAWN_MAX_TOKENS
+
+MAX_TOKENS = PAWN_MAX_TOKENS  # rows per document the head reads (t/512 in the gate)
 METRIC_NAMES = ("entropy", "max_logprob", "logprob", "rank", "top_p")
 
 

@@ -3,12 +3,11 @@
 An engine loads one causal LM (plus, optionally, a Binoculars observer) and scores encoded
 documents in one forward pass each: per-position metrics, hidden-state taps and the heads that read
 them all come from that pass. ``operators.lm.torch_engine`` and ``operators.lm.vllm_engine``
-implement it; the ``lm`` stage sees only this protocol.
+implement it (``operators.lm.backends`` names them all); the ``lm`` stage sees only this protocol.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -34,6 +33,7 @@ class EngineSettings:
     """What an engine loads and computes; the ``lm`` stage derives it from its config."""
 
     model: ModelSpec
+    backend: str = "torch"                               # a key of backends.BACKENDS (LMStageConfig.backend)
     max_tokens: int = 1024
     metrics: tuple[str, ...] = ()
     layers: set[Layer] = field(default_factory=set)      # tapped from the start (heads may add more)
@@ -85,15 +85,3 @@ def hf_layer_index(layer: Layer, num_layers: int, model: str) -> int:
     if not 0 <= index <= n:
         raise ValueError(f"layer {layer!r} out of range for {model!r} ({n} layers: 0..{n}, 'last')")
     return index
-
-
-#: ``model.backend`` -> the engine class ("module:Class"), imported only when used.
-BACKENDS: dict[str, str] = {"torch": "operators.lm.torch_engine:TorchEngine",
-                            "vllm": "operators.lm.vllm_engine:VLLMEngine"}
-
-
-def open_engine(settings: EngineSettings) -> Engine:
-    """Load the engine of ``settings.model.backend``."""
-    module_name, _, cls_name = BACKENDS[settings.model.backend].partition(":")
-    engine_cls = getattr(importlib.import_module(module_name), cls_name)
-    return engine_cls.from_settings(settings)

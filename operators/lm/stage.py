@@ -36,20 +36,21 @@ skip_reason). Heads add their own columns (``Head.output_schema``).
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, Field, model_validator
 
-from operators.base import MiB, Need, StageConfig
-from operators.lm.engine import DocResult, Engine, EngineSettings, open_engine
-from operators.lm.heads import Head, HeadSpec, Layer, PawnHeadSpec, SAEHeadSpec, resolve_head_factory
+from operators.base import Need, StageConfig
+from operators.lm.backends import open_engine
+from operators.lm.engine import DocResult, Engine, EngineSettings
+from operators.lm.head_specs import HeadSpec, PawnHeadSpec, SAEHeadSpec, resolve_head_factory
+from operators.lm.heads import Head, Layer
+from operators.lm.memory import PAWN_HEAD_MEMORY, engine_memory_bytes
 from operators.lm.metrics import EXACT_METRICS, TOPK_METRICS, nll_sum
-from operators.lm.models import Encoded, ModelSpec, is_local_path
-from operators.lm.vllm_setup import VLLMOptions, kv_cache_bytes
+from operators.lm.models import Encoded, ModelSpec
+from operators.lm.vllm_setup import VLLMOptions
 
 _TOPK_ALTERNATIVE = {"entropy": "entropy_topk", "top_p": "top_p_topk", "logp2": "logp2_topk"}
 
@@ -89,16 +90,23 @@ class LMStageConfig(StageConfig):
         return [Need((self.text_column,), "text_column", self.text_column,
                      "a stage before this one that makes it, e.g. lowercase_text for text_lower")]
 
+    def columns(self) -> list[tuple[str, pa.DataType]]:
+        """The stage's own columns and types, in order (the heads' come after them)."""
+        m, observer = self.model.name, self.observer is not None
+        cols: list[tuple[str, pa.DataType]] = []
+        if self.keep_positions:
+            cols.append((f"{m}__token_ids", pa.list_(pa.int32())))
+            cols += [(f"{m}__{k}", pa.list_(pa.float32())) for k in self.metric_names]
+            cols += [(f"{m}__xent", pa.list_(pa.float32()))] if observer else []
+        cols += [(hidden_column(m, layer), pa.list_(pa.list_(pa.float32()))) for layer in self.cache_hidden]
+        cols.append((f"{m}__nll_sum", pa.float64()))
+        cols += [(f"{m}__xent_sum", pa.float64())] if observer else []
+        return cols + [(f"{m}__n_scored", pa.int32()), (f"{m}__truncated", pa.bool_()),
+                       (f"{m}__skip_reason", pa.string())]
+
     def provides(self) -> list[str]:
         """The columns of ``LMOperator.output_schema`` (custom heads' columns are known only when built)."""
-        m, cols = self.model.name, []
-        if self.keep_positions:
-            cols += [f"{m}__token_ids", *(f"{m}__{k}" for k in self.metric_names)]
-            cols += [f"{m}__xent"] if self.observer is not None else []
-        cols += [hidden_column(m, layer) for layer in self.cache_hidden]
-        cols += [f"{m}__nll_sum"] + ([f"{m}__xent_sum"] if self.observer is not None else [])
-        cols += [f"{m}__n_scored", f"{m}__truncated", f"{m}__skip_reason"]
-        return cols + [c for h in self.heads for c in h.columns()]
+        return [name for name, _ in self.columns()] + [c for h in self.heads for c in h.columns()]
 
     @property
     def sae_heads(self) -> list[SAEHeadSpec]:
@@ -112,9 +120,17 @@ class LMStageConfig(StageConfig):
         return engine_memory_bytes(self, on_gpu=bool(self.resources.num_gpus)) + pawn
 
     @property
+    def backend(self) -> str:
+        """The engine, a key of ``operators.lm.backends.BACKENDS``: ``model.backend``, or
+        ``vllm_logprobs`` for vLLM's top-k prompt logprobs. The one place ``vllm.mode`` is read."""
+        if self.model.backend == "vllm" and self.vllm.mode == "prompt_logprobs":
+            return "vllm_logprobs"
+        return self.model.backend
+
+    @property
     def topk_estimates(self) -> bool:
-        """vLLM's top-k prompt logprobs (``vllm.mode: prompt_logprobs``) instead of the exact metrics."""
-        return self.model.backend == "vllm" and self.vllm.mode == "prompt_logprobs"
+        """Top-k estimates (``vllm_logprobs``) instead of the exact metrics."""
+        return self.backend == "vllm_logprobs"
 
     @property
     def metric_names(self) -> tuple[str, ...]:
@@ -123,6 +139,8 @@ class LMStageConfig(StageConfig):
 
     @model_validator(mode="after")
     def _check(self) -> LMStageConfig:
+        if self.backend == "vllm":
+            self.vllm.check_exact()
         if self.topk_estimates:
             self._check_prompt_logprobs()
         else:
@@ -159,59 +177,9 @@ class LMStageConfig(StageConfig):
         return LMOperator(self)
 
 
-#: An lm actor's RAM beyond its weights. Measured (bench/stage_memory.py): SmolLM2-135M (513 MiB of
-#: float32 weights) on CPU, batch 32, peaks at 969 MiB USS; Ray Data wants 1.25x = 1211 MiB, and
-#: 768 MiB + the weights leaves room for longer documents.
-LM_ACTOR_OVERHEAD = 768 * MiB
-#: vLLM's own runtime per loaded model beyond the torch engine's (its KV cache on CPU comes on top,
-#: ``vllm_setup.kv_cache_bytes``). Measured the same way: SmolLM2-135M with backend vllm at
-#: max_tokens 256, batch 32, peaks at 2,185 MiB USS (Ray Data wants 2,731); 768 + 513 + 1,152 + a
-#: 383 MiB KV cache = 2,816 MiB.
-VLLM_RUNTIME_MEMORY = 1152 * MiB
-#: A PAWN head on the LM's device (its weights and per-batch features), measured the same way.
-PAWN_HEAD_MEMORY = 64 * MiB
-#: Weights of a model we cannot size on disk (a Hub id not in the local cache): a 1B model in bf16.
-UNSIZED_MODEL_BYTES = 2048 * MiB
-
-
-def model_file_bytes(spec: ModelSpec) -> int:
-    """Bytes of a local model's weight files (safetensors / bin / gguf); a flat guess otherwise."""
-    if not is_local_path(spec.path):
-        return UNSIZED_MODEL_BYTES
-    local = Path(spec.path).expanduser()
-    if local.is_file():
-        return local.stat().st_size
-    files = [p for pattern in ("*.safetensors", "*.bin", "*.gguf") for p in local.glob(pattern)]
-    return sum(p.stat().st_size for p in files) or UNSIZED_MODEL_BYTES
-
-
-def model_ram_bytes(spec: ModelSpec, on_gpu: bool) -> int:
-    """Host RAM the weights take: their size on disk, doubled when 16-bit weights run in float32 on CPU."""
-    size = model_file_bytes(spec)
-    config = Path(spec.path).expanduser() / "config.json" if is_local_path(spec.path) else None
-    stored = ""
-    if config is not None and config.is_file():
-        meta = json.loads(config.read_text())
-        stored = str(meta.get("torch_dtype") or meta.get("dtype") or "")
-    upcast = not on_gpu and spec.dtype in ("auto", "float32") and stored in ("bfloat16", "float16")
-    return 2 * size if upcast else size
-
-
-def engine_memory_bytes(cfg: LMStageConfig, on_gpu: bool, with_observer: bool = True) -> int:
-    """Host RAM of one engine of ``cfg``: the measured actor overhead, the weights in RAM, and with
-    backend vllm its runtime and (on CPU) its KV cache, per loaded model."""
-    models = [cfg.model] + ([cfg.observer] if with_observer and cfg.observer is not None else [])
-    total = LM_ACTOR_OVERHEAD + sum(model_ram_bytes(m, on_gpu) for m in models)
-    if cfg.model.backend == "vllm":
-        total += VLLM_RUNTIME_MEMORY * len(models)
-        if not on_gpu:
-            total += sum(kv_cache_bytes(m, cfg.max_tokens, cfg.max_batch_tokens, cfg.vllm) for m in models)
-    return total
-
-
 def engine_settings(cfg: LMStageConfig) -> EngineSettings:
     """What the engine of an ``lm`` stage loads and computes."""
-    return EngineSettings(model=cfg.model, observer=cfg.observer, max_tokens=cfg.max_tokens,
+    return EngineSettings(model=cfg.model, backend=cfg.backend, observer=cfg.observer, max_tokens=cfg.max_tokens,
                           metrics=cfg.metric_names, layers=set(cfg.taps) | set(cfg.cache_hidden),
                           max_batch_tokens=cfg.max_batch_tokens, cpu_threads=cfg.cpu_threads, vllm=cfg.vllm,
                           score_first_token=cfg.score_first_token)
@@ -242,20 +210,7 @@ class LMOperator:
         return self.engine.resolve_layer(layer)
 
     def output_schema(self) -> pa.Schema:
-        m, positions = self.name, self.cfg.keep_positions
-        fields: list[tuple[str, pa.DataType]] = []
-        if positions:
-            fields.append((f"{m}__token_ids", pa.list_(pa.int32())))
-            fields += [(f"{m}__{k}", pa.list_(pa.float32())) for k in self.cfg.metric_names]
-            if self.cfg.observer is not None:
-                fields.append((f"{m}__xent", pa.list_(pa.float32())))
-        fields += [(hidden_column(m, layer), pa.list_(pa.list_(pa.float32()))) for layer in self.cfg.cache_hidden]
-        fields.append((f"{m}__nll_sum", pa.float64()))
-        if self.cfg.observer is not None:
-            fields.append((f"{m}__xent_sum", pa.float64()))
-        fields += [(f"{m}__n_scored", pa.int32()), (f"{m}__truncated", pa.bool_()),
-                   (f"{m}__skip_reason", pa.string())]
-        schema = pa.schema(fields)
+        schema = pa.schema(self.cfg.columns())
         for head in self.heads:
             for f in head.output_schema():
                 schema = schema.append(f)

@@ -25,19 +25,16 @@ real positions are ``heads.token_mask(mask)``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from operators.lm.batch import LogitMetrics, batch_results, pad_tokens, score_in_batches
-from operators.lm.engine import hf_layer_index
-from operators.lm.heads import Head, ModelInfo
+from operators.lm.batch import LogitMetrics, batch_results, pad_tokens
+from operators.lm.heads import Head
 from operators.lm.metrics import EXACT_METRICS
 from operators.lm.models import (
     PROBE_TEXT,
-    Encoded,
     ModelSpec,
     TextEncoder,
     check_same_tokenizer,
@@ -46,20 +43,12 @@ from operators.lm.models import (
     load_tokenizer,
     pick_device,
 )
+from operators.lm.shared import EngineBase, LMHead, decoder_blocks, hook_layers, onednn_linear
 
 if TYPE_CHECKING:
     from operators.lm.engine import DocResult, EngineSettings
 
 log = logging.getLogger("curate.lm")
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder's list of transformer blocks (the ModuleList with num_hidden_layers entries)."""
-    n = model.config.get_text_config().num_hidden_layers
-    for module in model.base_model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
-            return module
-    raise ValueError(f"{type(model).__name__}: no ModuleList of {n} decoder layers found for taps")
 
 
 class LayerTaps:
@@ -73,24 +62,14 @@ class LayerTaps:
         self.n = model.config.get_text_config().num_hidden_layers
         self.layers = layers
         self.captured: dict[int, torch.Tensor] = {}
-        blocks = decoder_layers(model) if layers - {self.n} else None
-        self._handles = []
-        for layer in sorted(layers - {self.n}):
-            if layer == 0:
-                hook = blocks[0].register_forward_pre_hook(self._pre_hook(0), with_kwargs=True)
-            else:
-                hook = blocks[layer - 1].register_forward_hook(self._post_hook(layer))
-            self._handles.append(hook)
+        inner = layers - {self.n}
+        self._handles = hook_layers(decoder_blocks(model.base_model, self.n), inner, self._put,
+                                    block_input=lambda args, kwargs: args[0] if args else kwargs["hidden_states"],
+                                    block_output=lambda out: out[0] if isinstance(out, tuple) else out,
+                                    ) if inner else []
 
-    def _pre_hook(self, layer: int) -> Callable:
-        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            self.captured[layer] = args[0] if args else kwargs["hidden_states"]
-        return hook
-
-    def _post_hook(self, layer: int) -> Callable:
-        def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
-            self.captured[layer] = output[0] if isinstance(output, tuple) else output
-        return hook
+    def _put(self, layer: int, state: torch.Tensor) -> None:
+        self.captured[layer] = state
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -103,14 +82,6 @@ class LayerTaps:
         if self.n in self.layers:
             out[self.n] = last
         return out
-
-
-def onednn_linear() -> Callable | None:
-    """oneDNN's fp32 linear (``torch.ops.mkldnn._linear_pointwise``) when this torch has it."""
-    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
-    if op is None:
-        return None
-    return lambda x, weight, bias: op(x, weight, bias, "none", [], "")
 
 
 def route_linears_to_onednn(model: nn.Module) -> int:
@@ -136,44 +107,7 @@ def restore_linears(model: nn.Module) -> None:
             module.__dict__.pop("forward", None)
 
 
-class LMHead:
-    """Hidden states h [c,H] -> logits [c,V] as HF's model classes compute them:
-
-        z = (h Wᵀ + b) · logit_scale / logits_scaling,   then z = s · tanh(z / s) with s the softcap
-
-    b: the head's bias (Phi-1/1.5/2, GPT-J, CodeGen); ``logit_scale`` multiplies (Cohere),
-    ``logits_scaling`` divides (Granite), ``final_logit_softcapping`` caps (Gemma 2); each is
-    left out where the config does not set it.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, config: Any) -> None:
-        self.weight, self.bias = weight, bias                                       # [V,H], [V]
-        text = config.get_text_config()
-        multiply, divide = getattr(text, "logit_scale", None), getattr(text, "logits_scaling", None)
-        self.scale = None if multiply is None and divide is None else (multiply or 1.0) / (divide or 1.0)
-        self.softcap = getattr(text, "final_logit_softcapping", None)
-        self.vocab_size = self.weight.shape[0]
-        cpu_fp32 = self.weight.device.type == "cpu" and self.weight.dtype == torch.float32
-        self.linear = (onednn_linear() if cpu_fp32 else None) or nn.functional.linear
-
-    @classmethod
-    def of(cls, model: nn.Module) -> LMHead:
-        """The output head of an HF causal LM."""
-        head = model.get_output_embeddings()
-        if head is None:
-            raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head)")
-        return cls(head.weight, getattr(head, "bias", None), model.config)
-
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        z = self.linear(h, self.weight, self.bias)
-        if self.scale is not None:
-            z = z * self.scale
-        if self.softcap is not None:
-            z = torch.tanh(z / self.softcap) * self.softcap
-        return z
-
-
-class TorchEngine:
+class TorchEngine(EngineBase):
     """Scores documents with one HF causal LM (and optionally a Binoculars observer)."""
 
     def __init__(self, spec: ModelSpec, *, max_tokens: int = 1024, metrics: tuple[str, ...] = EXACT_METRICS,
@@ -189,6 +123,7 @@ class TorchEngine:
         check_tokenizer_fits(self.tokenizer, self.head.vocab_size, spec)
         self.num_layers = self.model.config.get_text_config().num_hidden_layers
         self.hidden_size = self.model.config.get_text_config().hidden_size
+        self.vocab_size, self.dtype = self.head.vocab_size, self.model.dtype
         self._check_head(self.model, self.head)
         self.taps = LayerTaps(self.model, {self.resolve_layer(x) for x in layers or ()})
         self.observer = self.observer_head = None
@@ -210,18 +145,6 @@ class TorchEngine:
         return cls(s.model, max_tokens=s.max_tokens, metrics=s.metrics, layers=s.layers,
                    observer=s.observer, max_batch_tokens=s.max_batch_tokens,
                    score_first_token=s.score_first_token)
-
-    def early_exit_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits [N,V] of the model cut after the block whose output is ``hidden`` [N,H]: the final
-        norm, then the LM head (what a checkpoint keeping only the first k blocks computes)."""
-        return self.head(self.model.base_model.norm(hidden.to(self.device)))
-
-    def model_info(self) -> ModelInfo:
-        return ModelInfo(self.spec.name, self.hidden_size, self.num_layers, self.head.vocab_size,
-                         self.device, self.model.dtype)
-
-    def resolve_layer(self, layer: int | str) -> int:
-        return hf_layer_index(layer, self.num_layers, self.spec.name)
 
     def add_taps(self, layers: set[int | str]) -> None:
         """Also capture ``layers`` (e.g. those heads read)."""
@@ -252,15 +175,6 @@ class TorchEngine:
         if not torch.allclose(ours(), want, atol=tol, rtol=0):
             raise ValueError(f"{type(model).__name__}: cannot reproduce its logits from the last hidden "
                              "state; this output head is not supported by the torch engine")
-
-    def encode(self, texts: list[str | None]) -> list[Encoded]:
-        return self.encoder.encode(texts)
-
-    def score(self, docs: list[Encoded], heads: list[Head] | None = None,
-              cache_layers: set[int] | None = None) -> list[DocResult | None]:
-        """DocResult per scored document (None for skipped ones), in input order."""
-        return score_in_batches(docs, self.max_batch_tokens,
-                                lambda ids: self._score_batch(ids, heads or [], cache_layers or set()))
 
     @torch.inference_mode()
     def _score_batch(self, ids: list[list[int]], heads: list[Head],

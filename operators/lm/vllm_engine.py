@@ -20,16 +20,13 @@ The top-k prompt-logprob engine (``vllm.mode: prompt_logprobs``) is ``operators.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from operators.lm.batch import LogitMetrics, batch_results, pad_tokens, score_in_batches
-from operators.lm.engine import hf_layer_index
-from operators.lm.heads import Head, ModelInfo
+from operators.lm.batch import LogitMetrics, batch_results, pad_tokens
+from operators.lm.heads import Head
 from operators.lm.metrics import EXACT_METRICS
 from operators.lm.models import (
-    Encoded,
     ModelSpec,
     TextEncoder,
     check_same_tokenizer,
@@ -37,7 +34,7 @@ from operators.lm.models import (
     is_local_path,
     load_tokenizer,
 )
-from operators.lm.torch_engine import LMHead
+from operators.lm.shared import EngineBase, LMHead, decoder_blocks, hook_layers
 from operators.lm.vllm_setup import VLLMOptions, engine_kwargs, load_llm, vllm_environment
 
 if TYPE_CHECKING:
@@ -45,15 +42,6 @@ if TYPE_CHECKING:
     from torch import nn
 
     from operators.lm.engine import DocResult, EngineSettings
-
-def decoder_blocks(model: nn.Module, num_layers: int) -> nn.ModuleList:
-    """The loaded model's list of ``num_layers`` decoder blocks."""
-    from torch import nn
-
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
-            return module
-    raise ValueError(f"{type(model).__name__}: no ModuleList of {num_layers} decoder blocks found for taps")
 
 
 def residual_stream(output: Any) -> torch.Tensor:
@@ -96,23 +84,19 @@ class HiddenTaps:
         """Tap these HF indices (the final layer n is always the last block of the output)."""
         for handle in self._handles:
             handle.remove()
-        self._handles, self.layers = [], sorted(layers - {self.num_layers})
-        for layer in self.layers:
-            if layer == 0:
-                hook = self.blocks[0].register_forward_pre_hook(self._block_input, with_kwargs=True)
-            else:
-                hook = self.blocks[layer - 1].register_forward_hook(self._block_output(layer))
-            self._handles.append(hook)
+        self.layers = sorted(layers - {self.num_layers})
+        self._handles = hook_layers(self.blocks, self.layers, self._put,
+                                    block_input=block_input, block_output=residual_stream)
 
-    def _block_input(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
-        # a copy: block 0 takes this very tensor as its running residual, which the fused
-        # add-RMSNorm of vLLM's CUDA kernels updates in place (the CPU path allocates anew)
-        self._captured[0] = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[1]).clone()
+    def _put(self, layer: int, state: torch.Tensor) -> None:
+        self._captured[layer] = state
 
-    def _block_output(self, layer: int) -> Callable:
-        def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
-            self._captured[layer] = residual_stream(output)
-        return hook
+
+def block_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """Block 0's input in vLLM's (positions, hidden_states, residual) call, as a copy: block 0 takes
+    this very tensor as its running residual, which the fused add-RMSNorm of vLLM's CUDA kernels
+    updates in place (the CPU path allocates anew)."""
+    return (kwargs["hidden_states"] if "hidden_states" in kwargs else args[1]).clone()
 
 
 #: HF config keys of output heads that ``LMHead`` does not reproduce: such a model is refused by name.
@@ -201,7 +185,7 @@ class LoadedLM:
 
         self.spec = spec
         self.on_gpu = torch.cuda.is_available()
-        self.llm = load_llm(spec, engine_kwargs(spec, max_tokens, options, self.on_gpu, max_batch_tokens))
+        self.llm = load_llm(spec, engine_kwargs(spec, max_tokens, options, self.on_gpu, max_batch_tokens, exact=True))
         config = self.llm.llm_engine.model_config
         self.vocab_size, self.hidden_size = config.get_vocab_size(), config.get_hidden_size()
         self.num_layers = config.hf_text_config.num_hidden_layers
@@ -225,7 +209,7 @@ class LoadedLM:
         return pad_sequence(states, batch_first=True).to(self.device)
 
 
-class VLLMEngine:
+class VLLMEngine(EngineBase):
     """Scores documents on vLLM with every feature of the ``lm`` stage (see the module docstring)."""
 
     def __init__(self, spec: ModelSpec, *, max_tokens: int = 1024, metrics: tuple[str, ...] = EXACT_METRICS,
@@ -240,6 +224,7 @@ class VLLMEngine:
         self.lm = LoadedLM(spec, max_tokens, options, max_batch_tokens)
         check_tokenizer_fits(self.tokenizer, self.lm.vocab_size, spec)
         self.num_layers, self.hidden_size, self.device = self.lm.num_layers, self.lm.hidden_size, self.lm.device
+        self.vocab_size, self.dtype = self.lm.vocab_size, self.lm.dtype
         self.taps = HiddenTaps(self.lm.model, self.num_layers)
         self.taps.set_layers({self.resolve_layer(x) for x in layers or ()})
         self.observer = None
@@ -254,42 +239,16 @@ class VLLMEngine:
                                        self.observer.head if self.observer else None)
 
     @classmethod
-    def from_settings(cls, s: EngineSettings) -> Any:
-        """The exact engine, or the prompt-logprobs one for ``vllm.mode: prompt_logprobs``."""
+    def from_settings(cls, s: EngineSettings) -> VLLMEngine:
         options = s.vllm or VLLMOptions()
-        if options.mode == "prompt_logprobs":
-            from operators.lm.vllm_logprobs import VLLMPromptLogprobsEngine
-
-            return VLLMPromptLogprobsEngine.from_settings(s)
         return cls(s.model, max_tokens=s.max_tokens, metrics=s.metrics, layers=s.layers, observer=s.observer,
                    options=options, max_batch_tokens=s.max_batch_tokens, score_first_token=s.score_first_token,
                    cpu_threads=s.cpu_threads)
-
-    def early_exit_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits [N,V] of the model cut after the block whose output is ``hidden`` [N,H]: the final
-        norm, then the LM head (what a checkpoint keeping only the first k blocks computes)."""
-        return self.lm.head(self.lm.model.model.norm(hidden.to(self.device).contiguous()))
-
-    def model_info(self) -> ModelInfo:
-        return ModelInfo(self.spec.name, self.hidden_size, self.num_layers, self.lm.vocab_size,
-                         self.device, self.lm.dtype)
-
-    def resolve_layer(self, layer: int | str) -> int:
-        return hf_layer_index(layer, self.num_layers, self.spec.name)
 
     def add_taps(self, layers: set[int | str]) -> None:
         wanted = set(self.taps.layers) | {self.resolve_layer(x) for x in layers}
         if wanted - {self.num_layers} != set(self.taps.layers):
             self.taps.set_layers(wanted)
-
-    def encode(self, texts: list[str | None]) -> list[Encoded]:
-        return self.encoder.encode(texts)
-
-    def score(self, docs: list[Encoded], heads: list[Head] | None = None,
-              cache_layers: set[int] | None = None) -> list[DocResult | None]:
-        """DocResult per scored document (None for skipped ones), in input order."""
-        return score_in_batches(docs, self.max_batch_tokens,
-                                lambda ids: self._score_batch(ids, heads or [], cache_layers or set()))
 
     def _score_batch(self, ids: list[list[int]], heads: list[Head], cache_layers: set[int]) -> list[DocResult]:
         import torch

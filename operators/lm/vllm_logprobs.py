@@ -36,7 +36,7 @@ class VLLMPromptLogprobsEngine:
         self.tokenizer = load_tokenizer(spec)
         self.encoder = TextEncoder(self.tokenizer, max_tokens, score_first_token)
         self.on_gpu = torch.cuda.is_available()
-        self.llm = load_llm(spec, engine_kwargs(spec, max_tokens, options, self.on_gpu))
+        self.llm = load_llm(spec, engine_kwargs(spec, max_tokens, options, self.on_gpu, exact=False))
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
         check_tokenizer_fits(self.tokenizer, self.vocab_size, spec)
         self.params = SamplingParams(max_tokens=1, prompt_logprobs=options.top_k, detokenize=False,

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from operators.base import StrictModel
 from operators.lm.models import ModelSpec
@@ -46,16 +46,15 @@ class VLLMOptions(StrictModel):
     multiprocessing: bool = Field(False, description="Run vLLM's engine core in its own process "
                                   "(prompt_logprobs mode only).")
 
-    @model_validator(mode="after")
-    def _exact_runs_in_process(self) -> VLLMOptions:
-        if self.mode == "exact":
-            if self.multiprocessing or self.tensor_parallel_size > 1:
-                raise ValueError("vllm.mode 'exact' reads the model's hidden states in-process: it needs "
-                                 "multiprocessing: false and tensor_parallel_size: 1")
-            if self.enforce_eager is False:
-                raise ValueError("vllm.mode 'exact' hooks the model's layers, which a compiled graph skips: "
-                                 "leave enforce_eager unset or true")
-        return self
+    def check_exact(self) -> None:
+        """The exact engine reads hidden states in-process from an eager model; ValueError if these
+        options forbid it (the lm stage calls this for its ``vllm`` backend)."""
+        if self.multiprocessing or self.tensor_parallel_size > 1:
+            raise ValueError("vllm.mode 'exact' reads the model's hidden states in-process: it needs "
+                             "multiprocessing: false and tensor_parallel_size: 1")
+        if self.enforce_eager is False:
+            raise ValueError("vllm.mode 'exact' hooks the model's layers, which a compiled graph skips: "
+                             "leave enforce_eager unset or true")
 
 
 def vllm_environment(options: VLLMOptions, cpu_threads: int | None = None) -> None:
@@ -83,10 +82,10 @@ def vllm_environment(options: VLLMOptions, cpu_threads: int | None = None) -> No
 
 
 def engine_kwargs(spec: ModelSpec, max_tokens: int, options: VLLMOptions, on_gpu: bool,
-                  max_batch_tokens: int | None = None) -> dict[str, Any]:
-    """Keyword arguments of ``vllm.LLM`` for this model, mode and options."""
+                  max_batch_tokens: int | None = None, *, exact: bool) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.LLM`` for this model and options; ``exact``: the pooling runner of
+    the exact engine, else the top-k prompt-logprobs engine's."""
     where, _ = spec.load_args()
-    exact = options.mode == "exact"
     kwargs: dict[str, Any] = {
         "model": str(Path(spec.path).expanduser()) if spec.is_gguf else where,
         # ids come from our TextEncoder; vLLM's own tokenizer only serves its start-up checks

@@ -32,17 +32,18 @@ def open_tap_engine(model: Any, layer: int, max_tokens: int = 1024, max_batch_to
                     vllm: Any = None) -> Any:
     """The engine of ``model`` (a ``ModelSpec``, whose backend it uses, or a local path: torch)
     tapping ``layer``; ``vllm``: the lm stage's ``VLLMOptions``."""
-    from operators.lm.engine import EngineSettings, open_engine
+    from operators.lm.backends import open_engine
+    from operators.lm.engine import EngineSettings
     from operators.lm.models import ModelSpec
 
     spec = model if isinstance(model, ModelSpec) else ModelSpec(name="lm", path=str(model))
-    return open_engine(EngineSettings(model=spec, max_tokens=max_tokens, metrics=(), layers={layer},
+    return open_engine(EngineSettings(model=spec, backend=spec.backend, max_tokens=max_tokens, metrics=(), layers={layer},
                                       max_batch_tokens=max_batch_tokens, vllm=vllm))
 
 
 def embed_texts(engine: Any, head: SAEHead, texts: Sequence[str | None], batch: int = 64) -> Embeddings:
     """Embed ``texts`` with ``head`` exactly as the ``lm`` stage does (same engine, same head)."""
-    name, hidden_size = head.params.name, engine.hidden_size
+    name, hidden_size = head.params.name, engine.model_info().hidden_size
     idx, val, means, ok = [], [], [], []
     texts = list(texts)
     for rows in chunks(len(texts), batch):

@@ -11,8 +11,8 @@ encodes every token with a sparse autoencoder and mean-pools the codes:
 The engine hands heads the states of every token x_0 … x_{n-1}, the last one included. By default
 (``skip_first`` = 0) P is all n tokens, as MoNA's Eq. 7 averages them. ``skip_first: 1`` drops x_0,
 an attention sink whose residual norm is ~100× the others (SmolLM2-135M, layer 15: ~23,000 vs
-~150), so that its code does not weigh on the mean (its effect on ``curate eval-selection --demo``
-is in the README, "SAE selection"; SAE training skips x_0 either way, where it would dominate the
+~150), so that its code does not weigh on the mean (its effect on the demo selection task
+is in docs/methods/sae_select.md; SAE training skips x_0 either way, where it would dominate the
 loss). A document with no pooled position gets the zero embedding (similarity 0).
 
 Columns, for a head named ``<name>`` (default ``sae``):
@@ -43,7 +43,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from operators.lm.heads import ModelInfo, SAEHeadParams, token_mask
+from operators.lm.heads import ModelInfo, token_mask
+from operators.sae.head_params import SAEHeadParams
 from operators.sae.io import load_sae, saelens_hf_layer, sparsify_hookpoint
 from operators.sae.math import to_sparse
 from operators.sae.model import SparseAutoencoder

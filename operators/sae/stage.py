@@ -24,7 +24,7 @@ Prototype vs max. A mean-pooled code's support grows with the document's length 
 d_sae 2304, k 32: ~330 active latents for a sentence, ~1,400 for a 200-token doc), and the mean of
 several diverse target examples is spread thin over the union of their supports. J to such a
 prototype then favours long, dense documents over short on-task ones; ``max`` compares like with
-like (measured on the demo pool: README, "SAE selection").
+like (measured on the demo pool: docs/methods/sae_select.md).
 """
 
 from __future__ import annotations
@@ -40,11 +40,13 @@ import pyarrow.parquet as pq
 from pydantic import Field, PrivateAttr, model_validator
 
 from operators.base import MiB, Need, PlanError, Resources, StageConfig
-from operators.lm.engine import EngineSettings, open_engine
-from operators.lm.heads import SAEHeadParams
-from operators.lm.stage import LM_ACTOR_OVERHEAD, LMStageConfig, engine_memory_bytes, engine_settings
+from operators.lm.backends import open_engine
+from operators.lm.engine import EngineSettings
+from operators.lm.memory import LM_ACTOR_OVERHEAD, engine_memory_bytes
+from operators.lm.stage import LMStageConfig, engine_settings
 from operators.sae.embed import Embeddings, embed_texts
 from operators.sae.head import SAEHead, idx_column, val_column
+from operators.sae.head_params import SAEHeadParams
 from operators.sae.math import generalized_jaccard_many, prototype
 from operators.selection import TopPercentPolicy, select_run
 

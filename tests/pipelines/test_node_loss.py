@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import run_rows, table_rows, tiny_pipeline, write_shard
+from conftest import free_port, run_rows, table_rows, tiny_pipeline, write_shard
 
 from jobs.ops.query import query
 
@@ -53,12 +52,6 @@ def _env() -> dict[str, str]:
     """Nodes and drivers of this cluster: no RAY_ADDRESS, and no token auth (local test cluster)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     return {**env, "RAY_AUTH_MODE": "disabled"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def cmdline(proc: psutil.Process) -> str:

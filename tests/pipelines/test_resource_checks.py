@@ -57,7 +57,7 @@ def test_default_pipeline_and_test_configs_fit_two_cores_and_24_gib(demo_freq_ta
     memory, parts = reserved(cfg)["memory"]
     assert 2 * GiB < memory < 8 * GiB, parts  # every stage declares memory; the LM stages dominate
     assert len(parts) == len(cfg.stages)
-    # the heaviest test config (tests/test_pawn_pipeline.py): an lm stage with an observer, then scores
+    # the heaviest test config (tests/operators/detection/test_pawn_pipeline.py): an lm stage with an observer, then scores
     model = next(s for s in cfg.stages if s.op == "lm").model.model_dump()
     cpu = {"num_cpus": 0.25, "batch_size": 10}
     heavy = parse_config(

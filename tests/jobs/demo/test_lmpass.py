@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jobs.demo.constants import DEMO_LAYERS, DEMO_SAE, member_name
 from jobs.demo.lmpass import FamilyReader
-from jobs.demo.preselect import DEMO_LAYERS, member_name, save_truncated
-from jobs.demo.sae import DEMO_SAE
+from jobs.demo.preselect import save_truncated
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -34,7 +34,7 @@ def engine(path: Path, max_tokens: int, layers: set | None = None, metrics: tupl
 
 def test_members_read_off_the_full_model_match_the_cut_checkpoints(model_dir: Path, tmp_path: Path) -> None:
     full = engine(model_dir, 32, set(DEMO_LAYERS))
-    reader = FamilyReader(full, TEXTS)
+    reader = FamilyReader(full, model_dir, TEXTS)
     docs = full.encode(TEXTS)
     for text, doc, res in zip(TEXTS, docs, full.score(docs, cache_layers=reader.cache_layers), strict=True):
         reader.read(text, doc, res)

@@ -11,7 +11,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_pipeline
+from conftest import free_port, tiny_pipeline
 
 from jobs.cli.main import main
 from jobs.errors import UserError
@@ -105,12 +104,6 @@ def test_unreachable_dashboard_is_a_clear_error(capsys):
 
 
 # ------------------------------------------------------------------------- real Ray head + jobs
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_dashboard(url: str, head: subprocess.Popen, timeout: float = 90) -> None:

@@ -20,7 +20,8 @@ import yaml
 from conftest import write_shard
 
 from jobs.cli.main import main
-from jobs.demo.preselect import human_docs, is_heldout, prepare_demo_family
+from jobs.demo.corpus import human_docs
+from jobs.demo.preselect import is_heldout, prepare_demo_family
 from jobs.errors import UserError
 from jobs.train.preselect import Family, clip_text, label_frame, load_family
 

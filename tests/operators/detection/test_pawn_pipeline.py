@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.cli.main import main
-from jobs.demo.pawn import demo_documents, prepare_demo_pawn
+from jobs.demo.corpus import demo_documents
+from jobs.demo.pawn import prepare_demo_pawn
 from jobs.demo.preselect import prepare_member
 from operators.detection.features import features_from_documents, read_features
 from operators.detection.pawn import load_pawn, pad_batch

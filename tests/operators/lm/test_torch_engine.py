@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from jobs.demo.model import prepare_demo_gguf
+from operators.lm import head_specs
 from operators.lm import heads as lm_heads
 from operators.lm.models import SKIP_EMPTY, SKIP_SHORT, ModelSpec
 from operators.lm.stage import LMStageConfig
@@ -37,13 +38,6 @@ TEXTS = [
 ]
 WORDS = ["<unk>", "<s>", "</s>", "the", "a", "cat", "dog", "sat", "on", "mat", "hello", "world", "is", ".",
          ",", "and", "of", "to", "in"]
-
-
-@pytest.fixture(scope="session")
-def demo_model() -> Path:
-    from jobs.demo.model import prepare_demo_model
-
-    return prepare_demo_model(log=lambda _msg: None)
 
 
 @pytest.fixture(scope="session")
@@ -86,7 +80,7 @@ class MeanHead:
 @pytest.fixture(scope="module")
 def op(demo_model):
     """One loaded operator serves most checks: taps, cached states, a head, small max_tokens."""
-    lm_heads.HEAD_KINDS["test_mean"] = f"{__name__}:MeanHead"
+    head_specs.HEAD_KINDS["test_mean"] = f"{__name__}:MeanHead"
     cfg = LMStageConfig(model={"name": "smol", "path": str(demo_model)}, max_tokens=64, taps=[0],
                         cache_hidden=[5, "last"], max_batch_tokens=256,
                         heads=[{"kind": "test_mean", "params": {"prefix": "probe"}}])

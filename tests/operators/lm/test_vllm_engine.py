@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -35,13 +34,6 @@ TEXTS = [
 ]
 TOP_K = 20
 SAE_LAYER = 15
-
-
-@pytest.fixture(scope="session")
-def demo_model() -> Path:
-    from jobs.demo.model import prepare_demo_model
-
-    return prepare_demo_model(log=lambda _msg: None)
 
 
 def vllm_stage(path: str, **extra) -> LMStageConfig:

@@ -4,29 +4,24 @@ pooling over all n tokens, on a tiny random Llama through the torch engine."""
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
 import torch
+from conftest import random_sae as shared_random_sae
 
 from operators.lm.heads import ModelInfo
 from operators.lm.models import ModelSpec
 from operators.lm.torch_engine import TorchEngine
 from operators.sae.head import build_head, idx_column, val_column
 from operators.sae.io import load_sae, save_sparsify
-from operators.sae.model import SAEConfig, SparseAutoencoder
+from operators.sae.model import SparseAutoencoder
 from tests.operators.lm.tiny_lm import HIDDEN, N_LAYERS, TEXT, build_tiny_lm
 
 
-def random_sae(d_in: int, d_sae: int = 48, k: int = 6, seed: int = 0) -> SparseAutoencoder:
-    gen = torch.Generator().manual_seed(seed)
-    sae = SparseAutoencoder(SAEConfig(d_in, d_sae, "topk", k))
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=gen) / math.sqrt(d_in))
-        sae.b_enc.copy_(torch.randn(d_sae, generator=gen) * 0.1)
-        sae.W_dec.copy_(torch.randn(d_sae, d_in, generator=gen) / math.sqrt(d_sae))
-    return sae.requires_grad_(False).eval()
+def random_sae(d_in: int, seed: int = 0) -> SparseAutoencoder:
+    """conftest's random SAE at this module's size (48 latents, k = 6, a random encoder bias)."""
+    return shared_random_sae(d_in, d_sae=48, k=6, seed=seed, bias_std=0.1)
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from conftest import random_sae
 from pydantic import ValidationError
 
-from operators.lm.heads import ModelInfo, resolve_head_factory
-from operators.sae.head import SAEHeadParams, build_head, mean_codes, pooled_mask
+from operators.lm.head_specs import resolve_head_factory
+from operators.lm.heads import ModelInfo
+from operators.sae.head import build_head, mean_codes, pooled_mask
+from operators.sae.head_params import SAEHeadParams
 from operators.sae.io import load_sparsify, save_sparsify
 from operators.sae.math import from_sparse, generalized_jaccard
-from operators.sae.model import SAEConfig, SparseAutoencoder
 from operators.sae.stage import SAESelectConfig, SAESimilarity
 from operators.selection import TopPercentPolicy, select_documents, top_percent_mask
 from pipelines.tables import read_table
@@ -31,16 +33,6 @@ from pipelines.tables import read_table
 torch.set_num_threads(1)
 LAYER = 3
 D_SAE, K = 64, 4
-
-
-def random_sae(d_in: int, d_sae: int = D_SAE, k: int = K, seed: int = 0) -> SparseAutoencoder:
-    """A TopK SAE with random weights of the right shapes."""
-    gen = torch.Generator().manual_seed(seed)
-    sae = SparseAutoencoder(SAEConfig(d_in, d_sae, "topk", k))
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=gen) / math.sqrt(d_in))
-        sae.W_dec.copy_(torch.randn(d_sae, d_in, generator=gen) / math.sqrt(d_sae))
-    return sae.eval()
 
 
 def info(hidden_size: int) -> ModelInfo:
@@ -137,13 +129,6 @@ def test_head_params_and_missing_sae(tmp_path):
 
 
 # ------------------------------------------------------------------ the real pipeline on the demo model
-
-
-@pytest.fixture(scope="module")
-def demo_model() -> Path:
-    from jobs.demo.model import prepare_demo_model
-
-    return prepare_demo_model(log=lambda _msg: None)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,128 @@
+"""What both exact backends share: the output head, the decoder-block taps, and the engine methods
+that do not depend on how the forward pass runs (``EngineBase``).
+
+Neither backend imports the other; both import this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from operators.lm.batch import score_in_batches
+from operators.lm.engine import hf_layer_index
+from operators.lm.heads import ModelInfo
+
+if TYPE_CHECKING:
+    from operators.lm.engine import DocResult
+    from operators.lm.heads import Head
+    from operators.lm.models import Encoded, ModelSpec, TextEncoder
+
+
+def onednn_linear() -> Callable | None:
+    """oneDNN's fp32 linear (``torch.ops.mkldnn._linear_pointwise``) when this torch has it."""
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+    if op is None:
+        return None
+    return lambda x, weight, bias: op(x, weight, bias, "none", [], "")
+
+
+class LMHead:
+    """Hidden states h [c,H] -> logits [c,V] as HF's model classes compute them:
+
+        z = (h Wᵀ + b) · logit_scale / logits_scaling,   then z = s · tanh(z / s) with s the softcap
+
+    b: the head's bias (Phi-1/1.5/2, GPT-J, CodeGen); ``logit_scale`` multiplies (Cohere),
+    ``logits_scaling`` divides (Granite), ``final_logit_softcapping`` caps (Gemma 2); each is
+    left out where the config does not set it.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, config: Any) -> None:
+        self.weight, self.bias = weight, bias                                       # [V,H], [V]
+        text = config.get_text_config()
+        multiply, divide = getattr(text, "logit_scale", None), getattr(text, "logits_scaling", None)
+        self.scale = None if multiply is None and divide is None else (multiply or 1.0) / (divide or 1.0)
+        self.softcap = getattr(text, "final_logit_softcapping", None)
+        self.vocab_size = self.weight.shape[0]
+        cpu_fp32 = self.weight.device.type == "cpu" and self.weight.dtype == torch.float32
+        self.linear = (onednn_linear() if cpu_fp32 else None) or nn.functional.linear
+
+    @classmethod
+    def of(cls, model: nn.Module) -> LMHead:
+        """The output head of an HF causal LM."""
+        head = model.get_output_embeddings()
+        if head is None:
+            raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head)")
+        return cls(head.weight, getattr(head, "bias", None), model.config)
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        z = self.linear(h, self.weight, self.bias)
+        if self.scale is not None:
+            z = z * self.scale
+        if self.softcap is not None:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z
+
+
+def decoder_blocks(root: nn.Module, num_layers: int) -> nn.ModuleList:
+    """The list of ``num_layers`` decoder blocks under ``root`` (the first ModuleList of that length)."""
+    for module in root.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            return module
+    raise ValueError(f"{type(root).__name__}: no ModuleList of {num_layers} decoder blocks found for taps")
+
+
+def hook_layers(blocks: nn.ModuleList, layers: Iterable[int], put: Callable[[int, torch.Tensor], None],
+                block_input: Callable[[tuple, dict], torch.Tensor],
+                block_output: Callable[[Any], torch.Tensor]) -> list[Any]:
+    """Forward hooks that ``put(L, state)`` HF ``hidden_states[L]`` for each L in ``layers`` (0 ≤ L < n):
+    L = 0 is the input of block 0 (a pre-hook), L ≥ 1 the output of block L-1. ``block_input`` and
+    ``block_output`` read the state from a block's arguments / output (each backend's own layout).
+    Returns the hook handles."""
+    handles = []
+    for layer in sorted(layers):
+        if layer == 0:
+            def pre(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+                put(0, block_input(args, kwargs))
+            handles.append(blocks[0].register_forward_pre_hook(pre, with_kwargs=True))
+        else:
+            def post(_module: nn.Module, _args: tuple, output: Any, layer: int = layer) -> None:
+                put(layer, block_output(output))
+            handles.append(blocks[layer - 1].register_forward_hook(post))
+    return handles
+
+
+class EngineBase:
+    """The ``Engine`` methods both exact backends share; a backend sets the attributes below and
+    implements ``_score_batch`` (one padded micro-batch) and ``add_taps``."""
+
+    spec: ModelSpec
+    encoder: TextEncoder
+    max_batch_tokens: int
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    device: str
+    dtype: Any
+
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(self.spec.name, self.hidden_size, self.num_layers, self.vocab_size, self.device,
+                         self.dtype)
+
+    def resolve_layer(self, layer: int | str) -> int:
+        return hf_layer_index(layer, self.num_layers, self.spec.name)
+
+    def encode(self, texts: list[str | None]) -> list[Encoded]:
+        return self.encoder.encode(texts)
+
+    def score(self, docs: list[Encoded], heads: list[Head] | None = None,
+              cache_layers: set[int] | None = None) -> list[DocResult | None]:
+        """DocResult per scored document (None for skipped ones), in input order."""
+        return score_in_batches(docs, self.max_batch_tokens,
+                                lambda ids: self._score_batch(ids, heads or [], cache_layers or set()))
+
+    def _score_batch(self, ids: list[list[int]], heads: list[Head], cache_layers: set[int]) -> list[DocResult]:
+        raise NotImplementedError

@@ -1,0 +1,23 @@
+"""Parameters of the SAE head (``params`` of an lm stage's ``kind: sae`` head), validated with the
+config; ``operators.sae.head`` builds the head from them in the actor. No torch here."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from operators.base import StrictModel
+
+
+class SAEHeadParams(StrictModel):
+    """Parameters of the SAE head (``params`` of a ``kind: sae`` head)."""
+
+    sae: str = Field(description="SAE directory or fsspec URL: sparsify (layers.<L>/ or flat) or SAELens.")
+    layer: int = Field(description="HF hidden_states index of the residual stream the SAE reads.")
+    name: str = Field("sae", pattern=r"^[A-Za-z][A-Za-z0-9_]*$", description="Column prefix.")
+    hidden_mean: bool = Field(False, description="Also write the mean-pooled raw state (cosine baseline).")
+    skip_first: int = Field(0, ge=0, description="Leading positions left out of the mean: 0 pools all n "
+                            "tokens as MoNA's Eq. 7; 1 drops x_0, an attention sink.")
+
+    def columns(self) -> list[str]:
+        cols = [f"{self.name}__sae_idx", f"{self.name}__sae_val"]
+        return cols + ([f"{self.name}__hidden_mean"] if self.hidden_mean else [])

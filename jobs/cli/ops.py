@@ -123,7 +123,7 @@ def _maintain(sub: argparse._SubParsersAction) -> None:
 
 
 def _cache(sub: argparse._SubParsersAction) -> None:
-    p = verb(sub, "cache", "the result cache: entries, size, and the recent nights' hits and misses",
+    p = verb(sub, "cache", "result cache entries, size, and recent hits and misses",
              "curate cache stats --output ./output")
     p.add_argument("action", choices=["stats"], help="stats: per cache table and per night")
     _output(p)

@@ -160,27 +160,34 @@ print(json.dumps({"status": result.status, "tables": result.tables}), flush=True
 
 class PrivateDiskCluster:
     """A head node with no CPUs (only the driver's bookkeeping runs there) and one worker node in its
-    own mount namespace, with a private tmpfs over /tmp: it shares no local disk with the driver."""
+    own mount namespace: private tmpfs mounts over its own temp dir, over the driver's test files
+    (``hidden``: pytest's base temp dir) and over Ray's default session dir. It shares none of those
+    with the driver; the project and its venv stay visible (they could be anywhere, /tmp included)."""
 
-    def __init__(self) -> None:
+    def __init__(self, hidden: Path) -> None:
         from test_node_loss import Cluster
 
         self.nodes = Cluster()
+        self.hidden = hidden
 
     def start(self) -> None:
+        import shlex
         import subprocess
-        import uuid
+        import tempfile
 
         from test_node_loss import RAY, MiB, _env
 
         self.nodes.start_node(head=True, num_cpus=0, memory=200 * MiB)
-        temp = f"/tmp/rnw{uuid.uuid4().hex[:8]}"
+        temp = tempfile.mkdtemp(prefix="rnw", dir="/tmp")  # empty here; the worker's own tmpfs there
         self.nodes.temp_dirs.append(temp)
-        script = (f"mount -t tmpfs -o size=2g tmpfs /tmp && mkdir -p {temp} && "
-                  f"exec {RAY} start --address={self.nodes.address} --num-cpus=2 --memory={3072 * MiB} "
-                  f"--object-store-memory={200 * MiB} --temp-dir={temp} --disable-usage-stats")
-        subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-                       check=True, capture_output=True, timeout=120, env=_env())
+        mounts = [temp, str(self.hidden)] + (["/tmp/ray"] if Path("/tmp/ray").is_dir() else [])
+        script = " && ".join([*(f"mount -t tmpfs -o size=2g tmpfs {shlex.quote(m)}" for m in mounts),
+                              f"exec {RAY} start --address={self.nodes.address} --num-cpus=2 "
+                              f"--memory={3072 * MiB} --object-store-memory={200 * MiB} "
+                              f"--temp-dir={temp} --disable-usage-stats"])
+        done = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                              capture_output=True, text=True, timeout=120, env=_env())
+        assert done.returncode == 0, done.stderr[-2000:]
 
     def stop(self) -> None:
         self.nodes.stop()
@@ -199,8 +206,8 @@ def _can_unshare() -> bool:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _can_unshare(), reason="unshare --mount is not allowed here")
-def test_no_shared_disk_two_nodes_commit_what_one_node_commits(tmp_path, local_ray, s3, s3_corpus,
-                                                               cluster_output, postgres):
+def test_no_shared_disk_two_nodes_commit_what_one_node_commits(tmp_path, tmp_path_factory, local_ray, s3,
+                                                               s3_corpus, cluster_output, postgres):
     """The two-node run finalizes on the cluster (Ray aggregations), the one-node run on the driver
     (a small run): their tables are equal too."""
     import subprocess
@@ -208,7 +215,7 @@ def test_no_shared_disk_two_nodes_commit_what_one_node_commits(tmp_path, local_r
 
     from test_node_loss import ROOT, _env
 
-    cluster = PrivateDiskCluster()
+    cluster = PrivateDiskCluster(tmp_path_factory.getbasetemp())
     try:
         cluster.start()
         raw = tiny_pipeline(s3_corpus, cluster_output["url"])

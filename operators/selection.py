@@ -300,8 +300,8 @@ def select_table(docs: pa.Table, score_column: str, operator: str,
                  policy: ThresholdPolicy | TopFractionCharsPolicy | TopPercentPolicy) -> pa.Table:
     """``select_dataset`` for a small run held on the driver: the same code over one block."""
     rows = selection_rows(docs, score_column)
-    order = [(k, "descending" if d else "ascending") for k, d in zip(ORDER, DESCENDING, strict=True)]
-    block = rows.sort_by(order, null_placement="at_end")
+    order = [(k, "descending" if d else "ascending", "at_end") for k, d in zip(ORDER, DESCENDING, strict=True)]
+    block = rows.sort_by(order)
     n_scored, _, total_chars = block_totals(block)
     table, _ = select_block(block, Position(0, 0, n_scored, total_chars), operator, policy)
     return table

@@ -222,11 +222,8 @@ class RunLock:
             if current is not None and not expired(current) and not _left_by_this_process(current):
                 raise LockHeld(f"a run of {self.run_date} is already going: the lock is held by "
                                f"{describe(current)}")
-            holder = self.holder | {"expires_at": _stamp(time.time() + self.lease_s)}
-            try:
-                _swap(table, {self.key: json.dumps(holder)})
-            except CommitFailedException:
-                _backoff(attempt)
+            holder = self._extended(table, attempt)
+            if holder is None:
                 continue
             if current is not None:
                 log.warning("took over the %s lock of %s from %s", "expired" if expired(current) else
@@ -273,15 +270,23 @@ class RunLock:
                 self.lost = (f"the lock of {self.run_date} is no longer this run's ({self.holder['run_id']}, "
                              f"lease until {self.holder['expires_at']}); it is held by {now}")
                 raise LockLost(self.lost)
-            holder = self.holder | {"expires_at": _stamp(time.time() + self.lease_s)}
-            try:
-                _swap(table, {self.key: json.dumps(holder)})
-            except CommitFailedException:
-                _backoff(attempt)
+            holder = self._extended(table, attempt)
+            if holder is None:
                 continue
             self.holder = holder
             return
         raise LockLost(f"could not renew the lock of {self.run_date}: the lock table kept changing")
+
+    def _extended(self, table: Table, attempt: int) -> dict | None:
+        """Write this run's entry with a full lease ahead (compare-and-swap); the entry written, or
+        None after backing off when another commit came first."""
+        holder = self.holder | {"expires_at": _stamp(time.time() + self.lease_s)}
+        try:
+            _swap(table, {self.key: json.dumps(holder)})
+        except CommitFailedException:
+            _backoff(attempt)
+            return None
+        return holder
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):

@@ -131,24 +131,20 @@ def _cache(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_lazy("jobs.ops.cache", "cache_command", reading=True))
 
 
-def _hours(value: str) -> float:
-    try:
-        hours = float(value)
-    except ValueError:
-        hours = -1.0
-    if not hours >= 0:
-        raise argparse.ArgumentTypeError(f"must be a number of hours >= 0, got {value!r}")
-    return hours
+def _amount(unit: str) -> Callable[[str], float]:
+    """An argparse type: a number of ``unit`` >= 0."""
+    def parse(value: str) -> float:
+        try:
+            amount = float(value)
+        except ValueError:
+            amount = -1.0
+        if not amount >= 0:
+            raise argparse.ArgumentTypeError(f"must be a number of {unit} >= 0, got {value!r}")
+        return amount
+    return parse
 
 
-def _days(value: str) -> float:
-    try:
-        days = float(value)
-    except ValueError:
-        days = -1.0
-    if not days >= 0:
-        raise argparse.ArgumentTypeError(f"must be a number of days >= 0, got {value!r}")
-    return days
+_hours, _days = _amount("hours"), _amount("days")
 
 
 def _schedule(sub: argparse._SubParsersAction) -> None:

@@ -211,15 +211,32 @@ def check_plan(cfg: PipelineConfig, source: str = "<config>") -> PipelineConfig:
     return cfg.model_copy(update={"stages": bound})
 
 
-def load_config(path: str | Path, overrides: dict | None = None) -> PipelineConfig:
-    """Read, expand and validate a pipeline YAML. ``overrides`` replace top-level sections' keys."""
+def read_yaml(path: str | Path) -> Any:
+    """A pipeline YAML as loaded (not expanded, not validated); ``ConfigError`` naming the file."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"pipeline file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+
+
+def load_output_config(path: str | Path) -> OutputConfig:
+    """Only the validated ``output`` section of a pipeline YAML (a reader needs none of its stages)."""
+    raw = read_yaml(path)
+    section = raw.get("output", {}) if isinstance(raw, dict) else None
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: output: must be a mapping")
+    try:
+        return OutputConfig.model_validate(expand_env(section))
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, f"{path}: output")) from None
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> PipelineConfig:
+    """Read, expand and validate a pipeline YAML. ``overrides`` replace top-level sections' keys."""
+    raw = read_yaml(path)
     for section, values in (overrides or {}).items():
         raw.setdefault(section, {})
         raw[section].update({k: v for k, v in values.items() if v is not None})

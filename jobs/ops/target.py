@@ -16,13 +16,11 @@ local output:
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-import yaml
 from pydantic import ValidationError
 
 from jobs.errors import UserError
-from pipelines.config import OutputConfig, expand_env, format_validation_error
+from pipelines.config import ConfigError, OutputConfig, format_validation_error, load_output_config
 from pipelines.tables import Output, open_output
 
 
@@ -38,20 +36,10 @@ def parse_pairs(values: list[str], option: str) -> dict[str, str]:
 
 def pipeline_output(path: str) -> OutputConfig:
     """The validated ``output`` section of a pipeline YAML (the rest is not read)."""
-    file = Path(path)
-    if not file.exists():
-        raise UserError(f"pipeline file not found: {path}")
     try:
-        raw = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML: {err}") from None
-    section = raw.get("output", {}) if isinstance(raw, dict) else None
-    if not isinstance(section, dict):
-        raise UserError(f"{path}: output: must be a mapping")
-    try:
-        return OutputConfig.model_validate(expand_env(section))
-    except ValidationError as err:
-        raise UserError(format_validation_error(err, f"{path}: output")) from None
+        return load_output_config(path)
+    except ConfigError as err:
+        raise UserError(str(err)) from None
 
 
 def output_from_args(args: argparse.Namespace) -> Output:

@@ -201,9 +201,18 @@ def build_dataset(cfg: PipelineConfig, shards: list[str], layout: RunLayout,
 
 
 def _resources(stage: StageConfig) -> dict:
+    """Ray Data arguments of a stage's actor pool.
+
+    ``enable_true_multi_threading``: each actor runs its batches on its main thread, where the
+    operator was built, not on a thread of Ray Data's. OpenMP (torch, vLLM on CPU) counts a second
+    master thread's team against the cores and then barely spins before sleeping: the lm stage ran
+    at 172% CPU of 200 and 0.85x the engine alone (docs/internals.md, "Where the lm stage's time
+    goes"). One call at a time per actor either way.
+    """
     r = stage.resources
-    pool = (ActorPoolStrategy(size=r.concurrency) if isinstance(r.concurrency, int)
-            else ActorPoolStrategy(min_size=r.concurrency[0], max_size=r.concurrency[1]))
+    one_thread = {"enable_true_multi_threading": True}
+    pool = (ActorPoolStrategy(size=r.concurrency, **one_thread) if isinstance(r.concurrency, int)
+            else ActorPoolStrategy(min_size=r.concurrency[0], max_size=r.concurrency[1], **one_thread))
     return {"batch_size": r.batch_size, "compute": pool, "num_cpus": r.num_cpus,
             "num_gpus": r.num_gpus or None, "memory": stage.memory_bytes()}
 

@@ -28,6 +28,18 @@ class DocResult:
     heads: dict[str, Any] = field(default_factory=dict)        # head column -> value
 
 
+#: Padded tokens per forward pass when the stage sets none. On CPU smaller steps are faster: at 8,192
+#: every step's activations (SmolLM2's MLP: 50 MB) were fresh mmap'd pages, ~14% of the lm stage's
+#: CPU time in page faults; at 2,048 they are reused (1,030 -> 1,200 tokens/s; docs/internals.md,
+#: "Where the lm stage's time goes").
+CPU_BATCH_TOKENS, GPU_BATCH_TOKENS = 2048, 8192
+
+
+def batch_tokens_default(on_gpu: bool) -> int:
+    """``max_batch_tokens`` when the stage leaves it unset."""
+    return GPU_BATCH_TOKENS if on_gpu else CPU_BATCH_TOKENS
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     """What an engine loads and computes; the ``lm`` stage derives it from its config."""
@@ -38,7 +50,7 @@ class EngineSettings:
     metrics: tuple[str, ...] = ()
     layers: set[Layer] = field(default_factory=set)      # tapped from the start (heads may add more)
     observer: ModelSpec | None = None                    # Binoculars observer (same tokenizer)
-    max_batch_tokens: int = 8192
+    max_batch_tokens: int | None = None                 # None: batch_tokens_default(on the device)
     cpu_threads: int | None = None
     score_first_token: bool = False                      # context token where the tokenizer adds none
     vllm: Any = None                                     # VLLMOptions for backend 'vllm'

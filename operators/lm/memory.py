@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from operators.base import MiB
+from operators.lm.engine import batch_tokens_default
 from operators.lm.models import ModelSpec, is_local_path
 from operators.lm.vllm_setup import kv_cache_bytes
 
@@ -60,5 +61,5 @@ def engine_memory_bytes(cfg: LMStageConfig, on_gpu: bool, with_observer: bool = 
     if cfg.model.backend == "vllm":
         total += VLLM_RUNTIME_MEMORY * len(models)
         if not on_gpu:
-            total += sum(kv_cache_bytes(m, cfg.max_tokens, cfg.max_batch_tokens, cfg.vllm) for m in models)
+            total += sum(kv_cache_bytes(m, cfg.max_tokens, cfg.max_batch_tokens or batch_tokens_default(on_gpu), cfg.vllm) for m in models)
     return total

@@ -69,7 +69,8 @@ class LMStageConfig(StageConfig):
     heads: list[HeadSpec] = Field(default_factory=list, description="kind pawn / sae (typed params) or "
                                   "module:callable (free params).")
     keep_positions: bool = Field(True, description="False: only per-document scalars.")
-    max_batch_tokens: int = Field(8192, gt=0, description="Padded tokens per forward pass (B·T).")
+    max_batch_tokens: int | None = Field(
+        None, gt=0, description="Padded tokens per forward pass (B·T); default 2048 on CPU, 8192 on GPU.")
     cpu_threads: int | None = Field(
         None, gt=0, description="threads on CPU (torch default: Ray's, = resources.num_cpus rounded up to 1; "
         "vLLM default: the cores the actor may use).")

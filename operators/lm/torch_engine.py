@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from operators.lm.batch import LogitMetrics, batch_results, pad_tokens
+from operators.lm.engine import batch_tokens_default
 from operators.lm.heads import Head
 from operators.lm.metrics import EXACT_METRICS
 from operators.lm.models import (
@@ -43,7 +44,14 @@ from operators.lm.models import (
     load_tokenizer,
     pick_device,
 )
-from operators.lm.shared import EngineBase, LMHead, decoder_blocks, hook_layers, onednn_linear
+from operators.lm.shared import (
+    EngineBase,
+    LMHead,
+    decoder_blocks,
+    hook_layers,
+    keep_freed_memory,
+    onednn_linear,
+)
 
 if TYPE_CHECKING:
     from operators.lm.engine import DocResult, EngineSettings
@@ -111,11 +119,15 @@ class TorchEngine(EngineBase):
     """Scores documents with one HF causal LM (and optionally a Binoculars observer)."""
 
     def __init__(self, spec: ModelSpec, *, max_tokens: int = 1024, metrics: tuple[str, ...] = EXACT_METRICS,
-                 layers: set[int | str] | None = None, max_batch_tokens: int = 8192,
+                 layers: set[int | str] | None = None, max_batch_tokens: int | None = None,
                  observer: ModelSpec | None = None, device: str | None = None,
                  score_first_token: bool = False) -> None:
-        self.spec, self.metrics, self.max_batch_tokens = spec, metrics, max_batch_tokens
+        self.spec, self.metrics = spec, metrics
         self.device = device or pick_device()
+        on_gpu = self.device.startswith("cuda")
+        self.max_batch_tokens = max_batch_tokens or batch_tokens_default(on_gpu)
+        if not on_gpu:
+            keep_freed_memory()
         self.tokenizer = load_tokenizer(spec)
         self.encoder = TextEncoder(self.tokenizer, max_tokens, score_first_token)
         self.model = load_causal_lm(spec, self.device)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from operators.lm.batch import LogitMetrics, batch_results, pad_tokens
+from operators.lm.engine import batch_tokens_default
 from operators.lm.heads import Head
 from operators.lm.metrics import EXACT_METRICS
 from operators.lm.models import (
@@ -34,7 +35,7 @@ from operators.lm.models import (
     is_local_path,
     load_tokenizer,
 )
-from operators.lm.shared import EngineBase, LMHead, decoder_blocks, hook_layers
+from operators.lm.shared import EngineBase, LMHead, decoder_blocks, hook_layers, keep_freed_memory
 from operators.lm.vllm_setup import VLLMOptions, engine_kwargs, load_llm, vllm_environment
 
 if TYPE_CHECKING:
@@ -214,14 +215,19 @@ class VLLMEngine(EngineBase):
 
     def __init__(self, spec: ModelSpec, *, max_tokens: int = 1024, metrics: tuple[str, ...] = EXACT_METRICS,
                  layers: set[int | str] | None = None, observer: ModelSpec | None = None,
-                 options: VLLMOptions | None = None, max_batch_tokens: int = 8192,
+                 options: VLLMOptions | None = None, max_batch_tokens: int | None = None,
                  score_first_token: bool = False, cpu_threads: int | None = None) -> None:
+        import torch
+
         options = options or VLLMOptions()
         vllm_environment(options, cpu_threads)
-        self.spec, self.max_batch_tokens = spec, max_batch_tokens
+        on_gpu = torch.cuda.is_available()
+        self.spec, self.max_batch_tokens = spec, max_batch_tokens or batch_tokens_default(on_gpu)
+        if not on_gpu:
+            keep_freed_memory()
         self.tokenizer = load_tokenizer(spec)
         self.encoder = TextEncoder(self.tokenizer, max_tokens, score_first_token)
-        self.lm = LoadedLM(spec, max_tokens, options, max_batch_tokens)
+        self.lm = LoadedLM(spec, max_tokens, options, self.max_batch_tokens)
         check_tokenizer_fits(self.tokenizer, self.lm.vocab_size, spec)
         self.num_layers, self.hidden_size, self.device = self.lm.num_layers, self.lm.hidden_size, self.lm.device
         self.vocab_size, self.dtype = self.lm.vocab_size, self.lm.dtype
@@ -231,7 +237,7 @@ class VLLMEngine(EngineBase):
         if observer is not None:
             check_same_tokenizer(self.tokenizer, load_tokenizer(observer),
                                  f"observer {observer.name!r} vs performer {spec.name!r}")
-            self.observer = LoadedLM(observer, max_tokens, options, max_batch_tokens)
+            self.observer = LoadedLM(observer, max_tokens, options, self.max_batch_tokens)
             if self.observer.vocab_size != self.lm.vocab_size:
                 raise ValueError(f"observer {observer.name!r} has {self.observer.vocab_size} logits, "
                                  f"performer {spec.name!r} {self.lm.vocab_size}: they must match")

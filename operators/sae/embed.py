@@ -28,7 +28,7 @@ class Embeddings:
     d_sae: int
 
 
-def open_tap_engine(model: Any, layer: int, max_tokens: int = 1024, max_batch_tokens: int = 8192,
+def open_tap_engine(model: Any, layer: int, max_tokens: int = 1024, max_batch_tokens: int | None = None,
                     vllm: Any = None) -> Any:
     """The engine of ``model`` (a ``ModelSpec``, whose backend it uses, or a local path: torch)
     tapping ``layer``; ``vllm``: the lm stage's ``VLLMOptions``."""

@@ -82,7 +82,7 @@ def actor_stage_run(stage: StageConfig, table: pa.Table, batch_size: int, num_cp
     import ray
     from ray.data import ActorPoolStrategy
 
-    from pipelines.stage_runner import SECONDS_PREFIX, StageRunner
+    from pipelines.stage_runner import StageRunner, timing_column
 
     table = _with_quarantine_columns(table)
     refs = [ray.put(table.slice(i, batch_size)) for i in range(0, table.num_rows, batch_size)]
@@ -95,7 +95,7 @@ def actor_stage_run(stage: StageConfig, table: pa.Table, batch_size: int, num_cp
         if first is None:
             first, first_rows = time.perf_counter(), batch.num_rows
         rows += batch.num_rows
-        inside += float(pc.sum(batch.column(f"{SECONDS_PREFIX}{stage.stage_name}")).as_py())
+        inside += float(pc.sum(batch.column(timing_column("seconds", stage.stage_name))).as_py())
     end = time.perf_counter()
     if rows != table.num_rows:
         raise RuntimeError(f"stage returned {rows} rows for {table.num_rows}")

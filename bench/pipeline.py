@@ -1,27 +1,41 @@
-"""The nightly pipeline end to end (docs/s, LM tokens/s, seconds per stage) and how its CPU stages scale.
+"""The nightly pipeline against its own lm engine: where the wall clock goes, and how its CPU stages scale.
 
-    python -m bench.pipeline [--docs 160] [--scale-docs 2000] [--scales 1 4 16]
+    python -m bench.pipeline [--docs 840] [--scale-docs 2000] [--scales 1 4 16]
         -> bench/results/pipeline_nightly.json
 
 * nightly: ``pipelines/nightly.yaml`` with its stages as-is (demo assets under ${CURATE_CACHE}/demo)
-  over a subset of the demo corpus: the first rows of every shard, ``--docs`` in all, in proportion
-  to the shards' sizes (English, machine-written and parallel multilingual docs alike). One run in a
-  fresh driver process (Ray start included). LM tokens = Σ (``<model>__n_scored`` + 1) over the
-  committed documents table; stage seconds are each stage's summed compute seconds in its actors
-  (stages overlap, so they need not add up to the wall clock). The ratio ``lm_stage_vs_wall`` =
-  LM stage seconds ÷ wall seconds: the share of the run that the LM's own work explains.
+  over the demo corpus, ``--docs`` in all (default: all 840, what ``make run`` runs; fewer take the
+  first rows of every shard in proportion to its size), into a fresh output (no result cache). One
+  run in a fresh driver process, Ray's start included in ``wall_seconds``.
+* engine: in the same bench run, after the pipeline, a child process builds the ``lm`` stage's
+  operator from the same stage config and scores the very token ids the pipeline committed
+  (``<model>__token_ids``), in the stage's batches (``resources.batch_size`` documents, in the
+  committed order), every batch timed, the first included, as the stage's seconds include its
+  first; the operator's build is left out of both.
+* ratios (targets in docs/internals.md, "Where the lm stage's time goes"):
+  ``lm_in_pipeline_vs_engine`` = engine seconds ÷ the lm stage's compute seconds (its tokens/s in
+  the pipeline over the engine's, ≥ 0.9); ``wall_vs_lm_stage`` = the run's wall seconds ÷ the lm
+  stage's compute seconds (≤ 1.15). Each stage records its compute seconds, its share of the wall,
+  its actors' build seconds and its window (first batch began, last batch ended, seconds after the
+  run started), so the head (before the lm stage's first batch) and tail (after its last) show.
+* memory: every Ray worker process is sampled every 2 s during the run (RSS, USS and PSS from
+  /proc smaps via psutil); the lm actor is the worker that used the most CPU. Its peaks sit next to
+  the stage's declared ``resources.memory``.
 * scale: nightly's CPU-only stages (token_premium, preselect) over ``--scale-docs × s`` synthetic
-  documents for each of ``--scales``, each in a fresh driver (``bench.soak.run_scales``): seconds
-  per document and driver peak RSS of the largest scale ÷ the first.
+  documents for each of ``--scales``, each in a fresh driver (``bench.soak.run_scales``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 import tempfile
+import threading
 from pathlib import Path
 
-import pyarrow.compute as pc
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bench.common import ROOT, fresh_driver, save
@@ -30,6 +44,7 @@ from pipelines.tables import committed_table_files
 
 NIGHTLY = ROOT / "pipelines" / "nightly.yaml"
 CPU_OPS = ("token_premium", "preselect")
+MiB = 2**20
 
 
 def nightly_config() -> dict:
@@ -44,6 +59,7 @@ def write_subset(source: Path, dest: Path, docs: int) -> int:
     shards = sorted(source.glob("*.parquet"))
     sizes = [pq.ParquetFile(s).metadata.num_rows for s in shards]
     total, written = sum(sizes), 0
+    docs = min(docs, total)
     dest.mkdir(parents=True)
     for k, (shard, size) in enumerate(zip(shards, sizes, strict=True)):
         n = docs - written if k == len(shards) - 1 else round(docs * size / total)
@@ -54,51 +70,133 @@ def write_subset(source: Path, dest: Path, docs: int) -> int:
     return written
 
 
-def lm_tokens(output: Path, model: str) -> int:
-    """Σ (n_scored + 1) over the committed documents table (skipped documents count 0)."""
-    column, tokens = f"{model}__n_scored", 0
-    for part in committed_table_files(str(output / "documents")) or []:
-        n = pq.read_table(part.removeprefix("file://"), columns=[column]).column(column)
-        tokens += int(pc.sum(pc.add(n, 1)).as_py() or 0)
-    return tokens
+def committed_token_ids(output: Path, model: str) -> list[list[int] | None]:
+    """``<model>__token_ids`` of the committed documents table, in file order (None: skipped)."""
+    column = f"{model}__token_ids"
+    parts = [pq.read_table(p.removeprefix("file://"), columns=[column])
+             for p in committed_table_files(str(output / "documents")) or []]
+    return pa.concat_tables(parts).column(column).to_pylist() if parts else []
+
+
+class WorkerMemory:
+    """Samples every Ray worker process (``ray::`` in its title) every 2 s, in a thread."""
+
+    def __init__(self) -> None:
+        self.peaks: dict[int, dict] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> WorkerMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            for proc in psutil.process_iter(["pid", "cmdline"]):
+                if not any("ray::" in part for part in proc.info["cmdline"] or ()):
+                    continue
+                try:
+                    mem, cpu = proc.memory_full_info(), proc.cpu_times()
+                except (psutil.Error, OSError):
+                    continue
+                peak = self.peaks.setdefault(proc.pid, {"title": " ".join(proc.info["cmdline"])[:80],
+                                                        "rss": 0, "uss": 0, "pss": 0, "cpu_seconds": 0.0})
+                for key in ("rss", "uss", "pss"):
+                    peak[key] = max(peak[key], getattr(mem, key))
+                peak["cpu_seconds"] = max(peak["cpu_seconds"], cpu.user + cpu.system)
+            self._stop.wait(2.0)
+
+    def busiest(self) -> dict:
+        """Peaks (MiB) of the worker that used the most CPU."""
+        pid, peak = max(self.peaks.items(), key=lambda kv: kv[1]["cpu_seconds"])
+        return {"pid": pid, "title": peak["title"], "cpu_seconds": round(peak["cpu_seconds"], 1),
+                **{f"peak_{k}_mib": round(peak[k] / MiB) for k in ("rss", "uss", "pss")}}
+
+
+ENGINE_CHILD = """
+import json, sys, time
+from pipelines.config import parse_config
+from operators.lm.models import Encoded
+cfg = parse_config(json.loads(open(sys.argv[1]).read()))
+ids = json.loads(open(sys.argv[2]).read())
+lm = next(s for s in cfg.stages if s.stage_name == sys.argv[3])
+op = lm.build()
+docs = [Encoded(x, False) if x else Encoded(None, None, "skipped in the pipeline") for x in ids]
+size, seconds = lm.resources.batch_size, []
+for first in range(0, len(docs), size):
+    start = time.perf_counter()
+    op.engine.score(docs[first:first + size], op.heads, set(op.cache_layers.values()))
+    seconds.append(time.perf_counter() - start)
+print(json.dumps({"seconds": sum(seconds), "batches": [round(s, 2) for s in seconds]}))
+"""
+
+
+def engine_alone(cfg: dict, lm_name: str, ids: list[list[int] | None], work: Path) -> dict:
+    """The lm stage's operator alone in a child process, on ``ids`` in the stage's batches."""
+    (work / "cfg.json").write_text(json.dumps(cfg))
+    (work / "ids.json").write_text(json.dumps(ids))
+    proc = subprocess.run([sys.executable, "-c", ENGINE_CHILD, str(work / "cfg.json"), str(work / "ids.json"),
+                           lm_name], capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"engine child failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def nightly_run(docs: int, work: Path) -> dict:
-    """nightly.yaml over ``docs`` demo documents in a fresh driver: rates and the stage split."""
+    """nightly.yaml over ``docs`` demo documents in a fresh driver, then its lm engine alone."""
     from jobs.demo.cache import cache_root
+    from pipelines.config import parse_config
 
     cfg = nightly_config()
     n = write_subset(cache_root() / "demo" / "corpus", work / "corpus", docs)
     cfg["input"]["url"], cfg["output"]["url"] = str(work / "corpus"), str(work / "out")
-    result = fresh_driver(cfg)
-    lm = next(s for s in cfg["stages"] if s["op"] == "lm")
-    model = lm["model"]["name"]
-    lm_name = lm["name"] or f"lm_{model}"
-    tokens = lm_tokens(work / "out", model)
+    with WorkerMemory() as memory:
+        result = fresh_driver(cfg)
+    lm = next(s for s in parse_config(cfg).stages if s.op == "lm")
+    model = lm.model.name
+    ids = committed_token_ids(work / "out", model)
+    tokens = sum(len(x) for x in ids if x)
+    engine = engine_alone(cfg, lm.stage_name, ids, work)
     wall = result["seconds"]
-    stage_seconds = {s["name"]: s["seconds"] for s in result["stages"]}
-    compute = sum(stage_seconds.values())
-    return {"docs": n, "docs_out": result["rows_out"], "wall_seconds": round(wall, 2), "lm_tokens": tokens,
-            "docs_per_s": round(n / wall, 2), "lm_tokens_per_s_wall": round(tokens / wall, 1),
-            "lm_tokens_per_s_in_stage": round(tokens / stage_seconds[lm_name], 1),
-            "lm_stage_vs_wall": round(stage_seconds[lm_name] / wall, 3),
-            "stages": [{**s, "share_of_stage_seconds": round(s["seconds"] / compute, 3)}
-                       for s in result["stages"]],
-            "tables": result["tables"], "driver_peak_rss_mb": round(result["driver_peak_rss_mb"], 1)}
+    stages = {s["name"]: s for s in result["stages"]}
+    lm_stage = stages[lm.stage_name]
+    return {
+        "docs": n, "docs_out": result["rows_out"], "lm_tokens": tokens, "wall_seconds": round(wall, 2),
+        "lm_stage_seconds": lm_stage["seconds"], "engine_alone_seconds": round(engine["seconds"], 2),
+        "lm_in_pipeline_vs_engine": round(engine["seconds"] / lm_stage["seconds"], 3),
+        "wall_vs_lm_stage": round(wall / lm_stage["seconds"], 3),
+        "lm_tokens_per_s": {"in_stage": round(tokens / lm_stage["seconds"], 1),
+                            "engine_alone": round(tokens / engine["seconds"], 1),
+                            "wall": round(tokens / wall, 1)},
+        "head_seconds": lm_stage["began_s"], "tail_seconds": round(wall - lm_stage["ended_s"], 2),
+        "engine_batches_seconds": engine["batches"],
+        "stages": [{**s, "share_of_wall": round(s["seconds"] / wall, 3)} for s in result["stages"]],
+        "lm_actor_memory": {**memory.busiest(), "declared_mib": round(lm.memory_bytes() / MiB)},
+        "tables": result["tables"], "driver_peak_rss_mb": round(result["driver_peak_rss_mb"], 1),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--docs", type=int, default=160, help="demo documents through nightly.yaml")
+    parser.add_argument("--docs", type=int, default=840, help="demo documents through nightly.yaml (all: 840)")
     parser.add_argument("--scale-docs", type=int, default=2000, help="synthetic documents at scale 1x")
-    parser.add_argument("--scales", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--scales", type=int, nargs="*", default=[1, 4, 16], help="none: skip the scale runs")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-nightly-") as tmp:
         nightly = nightly_run(args.docs, Path(tmp))
-    cpu_stages = [s for s in nightly_config()["stages"] if s["op"] in CPU_OPS]
-    scale = run_scales(cpu_stages, args.scale_docs, args.scales)
-    save("pipeline_nightly", {"pipeline": str(NIGHTLY.relative_to(ROOT)), "nightly": nightly,
-                              "scale": {"stages": [s["op"] for s in cpu_stages], **scale}})
+    print(json.dumps(nightly, indent=2), file=sys.stderr)
+    result: dict = {"pipeline": str(NIGHTLY.relative_to(ROOT)), "nightly": nightly}
+    if args.scales:
+        cpu_stages = [s for s in nightly_config()["stages"] if s["op"] in CPU_OPS]
+        result["scale"] = {"stages": [s["op"] for s in cpu_stages],
+                           **run_scales(cpu_stages, args.scale_docs, args.scales)}
+    save("pipeline_nightly", result)
 
 
 if __name__ == "__main__":

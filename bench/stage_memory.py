@@ -91,10 +91,10 @@ def main() -> None:
     cfg = parse_config({"name": "mem", "input": {"url": "/x"}, "stages": [raw["lm"], raw["scores"]]})
     lm_cfg, scores_cfg = cfg.stages
     # the scores stage reads the lm stage's columns: compute them once, in the driver
-    from pipelines.stage_runner import StageRunner
+    from pipelines.stage_runner import TIMING_PREFIX, StageRunner
 
     scored = StageRunner(lm_cfg)(docs)
-    scored = scored.drop_columns([c for c in scored.column_names if c.startswith("__seconds__")])
+    scored = scored.drop_columns([c for c in scored.column_names if c.startswith(TIMING_PREFIX)])
     results = {}
     for name, stage_raw in raw.items():
         stage = {"lm": lm_cfg, "scores": scores_cfg}.get(name) or parse_config(

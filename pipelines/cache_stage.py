@@ -27,7 +27,8 @@ import ray
 
 from operators.base import StageConfig
 from pipelines.cache import KEY_COLUMN, USED_SCHEMA, USED_TABLE, CachedStage, CachePlan, content_keys
-from pipelines.stage_runner import SECONDS_PREFIX, StageRunner, _nulls
+from pipelines.resources import READ_CPUS
+from pipelines.stage_runner import StageRunner, _nulls
 from pipelines.staging import StagedFile, stage_rows
 from pipelines.tables import Output, RunLayout
 
@@ -109,11 +110,16 @@ def cache_dataset(entry: CachedStage, output: Output) -> ray.data.Dataset:
 
 
 def join_cache(ds: ray.data.Dataset, plan: CachePlan, stages: list[StageConfig]) -> ray.data.Dataset:
-    """``ds`` with the content key and, per cached stage, its cache's columns (left outer hash
-    joins); materialized, so the joins run before any stage's actor pool holds CPUs."""
-    ds = ds.map_batches(add_keys, batch_format="pyarrow")
+    """``ds`` with the content key and, per cached stage with entries, its cache's columns (left
+    outer hash joins); materialized, so the joins run before any stage's actor pool holds CPUs. With
+    no entries at all (a first night) nothing is joined or materialized: the rows stream on, every
+    one a miss (a hash join of an empty table cost ~10 s before any stage could start)."""
+    ds = ds.map_batches(add_keys, batch_format="pyarrow", num_cpus=READ_CPUS)  # fused with the read
+    joined = {name: entry for name, entry in plan.stages.items() if entry.files}
+    if not joined:
+        return ds
     sizes = {s.stage_name: s.resources.batch_size for s in stages}
-    for name, entry in plan.stages.items():
+    for name, entry in joined.items():
         ds = ds.join(cache_dataset(entry, plan.output), "left_outer", plan.partitions(sizes[name]),
                      on=(KEY,), aggregator_ray_remote_args={"num_cpus": JOIN_REDUCE_CPUS})
     return ds.materialize()
@@ -137,7 +143,8 @@ def one_match_each(batch: pa.Table, entry: CachedStage) -> pa.Table:
 class CachedStageRunner(StageRunner):
     """``StageRunner`` for a cached stage: rows found in the cache carry its columns; of the rest,
     one row per distinct text runs (in chunks of the stage's batch size) and its copies share the
-    result. Gets one join partition per call (``batch_size=None``)."""
+    result. Gets one join partition per call (``batch_size=None``) when its cache has entries,
+    else the stage's batches (a text repeated in another batch is then computed there too)."""
 
     def __init__(self, stage: StageConfig, entry: CachedStage, progress: object | None = None) -> None:
         super().__init__(stage, progress)
@@ -148,7 +155,7 @@ class CachedStageRunner(StageRunner):
                         "without the cache", self.name)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        start = time.perf_counter()
+        began, start = time.time(), time.perf_counter()
         entry = self.entry
         batch = one_match_each(batch, entry)
         n = batch.num_rows
@@ -195,11 +202,7 @@ class CachedStageRunner(StageRunner):
         batch = batch.drop_columns([c for c in batch.column_names
                                     if c.startswith((f"{COL}{entry.table}__", RUN + entry.table, HIT + entry.table))])
         batch = batch.append_column(STATE + entry.table, pa.array(state, pa.int8()))
-        seconds = time.perf_counter() - start
-        if self.progress is not None:
-            self.progress.add.remote(self.name, n)
-        return batch.append_column(f"{SECONDS_PREFIX}{self.name}",
-                                   pa.array([seconds / max(n, 1)] * n, pa.float64()))
+        return self._done(batch, began, start)
 
     def _compute(self, batch: pa.Table, todo: list[int]) -> tuple[pa.Table, dict[int, str]]:
         """The stage's columns for rows ``todo`` (in chunks); failures by index into ``todo``."""

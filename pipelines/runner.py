@@ -42,7 +42,7 @@ from pipelines.lost import LOST_COLUMN, STATS_KEY, count_lost, fold_lost, lost_o
 from pipelines.progress import ProgressCounter, ProgressReporter, quiet_ray_data, ray_init_options
 from pipelines.recover import check_catalog_home
 from pipelines.resources import READ_CPUS, WRITER_CPUS, check_resources, shortfalls
-from pipelines.stage_runner import SECONDS_PREFIX, StageRunner
+from pipelines.stage_runner import TIMING_PREFIX, StageRunner, fold_timing, merge_timing
 from pipelines.staging import StagedFile, decode_files, discard, encode_files, stage_rows
 from pipelines.storage import apply_storage
 from pipelines.tables import (
@@ -64,13 +64,18 @@ READ_STAGE = "read"
 
 @dataclass
 class StageStats:
-    """Rows in, out and quarantined by one stage, and its summed compute seconds."""
+    """Rows in, out and quarantined by one stage; its summed compute seconds, the seconds its actors
+    took to build the operator (model loads), and when its first batch began and its last ended
+    (seconds after the run started; None for the read)."""
 
     name: str
     rows_in: int = 0
     rows_out: int = 0
     quarantined: int = 0
     seconds: float = 0.0
+    build_seconds: float = 0.0
+    began_s: float | None = None
+    ended_s: float | None = None
     cache_hits: int | None = None  # rows served from the result cache (None: not cached)
     cache_misses: int | None = None  # rows not in it (computed once per distinct text)
 
@@ -150,9 +155,8 @@ def write_staged(batch: pa.Table, layout: RunLayout, cache: CachePlan | None = N
     emit its stats row, which names the files written (``files``: encoded ``StagedFile``s)."""
     # result cache (issue 26): stage the new entries and hit records, drop the cache's columns
     batch, cache_files, cache_counts = split_cache_rows(batch, layout, cache, f"part-{batch_key(batch)}")
-    seconds = {c.removeprefix(SECONDS_PREFIX): pc.sum(batch.column(c)).as_py() or 0.0
-               for c in batch.column_names if c.startswith(SECONDS_PREFIX)}
-    batch = batch.drop_columns([c for c in batch.column_names if c.startswith(SECONDS_PREFIX)])
+    timing = fold_timing(batch)
+    batch = batch.drop_columns([c for c in batch.column_names if c.startswith(TIMING_PREFIX)])
     bad = pc.is_valid(batch.column("quarantine_reason"))
     key = batch_key(batch)
     docs, quarantined = batch.filter(pc.invert(bad)), batch.filter(bad)
@@ -166,7 +170,7 @@ def write_staged(batch: pa.Table, layout: RunLayout, cache: CachePlan | None = N
                                       f"part-{key}", rows))
     by_stage = Counter(quarantined.column("quarantine_stage").to_pylist())
     return pa.table({"key": [key], "rows": [batch.num_rows],
-                     "quarantined_by": [json.dumps(by_stage)], "seconds_by": [json.dumps(seconds)],
+                     "quarantined_by": [json.dumps(by_stage)], "timing_by": [json.dumps(timing)],
                      "files": pa.array([encode_files(written)], pa.binary()),
                      "cache_by": [json.dumps(cache_counts)],
                      STATS_KEY: [lost_of(quarantined)]})  # rows lost in unreadable parts (pipelines.lost)
@@ -190,10 +194,11 @@ def build_dataset(cfg: PipelineConfig, shards: list[str], layout: RunLayout,
         ds = join_cache(ds, cache, cfg.stages)
     for stage in cfg.stages:
         entry = cache.stages.get(stage.stage_name) if cache is not None else None
-        if entry is not None:  # one join partition per call: each distinct text computed once
+        if entry is not None:  # a joined cache: one partition per call, each distinct text computed once
+            per_call = {"batch_size": None} if entry.files else {}
             ds = ds.map_batches(CachedStageRunner, fn_constructor_kwargs={"stage": stage, "entry": entry,
                                                                           "progress": progress},
-                                batch_format="pyarrow", **(_resources(stage) | {"batch_size": None}))
+                                batch_format="pyarrow", **(_resources(stage) | per_call))
             continue
         ds = ds.map_batches(StageRunner, fn_constructor_kwargs={"stage": stage, "progress": progress},
                             batch_format="pyarrow", **_resources(stage))
@@ -261,18 +266,20 @@ def count_rows(shards: list[str], max_shards: int = 2000) -> int | None:
     return total
 
 
-def stage_stats(rows: list[dict], stage_names: list[str]) -> list[StageStats]:
-    """Fold per-batch stats into per-stage counts: in = out of the previous stage; cache hits and
-    misses of cached stages."""
+def stage_stats(rows: list[dict], stage_names: list[str], started: float | None = None) -> list[StageStats]:
+    """Fold per-batch stats into per-stage counts: in = out of the previous stage; timing (window
+    relative to ``started``, wall-clock seconds); cache hits and misses of cached stages."""
     total = sum(r["rows"] for r in rows)
-    quarantined, seconds = Counter(), Counter()
+    quarantined, timing = Counter(), {}
     for r in rows:
         quarantined.update(json.loads(r["quarantined_by"]))
-        seconds.update(json.loads(r["seconds_by"]))
+        merge_timing(timing, json.loads(r["timing_by"]))
     out, remaining = [], total
     for name in [READ_STAGE, *stage_names]:
-        q = quarantined.get(name, 0)
-        out.append(StageStats(name, remaining, remaining - q, q, round(seconds.get(name, 0.0), 3)))
+        q, t = quarantined.get(name, 0), timing.get(name, {})
+        window = {k: round(t[k] - started, 2) for k in ("began", "ended") if k in t and started is not None}
+        out.append(StageStats(name, remaining, remaining - q, q, round(t.get("seconds", 0.0), 3),
+                              round(t.get("build", 0.0), 2), window.get("began"), window.get("ended")))
         remaining -= q
     for stats in out:  # result cache (issue 26)
         counts = fold_counts(rows).get(stats.name)
@@ -305,7 +312,7 @@ def run_pipeline(cfg: PipelineConfig, run_date: str, *, partial: bool = False,
 
 def _run(cfg: PipelineConfig, output, run_date: str, held: contextlib.ExitStack,  # noqa: ANN001
          partial: bool = False, allow_shrink: bool = False) -> RunResult:
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     layout = RunLayout(output, run_date, run_id)
     result = RunResult(run_id, run_date, "running", cfg.output.url)
@@ -325,7 +332,7 @@ def _run(cfg: PipelineConfig, output, run_date: str, held: contextlib.ExitStack,
         check_output_reachable(cfg, output, len([n for n in ray.nodes() if n.get("Alive")]))
         stats_rows = execute_with_progress(cfg, shards, layout, cache)
         staged = staged_of(stats_rows)
-        result.stages = stage_stats(stats_rows, [s.stage_name for s in cfg.stages])
+        result.stages = stage_stats(stats_rows, [s.stage_name for s in cfg.stages], started_at)
         lost = fold_lost(stats_rows)  # unreadable row groups count their rows; files their own budget
         count_lost(result.stages, lost)
         check_budget(cfg, result.stages, lambda: quarantine_examples(layout, staged), lost.files)

@@ -5,7 +5,10 @@ For each batch it
 2. if the operator raises, splits the batch in halves and retries, down to single rows, so one bad
    row (or a batch too big for memory) quarantines that row alone with the error as its reason;
 3. puts the operator's columns back in row order (null for rows it did not process);
-4. records its compute seconds in a ``__seconds__<stage>`` column (summed later, then dropped);
+4. records its timing in ``__timing__<kind>__<stage>`` columns (folded by the writer, then dropped):
+   ``seconds`` (its compute seconds, spread over the rows: summed), ``began`` / ``ended`` (wall-clock
+   start and end of the batch: min / max over the run) and ``build`` (building the operator, on the
+   actor's first batch: summed over actors);
 5. tells the run's progress counter (``pipelines.progress``), when it has one, how many rows it did.
 """
 
@@ -20,30 +23,43 @@ import pyarrow.compute as pc
 from operators.base import Operator, StageConfig
 
 log = logging.getLogger("curate.stage")
-SECONDS_PREFIX = "__seconds__"
+TIMING_PREFIX = "__timing__"
+#: How each timing column folds over the run's batches (an Arrow aggregate, and the same in Python).
+TIMING_FOLDS = {"seconds": "sum", "build": "sum", "began": "min", "ended": "max"}
+_PY_FOLDS = {"sum": sum, "min": min, "max": max}
 
 
 class StageRunner:
     """Callable class for ``Dataset.map_batches``: builds the operator once, then runs batches."""
 
     def __init__(self, stage: StageConfig, progress: object | None = None) -> None:
+        start = time.perf_counter()
         self.name = stage.stage_name
         self.operator: Operator = stage.build()
         self.schema = self.operator.output_schema()
         self.progress = progress  # a ProgressCounter actor handle (fire and forget), or None
+        self.build_seconds: float | None = time.perf_counter() - start  # reported with the first batch
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        start = time.perf_counter()
+        began, start = time.time(), time.perf_counter()
         live = pc.is_null(batch.column("quarantine_reason")).to_pylist()
         live_rows = [i for i, ok in enumerate(live) if ok]
         columns, failures = self._run(batch.take(live_rows)) if live_rows else (None, {})
         batch = self._attach(batch, live_rows, columns)
         batch = self._quarantine(batch, {live_rows[i]: why for i, why in failures.items()})
-        seconds = time.perf_counter() - start
-        per_row = pa.array([seconds / max(batch.num_rows, 1)] * batch.num_rows, pa.float64())
+        return self._done(batch, began, start)
+
+    def _done(self, batch: pa.Table, began: float, start: float) -> pa.Table:
+        """``batch`` with its timing columns; tells the progress counter."""
+        n = batch.num_rows
         if self.progress is not None:
-            self.progress.add.remote(self.name, batch.num_rows)
-        return batch.append_column(f"{SECONDS_PREFIX}{self.name}", per_row)
+            self.progress.add.remote(self.name, n)
+        seconds, build, self.build_seconds = time.perf_counter() - start, self.build_seconds or 0.0, None
+        values = {"seconds": seconds / max(n, 1), "build": build / max(n, 1), "began": began,
+                  "ended": began + seconds}
+        for kind, value in values.items():
+            batch = batch.append_column(timing_column(kind, self.name), pa.array([value] * n, pa.float64()))
+        return batch
 
     def _run(self, rows: pa.Table) -> tuple[pa.Table, dict[int, str]]:
         """Operator output for ``rows``; failing rows get null columns and an error reason."""
@@ -89,6 +105,30 @@ class StageRunner:
                                  "quarantine_reason", pa.array(reason, pa.string()))
         return batch.set_column(batch.schema.get_field_index("quarantine_stage"),
                                 "quarantine_stage", pa.array(stage, pa.string()))
+
+
+def timing_column(kind: str, stage: str) -> str:
+    return f"{TIMING_PREFIX}{kind}__{stage}"
+
+
+def fold_timing(batch: pa.Table) -> dict[str, dict[str, float]]:
+    """Per stage, its timing folded over ``batch`` (see ``TIMING_FOLDS``)."""
+    out: dict[str, dict[str, float]] = {}
+    for column in batch.column_names:
+        if column.startswith(TIMING_PREFIX) and batch.num_rows:
+            kind, stage = column.removeprefix(TIMING_PREFIX).split("__", 1)
+            values = batch.column(column)
+            value = pc.call_function(TIMING_FOLDS[kind], [values]).as_py()
+            out.setdefault(stage, {})[kind] = float(value or 0.0)
+    return out
+
+
+def merge_timing(into: dict[str, dict[str, float]], more: dict[str, dict[str, float]]) -> None:
+    """Fold ``more`` into ``into`` (both per stage, per kind)."""
+    for stage, kinds in more.items():
+        mine = into.setdefault(stage, {})
+        for kind, value in kinds.items():
+            mine[kind] = _PY_FOLDS[TIMING_FOLDS[kind]]((mine[kind], value)) if kind in mine else value
 
 
 def _nulls(schema: pa.Schema, n: int) -> pa.Table:

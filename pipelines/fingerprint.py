@@ -197,3 +197,17 @@ def plan_fingerprints(stages: list[StageConfig], wanted: set[str]) -> dict[str, 
     found = {s.stage_name: fingerprint(i) for i, s in enumerate(stages) if s.stage_name in wanted}
     _save_known(known)
     return found
+
+
+def configs_fingerprint(stages: list[StageConfig]) -> str | None:
+    """One fingerprint of several stage configs together (each as ``stage_fingerprint`` with no
+    dependencies), for results derived from them outside the stage cache; None when a file they
+    name cannot be fingerprinted."""
+    known = _load_known()
+    try:
+        parts = [stage_fingerprint(s, {}, known) for s in stages]
+    except OSError as err:
+        log.warning("cannot fingerprint %s: %s", ", ".join(s.stage_name for s in stages), err)
+        return None
+    _save_known(known)
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()

@@ -30,7 +30,9 @@ like (measured on the demo pool: docs/methods/sae_select.md).
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import fsspec
@@ -172,16 +174,48 @@ class SAESelectConfig(StageConfig):
     def build(self) -> SAESimilarity:
         if self._lm is None or self._head is None:
             raise RuntimeError("sae_select is not bound to its lm stage: build it through a pipeline config")
+        return SAESimilarity(self.references(), self._head.name, self.score_column)
+
+    def references(self) -> np.ndarray:
+        """The target's reference rows ([1, d_sae] prototype, or one per example).
+
+        Kept in ``$CURATE_CACHE_DIR/sae_targets/<fingerprint>.npy``, the fingerprint of this stage's
+        and its lm stage's configs with the content of every file they name (model, SAE, target):
+        a night whose target was embedded before loads no second engine of the model (it took as
+        long as the lm stage's own load, on the same cores, before the first batch)."""
+        from operators.cache import cache_dir
+        from pipelines.fingerprint import configs_fingerprint
+
+        key = configs_fingerprint([self._lm, self])
+        kept = cache_dir("sae_targets") / f"{key}.npy" if key else None
+        if kept is not None and kept.is_file():
+            try:
+                refs = np.load(kept)
+                log.info("sae_select: target reference rows from %s", kept)
+                return refs
+            except (OSError, ValueError, EOFError) as err:  # a damaged file: embed again, replace it
+                log.warning("sae_select: %s cannot be read (%s); embedding the target again", kept, err)
         engine = open_engine(target_engine_settings(self._lm, self._head.layer))
         head = SAEHead(self._head, engine.model_info())
         texts = read_texts(self.target, self.target_text_column)
         refs = reference_rows(embed_texts(engine, head, texts), self.aggregate, self.target)
         log.info("sae_select: %d target texts -> %d reference row(s) (%s), %d active latents of %d",
                  len(texts), len(refs), self.aggregate, int((refs.max(axis=0) > 0).sum()), refs.shape[1])
-        return SAESimilarity(refs, self._head.name, self.score_column)
+        if kept is not None:
+            save_atomic(kept, refs)
+        return refs
 
     def finalize(self, ctx) -> dict[str, pa.Table | ray.data.Dataset]:
         return {"selected": select_run(ctx, self.score_column, self.stage_name, self.policy)}
+
+
+def save_atomic(path: Path, array: np.ndarray) -> None:
+    """``np.save`` through a temp file and a rename: a killed run never leaves a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.part")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
 
 
 def target_engine_settings(lm: LMStageConfig, layer: int) -> EngineSettings:

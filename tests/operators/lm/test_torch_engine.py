@@ -312,3 +312,18 @@ def test_lm_stage_end_to_end_through_the_pipeline(tmp_path, demo_model, local_ra
     assert texts["d3"]["smol__skip_reason"] == SKIP_SHORT
     stages = [s.name for s in result.stages]
     assert stages == ["read", "lm_smol"]
+
+
+def test_batch_tokens_default_by_device(tiny_bos_model):
+    """Unset ``max_batch_tokens``: 2,048 padded tokens per step on CPU (faster there), 8,192 on GPU;
+    a set value wins. The vLLM KV cache and the declared memory follow the same value."""
+    from operators.lm.engine import batch_tokens_default
+    from operators.lm.vllm_setup import VLLMOptions, kv_cache_bytes
+
+    assert (batch_tokens_default(False), batch_tokens_default(True)) == (2048, 8192)
+    op = LMStageConfig(model={"name": "tiny", "path": str(tiny_bos_model)}, max_tokens=4).build()
+    assert op.engine.max_batch_tokens == 2048
+    op = LMStageConfig(model={"name": "tiny", "path": str(tiny_bos_model)}, max_tokens=4, max_batch_tokens=512).build()
+    assert op.engine.max_batch_tokens == 512
+    spec = op.cfg.model
+    assert kv_cache_bytes(spec, 256, 2048, VLLMOptions()) < kv_cache_bytes(spec, 256, 8192, VLLMOptions())

@@ -22,7 +22,9 @@ from jobs.ops.report import report_path, score_columns, write_report
 CHROMIUM = Path("/usr/bin/chromium")
 DATE = "2026-02-03"
 STAGES = [{"name": "read", "rows_in": 9, "rows_out": 8, "quarantined": 1, "seconds": 0.0},
-          {"name": "pawn", "rows_in": 8, "rows_out": 8, "quarantined": 0, "seconds": 4.25}]
+          {"name": "pawn", "rows_in": 8, "rows_out": 8, "quarantined": 0, "seconds": 4.25},
+          {"name": "lm", "rows_in": 8, "rows_out": 8, "quarantined": 0, "seconds": 3.5, "build_seconds": 9.44,
+           "began_s": 12.3, "ended_s": 15.9}]  # a stage of a run that records its load and window
 
 
 def _png() -> bytes:
@@ -76,7 +78,8 @@ def test_report_is_self_contained(output):
         assert Image.open(io.BytesIO(base64.b64decode(data))).size[0] > 100
     assert "<h3>p_machine</h3>" in page and "<h3>dcpdd</h3>" in page
     assert "<h3>n_chars</h3>" not in page  # counts are no scores when scores exist
-    assert "<td>pawn</td><td>8</td><td>8</td><td>0</td><td>4.25</td>" in page  # stage row
+    assert "<td>pawn</td><td>8</td><td>8</td><td>0</td><td>4.25</td><td>0.0</td><td></td>" in page  # stage row
+    assert "<td>lm</td><td>8</td><td>8</td><td>0</td><td>3.50</td><td>9.4</td><td>12-16</td>" in page
     assert "<td>cl100k</td><td>fra_Latn</td><td>1.42</td>" in page
 
 

@@ -23,6 +23,15 @@ def url_key(url: str) -> str:
     return hashlib.sha256(url.encode()).hexdigest()[:16]
 
 
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file and a rename (parents created): a killed
+    process never leaves a partial file under the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def fetch_atomic(fs: fsspec.AbstractFileSystem, remote_path: str, target: Path) -> Path:
     """Copy ``remote_path`` to ``target`` unless it is there; via a temp file and an atomic rename,
     so a killed download never leaves a partial file under the final name."""

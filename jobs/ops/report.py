@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 from jobs.errors import UserError
 from jobs.ops.html import html_img, html_page, html_table
 from jobs.ops.query import connect, is_local, output_of, partitions, sql_ident, views
+from jobs.ops.summary import busy_window
 from pipelines.tables import Output
 
 REPORT_NAME = "report.html"
@@ -95,18 +96,13 @@ def _run_section(con: duckdb.DuckDBPyConnection, tables: list[str], run_id: str 
     facts = [(label, run.get(col)) for label, col in shown.items() if col != "error" or run.get(col)]
     stages = json.loads(run.get("stages") or "[]")
     stage_rows = [[s.get("name"), s.get("rows_in"), s.get("rows_out"), s.get("quarantined"),
-                   f"{s.get('seconds') or 0:.2f}", f"{s.get('build_seconds') or 0:.1f}", _window(s)]
+                   f"{s.get('seconds') or 0:.2f}", f"{s.get('build_seconds') or 0:.1f}", busy_window(s.get("began_s"), s.get("ended_s"))]
                   for s in stages]
     return ("<h2>Run</h2>" + html_table(None, facts)
             + "<h3>Stages</h3>"
             + html_table(["stage", "rows in", "rows out", "quarantined", "seconds", "load s", "busy from-to s"],
                          stage_rows))
 
-
-def _window(stage: dict) -> str:
-    """When a stage's first batch began and its last ended (seconds after the run started)."""
-    began, ended = stage.get("began_s"), stage.get("ended_s")
-    return f"{began:.0f}-{ended:.0f}" if began is not None and ended is not None else ""
 
 
 def _tables_section(parts: dict) -> str:

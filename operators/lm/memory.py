@@ -61,5 +61,6 @@ def engine_memory_bytes(cfg: LMStageConfig, on_gpu: bool, with_observer: bool = 
     if cfg.model.backend == "vllm":
         total += VLLM_RUNTIME_MEMORY * len(models)
         if not on_gpu:
-            total += sum(kv_cache_bytes(m, cfg.max_tokens, cfg.max_batch_tokens or batch_tokens_default(on_gpu), cfg.vllm) for m in models)
+            step = cfg.max_batch_tokens or batch_tokens_default(on_gpu)
+            total += sum(kv_cache_bytes(m, cfg.max_tokens, step, cfg.vllm) for m in models)
     return total

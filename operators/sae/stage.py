@@ -29,10 +29,9 @@ like (measured on the demo pool: docs/methods/sae_select.md).
 
 from __future__ import annotations
 
+import io
 import logging
-import os
 from dataclasses import replace
-from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import fsspec
@@ -183,7 +182,7 @@ class SAESelectConfig(StageConfig):
         and its lm stage's configs with the content of every file they name (model, SAE, target):
         a night whose target was embedded before loads no second engine of the model (it took as
         long as the lm stage's own load, on the same cores, before the first batch)."""
-        from operators.cache import cache_dir
+        from operators.cache import cache_dir, write_atomic
         from pipelines.fingerprint import configs_fingerprint
 
         key = configs_fingerprint([self._lm, self])
@@ -202,20 +201,13 @@ class SAESelectConfig(StageConfig):
         log.info("sae_select: %d target texts -> %d reference row(s) (%s), %d active latents of %d",
                  len(texts), len(refs), self.aggregate, int((refs.max(axis=0) > 0).sum()), refs.shape[1])
         if kept is not None:
-            save_atomic(kept, refs)
+            buffer = io.BytesIO()
+            np.save(buffer, refs)
+            write_atomic(kept, buffer.getvalue())
         return refs
 
     def finalize(self, ctx) -> dict[str, pa.Table | ray.data.Dataset]:
         return {"selected": select_run(ctx, self.score_column, self.stage_name, self.policy)}
-
-
-def save_atomic(path: Path, array: np.ndarray) -> None:
-    """``np.save`` through a temp file and a rename: a killed run never leaves a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.part")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
 
 
 def target_engine_settings(lm: LMStageConfig, layer: int) -> EngineSettings:

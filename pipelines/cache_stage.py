@@ -27,7 +27,6 @@ import ray
 
 from operators.base import StageConfig
 from pipelines.cache import KEY_COLUMN, USED_SCHEMA, USED_TABLE, CachedStage, CachePlan, content_keys
-from pipelines.resources import READ_CPUS
 from pipelines.stage_runner import StageRunner, _nulls
 from pipelines.staging import StagedFile, stage_rows
 from pipelines.tables import Output, RunLayout
@@ -114,6 +113,8 @@ def join_cache(ds: ray.data.Dataset, plan: CachePlan, stages: list[StageConfig])
     outer hash joins); materialized, so the joins run before any stage's actor pool holds CPUs. With
     no entries at all (a first night) nothing is joined or materialized: the rows stream on, every
     one a miss (a hash join of an empty table cost ~10 s before any stage could start)."""
+    from pipelines.resources import READ_CPUS  # the driver's; the workers never import the config
+
     ds = ds.map_batches(add_keys, batch_format="pyarrow", num_cpus=READ_CPUS)  # fused with the read
     joined = {name: entry for name, entry in plan.stages.items() if entry.files}
     if not joined:

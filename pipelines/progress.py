@@ -3,7 +3,7 @@
 * On a terminal (``sys.stderr.isatty()``) Ray Data draws its progress bars (rows done of total per
   operator, rate, time left).
 * Elsewhere (cron, CI, a log file) one line every ``CURATE_PROGRESS_SECONDS`` (default 5) on stderr
-  names the stage that is furthest behind its input::
+  names the earliest stage with rows still to do (the one the run waits on)::
 
       progress: lm_smollm2 320/840 rows, 4.1 rows/s, ETA 2m07s
 
@@ -94,21 +94,21 @@ def format_duration(seconds: float) -> str:
 
 
 def progress_line(stages: list[str], done: dict[str, int], total: int | None, elapsed: float) -> str | None:
-    """One line for the stage furthest behind its input (most rows waiting); None before any rows.
+    """One line for the earliest stage with rows still to do (its input's rows, or the total, not yet
+    done): the stage the run waits on. A later stage's backlog is not work it could be doing yet, as
+    rows reach it in whole blocks of the stage before. None before any rows.
 
     rows/s is that stage's rows over the time since execution started; the ETA is its rows left at
     that rate. ``total`` None (unknown): rows without total or ETA.
     """
     if not any(done.get(s) for s in stages):
         return None
-    upstream = total if total is not None else None
-    pick, backlog_max = stages[-1], -1
+    upstream, pick = total, stages[-1]
     for stage in stages:
         mine = done.get(stage, 0)
-        feed = upstream if upstream is not None else mine
-        backlog = feed - mine
-        if backlog > backlog_max:
-            pick, backlog_max = stage, backlog
+        if upstream is not None and mine < upstream:
+            pick = stage
+            break
         upstream = mine
     rows = done.get(pick, 0)
     rate = rows / elapsed if elapsed > 0 else 0.0

@@ -15,6 +15,7 @@ For each batch it
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import pyarrow as pa
@@ -34,6 +35,7 @@ class StageRunner:
 
     def __init__(self, stage: StageConfig, progress: object | None = None) -> None:
         start = time.perf_counter()
+        lower_priority(stage.resources.nice)
         self.name = stage.stage_name
         self.operator: Operator = stage.build()
         self.schema = self.operator.output_schema()
@@ -105,6 +107,15 @@ class StageRunner:
                                  "quarantine_reason", pa.array(reason, pa.string()))
         return batch.set_column(batch.schema.get_field_index("quarantine_stage"),
                                 "quarantine_stage", pa.array(stage, pa.string()))
+
+
+def lower_priority(nice: int) -> None:
+    """Add ``nice`` to this process's niceness (``resources.nice``; an actor process is the stage's own)."""
+    if nice > 0:
+        try:
+            os.nice(nice)
+        except OSError as err:  # no such thing here: the stage runs at Ray's priority
+            log.warning("could not lower this stage's priority by %d: %s", nice, err)
 
 
 def timing_column(kind: str, stage: str) -> str:

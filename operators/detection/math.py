@@ -22,10 +22,13 @@ Empty documents score NaN (callers turn NaN into null).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from numpy.typing import ArrayLike
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _f64(x: ArrayLike) -> np.ndarray:
@@ -89,7 +92,6 @@ def binoculars_score(performer_logprob: ArrayLike, cross_entropy: ArrayLike) -> 
     return float(-lp.mean() / x.mean())
 
 
-@torch.no_grad()
 def cross_entropy_per_position(observer_logits: torch.Tensor, performer_logits: torch.Tensor,
                                chunk_size: int = 256) -> torch.Tensor:
     """x_t = -Σ_v softmax(observer_t)_v · log softmax(performer_t)_v, for logits [..., T, V].
@@ -99,18 +101,21 @@ def cross_entropy_per_position(observer_logits: torch.Tensor, performer_logits: 
     and the performer log-softmax) is alive at once. Pass the logits aligned with the scored
     positions (logits at position i-1 predict x_i).
     """
-    if observer_logits.shape != performer_logits.shape:
-        raise ValueError(f"shape mismatch: {tuple(observer_logits.shape)} vs {tuple(performer_logits.shape)}")
-    if chunk_size < 1:
-        raise ValueError("chunk_size must be >= 1")
-    lead, vocab = observer_logits.shape[:-1], observer_logits.shape[-1]
-    obs, perf = observer_logits.reshape(-1, vocab), performer_logits.reshape(-1, vocab)
-    out = torch.empty(obs.shape[0], dtype=torch.float32, device=obs.device)
-    for start in range(0, obs.shape[0], chunk_size):
-        stop = start + chunk_size
-        p = torch.softmax(obs[start:stop], dim=-1, dtype=torch.float32)             # [c, V]
-        log_q = torch.log_softmax(perf[start:stop], dim=-1, dtype=torch.float32)    # [c, V]
-        log_q.clamp_(min=torch.finfo(torch.float32).min)  # -inf logits: 0 · (-inf) would be NaN
-        out[start:stop] = -p.mul_(log_q).sum(dim=-1)      # in place: no third [c, V]
-        del p, log_q
-    return out.reshape(lead)
+    import torch  # here, not at import: the scores stage's workers never load torch
+
+    with torch.no_grad():
+        if observer_logits.shape != performer_logits.shape:
+            raise ValueError(f"shape mismatch: {tuple(observer_logits.shape)} vs {tuple(performer_logits.shape)}")
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be >= 1")
+        lead, vocab = observer_logits.shape[:-1], observer_logits.shape[-1]
+        obs, perf = observer_logits.reshape(-1, vocab), performer_logits.reshape(-1, vocab)
+        out = torch.empty(obs.shape[0], dtype=torch.float32, device=obs.device)
+        for start in range(0, obs.shape[0], chunk_size):
+            stop = start + chunk_size
+            p = torch.softmax(obs[start:stop], dim=-1, dtype=torch.float32)             # [c, V]
+            log_q = torch.log_softmax(perf[start:stop], dim=-1, dtype=torch.float32)    # [c, V]
+            log_q.clamp_(min=torch.finfo(torch.float32).min)  # -inf logits: 0 · (-inf) would be NaN
+            out[start:stop] = -p.mul_(log_q).sum(dim=-1)      # in place: no third [c, V]
+            del p, log_q
+        return out.reshape(lead)

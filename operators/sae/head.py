@@ -44,25 +44,13 @@ import pyarrow as pa
 import torch
 
 from operators.lm.heads import ModelInfo, token_mask
-from operators.sae.head_params import SAEHeadParams
+from operators.sae.head_params import SAEHeadParams, hidden_mean_column, idx_column, val_column
 from operators.sae.io import load_sae, saelens_hf_layer, sparsify_hookpoint
 from operators.sae.math import to_sparse
 from operators.sae.model import SparseAutoencoder
 
 #: Elements of one [rows, d_sae] code buffer (64 MiB in float32): bounds memory for wide SAEs.
 CODE_BUFFER = 1 << 24
-
-
-def idx_column(name: str) -> str:
-    return f"{name}__sae_idx"
-
-
-def val_column(name: str) -> str:
-    return f"{name}__sae_val"
-
-
-def hidden_mean_column(name: str) -> str:
-    return f"{name}__hidden_mean"
 
 
 # ---------------------------------------------------------------------------------------------

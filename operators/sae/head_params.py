@@ -21,3 +21,17 @@ class SAEHeadParams(StrictModel):
     def columns(self) -> list[str]:
         cols = [f"{self.name}__sae_idx", f"{self.name}__sae_val"]
         return cols + ([f"{self.name}__hidden_mean"] if self.hidden_mean else [])
+
+
+def idx_column(name: str) -> str:
+    """The head's column of active SAE feature indices."""
+    return f"{name}__sae_idx"
+
+
+def val_column(name: str) -> str:
+    """The head's column of the active features' mean activations."""
+    return f"{name}__sae_val"
+
+
+def hidden_mean_column(name: str) -> str:
+    return f"{name}__hidden_mean"

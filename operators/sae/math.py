@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch only where a tensor comes in: sae_select's workers never load it
+    import torch
 
 # ---------------------------------------------------------------------------------------------
 # Sample embeddings and sparse storage
@@ -27,13 +30,16 @@ def mean_pooled_code(z: torch.Tensor, mask: torch.Tensor | None = None) -> torch
 
 def to_sparse(vec: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """1-D dense vector -> (indices int32 ascending, values float32) of its non-zeros."""
-    if isinstance(vec, torch.Tensor):
-        vec = vec.detach().cpu().numpy()
-    vec = np.asarray(vec)
+    vec = _numpy(vec)
     if vec.ndim != 1:
         raise ValueError(f"expected a 1-D vector, got shape {vec.shape}")
     idx = np.flatnonzero(vec)
     return idx.astype(np.int32), vec[idx].astype(np.float32)
+
+
+def _numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    """A tensor's values on the CPU (anything else as an array)."""
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
 
 def from_sparse(indices: np.ndarray, values: np.ndarray, d_sae: int) -> np.ndarray:
@@ -50,9 +56,7 @@ def from_sparse(indices: np.ndarray, values: np.ndarray, d_sae: int) -> np.ndarr
 
 def prototype(embeddings: np.ndarray | torch.Tensor) -> np.ndarray:
     """proto = (1 / n) Σ_i e_i over target embeddings [n, d_sae] -> float64 [d_sae]."""
-    if isinstance(embeddings, torch.Tensor):
-        embeddings = embeddings.detach().cpu().numpy()
-    emb = np.asarray(embeddings, dtype=np.float64)
+    emb = np.asarray(_numpy(embeddings), dtype=np.float64)
     if emb.ndim != 2 or emb.shape[0] == 0:
         raise ValueError(f"expected non-empty embeddings [n, d_sae], got shape {emb.shape}")
     return emb.mean(axis=0)

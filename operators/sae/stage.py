@@ -45,14 +45,14 @@ from operators.lm.backends import open_engine
 from operators.lm.engine import EngineSettings
 from operators.lm.memory import LM_ACTOR_OVERHEAD, engine_memory_bytes
 from operators.lm.stage import LMStageConfig, engine_settings
-from operators.sae.embed import Embeddings, embed_texts
-from operators.sae.head import SAEHead, idx_column, val_column
-from operators.sae.head_params import SAEHeadParams
+from operators.sae.head_params import SAEHeadParams, idx_column, val_column
 from operators.sae.math import generalized_jaccard_many, prototype
 from operators.selection import TopPercentPolicy, select_run
 
 if TYPE_CHECKING:
     import ray
+
+    from operators.sae.embed import Embeddings
 
 log = logging.getLogger("curate.sae")
 DEFAULT_STAGE = "sae_select"
@@ -194,6 +194,9 @@ class SAESelectConfig(StageConfig):
                 return refs
             except (OSError, ValueError, EOFError) as err:  # a damaged file: embed again, replace it
                 log.warning("sae_select: %s cannot be read (%s); embedding the target again", kept, err)
+        from operators.sae.embed import embed_texts  # torch: only where the target is embedded
+        from operators.sae.head import SAEHead
+
         engine = open_engine(target_engine_settings(self._lm, self._head.layer))
         head = SAEHead(self._head, engine.model_info())
         texts = read_texts(self.target, self.target_text_column)

@@ -17,6 +17,7 @@ import contextlib
 import gzip
 import hashlib
 import importlib.util
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -192,18 +193,36 @@ class SentencePieceCounter(CountingTokenizer):
 # --- Hugging Face --------------------------------------------------------------------------------
 
 
+def plain_tokenizer_json(path: str) -> Path | None:
+    """``<dir>/tokenizer.json`` of a local tokenizer dir whose config names transformers' generic
+    backend (``tokenizer_class: TokenizersBackend``): transformers loads that file unchanged, so it
+    is the same tokenizer. None for any other dir (a model-specific class may rewrite the pipeline)."""
+    local = Path(path).expanduser()
+    config, file = local / "tokenizer_config.json", local / "tokenizer.json"
+    if not (config.is_file() and file.is_file()):
+        return None
+    try:
+        generic = json.loads(config.read_text()).get("tokenizer_class") == "TokenizersBackend"
+    except (OSError, ValueError):
+        return None
+    return file if generic else None
+
+
 class HFCounter(CountingTokenizer):
     """A Hugging Face fast tokenizer: local dir, ``tokenizer.json`` file, or Hub id."""
 
     def __init__(self, path: str) -> None:
         from tokenizers import Tokenizer
-        from transformers import AutoTokenizer
 
         if path.endswith(".json"):
             if not Path(path).exists():
                 raise FileNotFoundError(f"tokenizer file not found: {path}")
             self.tok = Tokenizer.from_file(path)
+        elif plain_tokenizer_json(path) is not None:  # what transformers would load, without its 3 s import
+            self.tok = Tokenizer.from_file(str(plain_tokenizer_json(path)))
         else:
+            from transformers import AutoTokenizer
+
             self.tok = AutoTokenizer.from_pretrained(path).backend_tokenizer
         self.is_unk, self.is_byte = self._special_ids()
 

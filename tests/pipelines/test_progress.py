@@ -24,12 +24,17 @@ def test_durations():
     assert [format_duration(s) for s in (0, 7.4, 127, 3840)] == ["0s", "7s", "2m07s", "1h04m"]
 
 
-def test_line_names_the_stage_furthest_behind_with_rate_and_eta():
+def test_line_names_the_stage_the_run_waits_on_with_rate_and_eta():
     done = {"token_premium": 840, "preselect": 840, "lm_smollm2": 320, "scores_smollm2": 300}
-    # lm has 520 rows waiting (840 - 320), more than any other stage; 320 rows in 78 s = 4.1 rows/s,
+    # lm is the earliest stage with rows to do (840 - 320); 320 rows in 78 s = 4.1 rows/s,
     # 520 rows left at that rate = 126.75 s
     assert progress_line(STAGES, done, 840, 78.0) == \
         "progress: lm_smollm2 (stage 3/4) 320/840 rows, 4.1 rows/s, ETA 2m07s"
+    # scores has more rows waiting (512) than lm (328), but gets them only when lm's block is done:
+    # the line stays on lm, not on "scores 0/840, ETA ?"
+    blocked = {"token_premium": 840, "preselect": 840, "lm_smollm2": 512, "scores_smollm2": 0}
+    assert progress_line(STAGES, blocked, 840, 128.0) == \
+        "progress: lm_smollm2 (stage 3/4) 512/840 rows, 4.0 rows/s, ETA 1m22s"
     assert progress_line(STAGES, {}, 840, 3.0) is None
     assert progress_line(STAGES, dict.fromkeys(STAGES, 840), 840, 130.0) == \
         "progress: all 4 stages done, 840/840 rows in 2m10s"

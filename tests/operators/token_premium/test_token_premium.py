@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -160,6 +162,32 @@ def test_hf_counter_matches_the_per_token_definition(smollm2, text):
     counted = smollm2.count(text)
     assert (counted.fallback_chars, counted.unk_chars) == _reference_hf_fallback(smollm2, text)
     assert smollm2.count_batch([text]) == [counted]
+
+
+def test_hf_counter_reads_a_generic_backend_dir_as_transformers_does(smollm2):
+    """The demo dir names ``TokenizersBackend``: its tokenizer.json is read directly (no transformers
+    import) and counts exactly what transformers' tokenizer counts on the demo corpus."""
+    from transformers import AutoTokenizer
+
+    from jobs.demo.model import prepare_demo_model
+    from operators.token_premium.tokenizers import HFCounter, plain_tokenizer_json
+
+    path = str(prepare_demo_model(log=lambda _m: None))
+    assert plain_tokenizer_json(path) is not None
+    via_transformers = HFCounter.__new__(HFCounter)
+    via_transformers.tok = AutoTokenizer.from_pretrained(path).backend_tokenizer
+    via_transformers.is_unk, via_transformers.is_byte = via_transformers._special_ids()
+    texts = [*NON_LATIN.values(), "Hello  world\t\n", "naïve café — ½ ✓ 🙂", "x" * 300, ""]
+    texts += _demo_texts(200)
+    assert smollm2.count_batch(texts) == via_transformers.count_batch(texts)
+    assert plain_tokenizer_json(str(Path(path).parent)) is None  # no tokenizer here: transformers decides
+
+
+def _demo_texts(n: int) -> list[str]:
+    from jobs.demo.cache import cache_root
+
+    shards = sorted((cache_root() / "demo" / "corpus").glob("*.parquet"))
+    return [t for s in shards for t in pq.read_table(s, columns=["text"]).column("text").to_pylist()][:n]
 
 
 # --- unk_share is UNK only; byte fallback is reported apart (issue 15, item 5) -----------------

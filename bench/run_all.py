@@ -83,10 +83,12 @@ def pipeline_rows(r: dict) -> list[Row]:
     rate, mem = n["lm_tokens_per_s"], n["lm_actor_memory"]
     rows = [("pipeline (nightly.yaml)", f"lm stage tokens/s in the pipeline vs its engine alone, {n['docs']} demo docs",
              n["lm_in_pipeline_vs_engine"],
-             f"{_n(rate['in_stage'])} vs {_n(rate['engine_alone'])} tokens/s ({_n(n['lm_tokens'])} tokens, "
+             f"{n['lm_in_pipeline_vs_engine']:.3f}, target ≥ 0.9: {_n(rate['in_stage'])} vs "
+             f"{_n(rate['engine_alone'])} tokens/s ({_n(n['lm_tokens'])} tokens, "
              f"{_n(n['lm_stage_seconds'])} vs {_n(n['engine_alone_seconds'])} s)"),
             ("pipeline (nightly.yaml)", f"wall ÷ lm stage seconds, {n['docs']} demo docs", n["wall_vs_lm_stage"],
-             f"wall {_n(n['wall_seconds'])} s: head {_n(n['head_seconds'])} s before the lm stage's first batch, "
+             f"{n['wall_vs_lm_stage']:.3f}, target ≤ 1.15: wall {_n(n['wall_seconds'])} s: head "
+             f"{_n(n['head_seconds'])} s before the lm stage's first batch, "
              f"tail {_n(n['tail_seconds'])} s after its last; stage s: {split}"),
             ("pipeline (nightly.yaml)", "lm actor peak PSS vs its declared resources.memory",
              mem["peak_pss_mib"] / mem["declared_mib"],

@@ -91,7 +91,11 @@ def _host(tmp_path: Path, name: str, props: dict, run_id: str, *, lease: float =
 
 def test_of_hosts_racing_for_one_date_exactly_one_wins_and_the_others_name_it(tmp_path, catalog_props):
     # no lock table yet: the hosts also race to create it. Each reads the free entry, then waits a
-    # second before its commit, so all of them try to take the lock from the same state.
+    # second before its commit, so all of them try to take the lock from the same state. The
+    # catalog's own SQL tables exist first: pyiceberg's SqlCatalog creates them unguarded, and four
+    # hosts opening a brand-new catalog at once can collide there ("table iceberg_tables already
+    # exists"), before the race under test.
+    load_catalog("curate", **catalog_props).list_namespaces()
     start_at = time.time() + 6
     done = tmp_path / "done"
     hosts = {f"run-{i}": _host(tmp_path, str(i), catalog_props, f"run-{i}", start_at=start_at,

@@ -256,7 +256,8 @@ class ScoreOperator:
         if cfg.dcpdd is not None:
             self.table = FrequencyTable.load(cfg.dcpdd.freq_table)
         if cfg.zlib and cfg._lm is not None:  # with the operator, not in the run's tail at the first cut text
-            self.encoder = self._encoder()
+            lm = cfg._lm
+            self.encoder = TextEncoder(load_tokenizer(lm.model), lm.max_tokens, lm.score_first_token)
 
     def output_schema(self) -> pa.Schema:
         return pa.schema([(self.col(s), pa.float64()) for s in self.score_names()])
@@ -347,18 +348,11 @@ class ScoreOperator:
         return [self._span(text, row) if flag else text for row, (text, flag) in enumerate(zip(texts, cut, strict=True))]
 
     def _span(self, text: str, row: int) -> str:
-        if self.encoder is None:
-            if self.cfg._lm is None:
-                raise ValueError(f"{self.cfg.model}__truncated is true in row {row}: zlib needs the span the "
-                                 "lm stage scored, from that stage's tokenizer; bind the scores stage to its "
-                                 "lm stage (a pipeline config does; by hand: ScoresConfig.bind([lm_config]))")
-            self.encoder = self._encoder()
+        if self.encoder is None:  # built with the operator whenever an lm stage is bound
+            raise ValueError(f"{self.cfg.model}__truncated is true in row {row}: zlib needs the span the "
+                             "lm stage scored, from that stage's tokenizer; bind the scores stage to its "
+                             "lm stage (a pipeline config does; by hand: ScoresConfig.bind([lm_config]))")
         return self.encoder.scored_text(text)
-
-    def _encoder(self) -> TextEncoder:
-        """The bound lm stage's encoder (its tokenizer, ``max_tokens`` and first-token rule)."""
-        lm = self.cfg._lm
-        return TextEncoder(load_tokenizer(lm.model), lm.max_tokens, lm.score_first_token)
 
     def _column(self, batch: pa.Table, metric: str, model: str | None = None, hint: str = "") -> str:
         """The column holding ``metric`` (or its vLLM estimate); a clear error naming what is missing."""

@@ -19,8 +19,8 @@ class SAEHeadParams(StrictModel):
                             "tokens as MoNA's Eq. 7; 1 drops x_0, an attention sink.")
 
     def columns(self) -> list[str]:
-        cols = [f"{self.name}__sae_idx", f"{self.name}__sae_val"]
-        return cols + ([f"{self.name}__hidden_mean"] if self.hidden_mean else [])
+        cols = [idx_column(self.name), val_column(self.name)]
+        return cols + ([hidden_mean_column(self.name)] if self.hidden_mean else [])
 
 
 def idx_column(name: str) -> str:
@@ -34,4 +34,5 @@ def val_column(name: str) -> str:
 
 
 def hidden_mean_column(name: str) -> str:
+    """The head's column of the mean hidden state (``hidden_mean: true``)."""
     return f"{name}__hidden_mean"

@@ -214,12 +214,13 @@ class HFCounter(CountingTokenizer):
     def __init__(self, path: str) -> None:
         from tokenizers import Tokenizer
 
+        plain = None if path.endswith(".json") else plain_tokenizer_json(path)
         if path.endswith(".json"):
             if not Path(path).exists():
                 raise FileNotFoundError(f"tokenizer file not found: {path}")
             self.tok = Tokenizer.from_file(path)
-        elif plain_tokenizer_json(path) is not None:  # what transformers would load, without its 3 s import
-            self.tok = Tokenizer.from_file(str(plain_tokenizer_json(path)))
+        elif plain is not None:  # what transformers would load, without its 3 s import
+            self.tok = Tokenizer.from_file(str(plain))
         else:
             from transformers import AutoTokenizer
 

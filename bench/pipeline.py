@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -45,6 +47,7 @@ from pipelines.tables import committed_table_files
 NIGHTLY = ROOT / "pipelines" / "nightly.yaml"
 CPU_OPS = ("token_premium", "preselect")
 MiB = 2**20
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def nightly_config() -> dict:
@@ -78,11 +81,39 @@ def committed_token_ids(output: Path, model: str) -> list[list[int] | None]:
     return pa.concat_tables(parts).column(column).to_pylist() if parts else []
 
 
+ROLLUP_FIELDS = ("Rss", "Pss", "Pss_Anon", "Pss_File", "Pss_Shmem", "Private_Clean", "Private_Dirty")
+
+
+def smaps_rollup(pid: int) -> dict[str, int]:
+    """``/proc/<pid>/smaps_rollup`` in bytes: RSS, PSS and its anonymous / file / shared-memory parts,
+    and USS (private clean + dirty). Shared memory here is mostly Ray's object store, mapped into every
+    worker that reads a block from it; Ray accounts it apart from the worker's ``resources.memory``."""
+    values = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, _, rest = line.partition(":")
+        if key in ROLLUP_FIELDS:
+            values[key] = int(rest.split()[0]) * 1024
+    return {"rss": values["Rss"], "pss": values["Pss"], "uss": values["Private_Clean"] + values["Private_Dirty"],
+            "pss_anon": values.get("Pss_Anon", 0), "pss_file": values.get("Pss_File", 0),
+            "pss_shmem": values.get("Pss_Shmem", 0)}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` from ``/proc/<pid>/stat``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
 class WorkerMemory:
-    """Samples every Ray worker process (``ray::`` in its title) every 2 s, in a thread."""
+    """Samples Ray's worker processes (``ray::`` in the title) every 2 s, in a thread: every worker's
+    CPU seconds, and ``smaps_rollup`` of the two that used the most CPU so far (the lm actor is the
+    busiest from its model load on; reading every worker's smaps cost 3% of a core). The thread's own
+    CPU seconds are kept (``sampler_cpu_seconds``), as it shares the cores with the run."""
 
     def __init__(self) -> None:
         self.peaks: dict[int, dict] = {}
+        self.sampler_cpu_seconds = 0.0
+        self._titles: dict[int, str | None] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -94,29 +125,51 @@ class WorkerMemory:
         self._stop.set()
         self._thread.join()
 
-    def _loop(self) -> None:
-        import psutil
+    def _title(self, pid: int) -> str | None:
+        if pid not in self._titles:
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                cmdline = ""
+            self._titles[pid] = cmdline[:80] if "ray::" in cmdline else None
+        return self._titles[pid]
 
-        while not self._stop.is_set():
-            for proc in psutil.process_iter(["pid", "cmdline"]):
-                if not any("ray::" in part for part in proc.info["cmdline"] or ()):
-                    continue
+    def _sample(self) -> None:
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and self._title(int(entry)) is not None:
+                pid = int(entry)
                 try:
-                    mem, cpu = proc.memory_full_info(), proc.cpu_times()
-                except (psutil.Error, OSError):
+                    cpu = cpu_seconds(pid)
+                except OSError:
                     continue
-                peak = self.peaks.setdefault(proc.pid, {"title": " ".join(proc.info["cmdline"])[:80],
-                                                        "rss": 0, "uss": 0, "pss": 0, "cpu_seconds": 0.0})
-                for key in ("rss", "uss", "pss"):
-                    peak[key] = max(peak[key], getattr(mem, key))
-                peak["cpu_seconds"] = max(peak["cpu_seconds"], cpu.user + cpu.system)
+                peak = self.peaks.setdefault(pid, {"title": self._titles[pid], "rss": 0, "uss": 0, "pss": 0,
+                                                   "at_peak_pss": {}, "cpu_seconds": 0.0})
+                peak["cpu_seconds"] = max(peak["cpu_seconds"], cpu)
+        for pid in sorted(self.peaks, key=lambda p: -self.peaks[p]["cpu_seconds"])[:2]:
+            try:
+                mem = smaps_rollup(pid)
+            except (OSError, KeyError):
+                continue
+            peak = self.peaks[pid]
+            for key in ("rss", "uss", "pss"):
+                peak[key] = max(peak[key], mem[key])
+            if mem["pss"] >= peak["pss"]:
+                peak["at_peak_pss"] = mem
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            start = time.thread_time()
+            self._sample()
+            self.sampler_cpu_seconds += time.thread_time() - start
             self._stop.wait(2.0)
 
     def busiest(self) -> dict:
-        """Peaks (MiB) of the worker that used the most CPU."""
+        """Peaks (MiB) of the worker that used the most CPU, with PSS's parts at its PSS peak."""
         pid, peak = max(self.peaks.items(), key=lambda kv: kv[1]["cpu_seconds"])
+        parts = {f"{k}_mib": round(v / MiB) for k, v in peak["at_peak_pss"].items() if k.startswith("pss_")}
         return {"pid": pid, "title": peak["title"], "cpu_seconds": round(peak["cpu_seconds"], 1),
-                **{f"peak_{k}_mib": round(peak[k] / MiB) for k in ("rss", "uss", "pss")}}
+                **{f"peak_{k}_mib": round(peak[k] / MiB) for k in ("rss", "uss", "pss")},
+                "at_peak_pss": parts, "sampler_cpu_seconds": round(self.sampler_cpu_seconds, 2)}
 
 
 ENGINE_CHILD = """

@@ -66,7 +66,13 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 from operators.arrow import ragged
 from operators.base import MiB, Need, PlanError, Resources, StageConfig, StrictModel
 from operators.detection.math import binoculars_score, gltr_buckets, mean_entropy, mean_log_rank
-from operators.lm.models import ModelSpec, TextEncoder, load_tokenizer, tokenizer_fingerprint
+from operators.lm.models import (
+    ModelSpec,
+    TextEncoder,
+    load_text_tokenizer,
+    load_tokenizer,
+    tokenizer_fingerprint,
+)
 from operators.membership.math import (
     FrequencyTable,
     dcpdd_score,
@@ -257,7 +263,7 @@ class ScoreOperator:
             self.table = FrequencyTable.load(cfg.dcpdd.freq_table)
         if cfg.zlib and cfg._lm is not None:  # with the operator, not in the run's tail at the first cut text
             lm = cfg._lm
-            self.encoder = TextEncoder(load_tokenizer(lm.model), lm.max_tokens, lm.score_first_token)
+            self.encoder = TextEncoder(load_text_tokenizer(lm.model), lm.max_tokens, lm.score_first_token)
 
     def output_schema(self) -> pa.Schema:
         return pa.schema([(self.col(s), pa.float64()) for s in self.score_names()])

@@ -103,6 +103,18 @@ def load_tokenizer(spec: ModelSpec) -> Any:
     return AutoTokenizer.from_pretrained(where, **kwargs)
 
 
+def load_text_tokenizer(spec: ModelSpec) -> Any:
+    """The tokenizer ``TextEncoder`` needs, at the least cost: a local dir with transformers' generic
+    backend is read with ``tokenizers`` alone (``PlainTokenizer``, the same ids and offsets), anything
+    else through transformers (``load_tokenizer``)."""
+    from operators.lm.plain_tokenizer import PlainTokenizer, plain_tokenizer_json
+
+    local = not spec.is_gguf and not spec.revision and is_local_path(spec.path)
+    if local and plain_tokenizer_json(spec.path) is not None:
+        return PlainTokenizer(spec.path)
+    return load_tokenizer(spec)
+
+
 def load_causal_lm(spec: ModelSpec, device: str) -> Any:
     """The HF causal LM in eval mode on ``device`` (GGUF weights are dequantized by transformers)."""
     from transformers import AutoModelForCausalLM

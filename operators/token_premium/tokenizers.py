@@ -17,7 +17,6 @@ import contextlib
 import gzip
 import hashlib
 import importlib.util
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import numpy as np
 
 from operators.base import StrictModel
 from operators.cache import write_atomic
+from operators.lm.plain_tokenizer import plain_tokenizer_json
 
 TIKTOKEN_URLS = {
     "cl100k_base": "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
@@ -191,21 +191,6 @@ class SentencePieceCounter(CountingTokenizer):
 
 
 # --- Hugging Face --------------------------------------------------------------------------------
-
-
-def plain_tokenizer_json(path: str) -> Path | None:
-    """``<dir>/tokenizer.json`` of a local tokenizer dir whose config names transformers' generic
-    backend (``tokenizer_class: TokenizersBackend``): transformers loads that file unchanged, so it
-    is the same tokenizer. None for any other dir (a model-specific class may rewrite the pipeline)."""
-    local = Path(path).expanduser()
-    config, file = local / "tokenizer_config.json", local / "tokenizer.json"
-    if not (config.is_file() and file.is_file()):
-        return None
-    try:
-        generic = json.loads(config.read_text()).get("tokenizer_class") == "TokenizersBackend"
-    except (OSError, ValueError):
-        return None
-    return file if generic else None
 
 
 class HFCounter(CountingTokenizer):

@@ -170,7 +170,8 @@ def test_hf_counter_reads_a_generic_backend_dir_as_transformers_does(smollm2):
     from transformers import AutoTokenizer
 
     from jobs.demo.model import prepare_demo_model
-    from operators.token_premium.tokenizers import HFCounter, plain_tokenizer_json
+    from operators.lm.plain_tokenizer import plain_tokenizer_json
+    from operators.token_premium.tokenizers import HFCounter
 
     path = str(prepare_demo_model(log=lambda _m: None))
     assert plain_tokenizer_json(path) is not None

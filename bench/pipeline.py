@@ -113,7 +113,7 @@ class WorkerMemory:
     def __init__(self) -> None:
         self.peaks: dict[int, dict] = {}
         self.sampler_cpu_seconds = 0.0
-        self._titles: dict[int, str | None] = {}
+        self._titles: dict[int, str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -126,12 +126,15 @@ class WorkerMemory:
         self._thread.join()
 
     def _title(self, pid: int) -> str | None:
+        """A Ray worker's title; read again until it has one (a worker names itself after it starts)."""
         if pid not in self._titles:
             try:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
-                cmdline = ""
-            self._titles[pid] = cmdline[:80] if "ray::" in cmdline else None
+                return None
+            if "ray::" not in cmdline:
+                return None
+            self._titles[pid] = cmdline[:80]
         return self._titles[pid]
 
     def _sample(self) -> None:

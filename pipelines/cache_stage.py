@@ -27,6 +27,7 @@ import ray
 
 from operators.base import StageConfig
 from pipelines.cache import KEY_COLUMN, USED_SCHEMA, USED_TABLE, CachedStage, CachePlan, content_keys
+from pipelines.progress import ProgressBoard
 from pipelines.stage_runner import StageRunner, _nulls
 from pipelines.staging import StagedFile, stage_rows
 from pipelines.tables import Output, RunLayout
@@ -147,7 +148,7 @@ class CachedStageRunner(StageRunner):
     result. Gets one join partition per call (``batch_size=None``) when its cache has entries,
     else the stage's batches (a text repeated in another batch is then computed there too)."""
 
-    def __init__(self, stage: StageConfig, entry: CachedStage, progress: object | None = None) -> None:
+    def __init__(self, stage: StageConfig, entry: CachedStage, progress: ProgressBoard | None = None) -> None:
         super().__init__(stage, progress)
         self.entry, self.chunk = entry, stage.resources.batch_size
         self.usable = {f.name for f in self.schema} == set(stage.provides())

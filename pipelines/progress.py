@@ -7,8 +7,8 @@
 
       progress: lm_smollm2 320/840 rows, 4.1 rows/s, ETA 2m07s
 
-  Each ``StageRunner`` adds its batch's rows to a small counter actor (``ProgressCounter``); the
-  driver polls it. The total is the input shards' row count from their Parquet footers.
+  Each ``StageRunner`` adds its batch's rows to a ``ProgressBoard`` in Ray's GCS key-value store;
+  the driver polls it. The total is the input shards' row count from their Parquet footers.
 * Ray's log flood (Ray Data's operator log and progress log, "uses X MiB … Ray only requests"
   warnings, worker output) is hidden unless ``curate -v`` (``CURATE_VERBOSE=1``): Ray Data's console
   handler is raised to ERROR (its ``ray-data.log`` file in the session directory keeps everything),
@@ -22,12 +22,14 @@ import os
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import TextIO
 
 VERBOSE_ENV = "CURATE_VERBOSE"
 INTERVAL_ENV = "CURATE_PROGRESS_SECONDS"
 DEFAULT_INTERVAL = 5.0
+KV_NAMESPACE = "curate_progress"
 
 log = logging.getLogger("curate.progress")
 
@@ -70,17 +72,42 @@ def quiet_ray_data(use_bars: bool | None = None) -> None:
 # ------------------------------------------------------------------------------------- counting
 
 
-class ProgressCounter:
-    """Rows each stage has finished (a Ray actor: ``ray.remote(num_cpus=0)(ProgressCounter)``)."""
+class ProgressBoard:
+    """Rows each stage has finished, in Ray's GCS key-value store (namespace ``curate_progress``).
 
-    def __init__(self) -> None:
-        self.rows: dict[str, int] = {}
+    Every copy of the board in a stage actor keeps its own running totals and writes them, once per
+    batch, under ``<run>/<stage>/<copy>``; the driver sums a stage's keys. No actor of its own: one
+    more process on the node wakes ~150 times a second and slows the lm stage's OpenMP threads
+    (docs/internals.md, "Where the lm stage's time goes").
+    """
+
+    def __init__(self, run_id: str) -> None:
+        self.prefix = f"{run_id}/"
+        self._copy = ""  # set in the process that first adds: each actor's unpickled copy its own
+        self._rows: dict[str, int] = {}
 
     def add(self, stage: str, rows: int) -> None:
-        self.rows[stage] = self.rows.get(stage, 0) + rows
+        from ray.experimental.internal_kv import _internal_kv_put
+
+        self._copy = self._copy or uuid.uuid4().hex
+        self._rows[stage] = self._rows.get(stage, 0) + rows
+        _internal_kv_put(f"{self.prefix}{stage}/{self._copy}", str(self._rows[stage]), namespace=KV_NAMESPACE)
 
     def snapshot(self) -> dict[str, int]:
-        return dict(self.rows)
+        """Rows per stage, over every actor that reported."""
+        from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_list
+
+        done: dict[str, int] = {}
+        for key in _internal_kv_list(self.prefix, namespace=KV_NAMESPACE):
+            stage = key.decode().removeprefix(self.prefix).rsplit("/", 1)[0]
+            value = _internal_kv_get(key, namespace=KV_NAMESPACE)
+            done[stage] = done.get(stage, 0) + int(value or 0)
+        return done
+
+    def clear(self) -> None:
+        from ray.experimental.internal_kv import _internal_kv_del
+
+        _internal_kv_del(self.prefix, del_by_prefix=True, namespace=KV_NAMESPACE)
 
 
 def format_duration(seconds: float) -> str:

@@ -37,7 +37,7 @@ from pipelines.guards import check_shrink
 from pipelines.io import check_schemas, is_process_local, list_shards, read_shard, url_to_fs
 from pipelines.lock import LockHeld, run_lock
 from pipelines.lost import count_lost, fold_lost
-from pipelines.progress import ProgressCounter, ProgressReporter, quiet_ray_data, ray_init_options
+from pipelines.progress import ProgressBoard, ProgressReporter, quiet_ray_data, ray_init_options
 from pipelines.recover import check_catalog_home
 from pipelines.resources import READ_CPUS, WRITER_CPUS, check_resources, shortfalls
 from pipelines.stage_runner import StageRunner, merge_timing
@@ -150,9 +150,9 @@ def check_cpu_budget(cfg: PipelineConfig, cluster_cpus: float, autoscaling: bool
 
 
 def build_dataset(cfg: PipelineConfig, shards: list[str], layout: RunLayout,
-                  progress: object | None = None, cache: CachePlan | None = None) -> ray.data.Dataset:
+                  progress: ProgressBoard | None = None, cache: CachePlan | None = None) -> ray.data.Dataset:
     """The Ray Data plan: read → stages → staged writer (lazy until consumed); every stage adds its
-    rows to ``progress`` (a ``ProgressCounter`` actor) when given. With a ``cache`` plan the read rows
+    rows to ``progress`` (a ``ProgressBoard``) when given. With a ``cache`` plan the read rows
     are joined with the cache tables first (run at once, see ``pipelines.cache_stage``)."""
     input_cfg = {"text_column": cfg.input.text_column, "id_column": cfg.input.id_column,
                  "batch_rows": cfg.input.read_batch_rows, "max_text_bytes": cfg.input.max_text_bytes,
@@ -213,14 +213,14 @@ def execute_with_progress(cfg: PipelineConfig, shards: list[str], layout: RunLay
     if sys.stderr.isatty():  # Ray Data's own progress bars
         return execute(build_dataset(cfg, shards, layout, cache=cache), layout, cfg.output.write_batch_rows,
                        cache)
-    counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
+    board = ProgressBoard(layout.run_id)
     try:
-        with ProgressReporter([s.stage_name for s in cfg.stages], count_rows(shards),
-                              lambda: ray.get(counter.snapshot.remote(), timeout=30)):
-            return execute(build_dataset(cfg, shards, layout, counter, cache), layout,
+        with ProgressReporter([s.stage_name for s in cfg.stages], count_rows(shards), board.snapshot):
+            return execute(build_dataset(cfg, shards, layout, board, cache), layout,
                            cfg.output.write_batch_rows, cache)
     finally:
-        ray.kill(counter)
+        with contextlib.suppress(Exception):  # the board is only progress: never fail a run on it
+            board.clear()
 
 
 def count_rows(shards: list[str], max_shards: int = 2000) -> int | None:

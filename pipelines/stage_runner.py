@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from operators.base import Operator, StageConfig
+from pipelines.progress import ProgressBoard
 
 log = logging.getLogger("curate.stage")
 TIMING_PREFIX = "__timing__"
@@ -33,13 +34,13 @@ _PY_FOLDS = {"sum": sum, "min": min, "max": max}
 class StageRunner:
     """Callable class for ``Dataset.map_batches``: builds the operator once, then runs batches."""
 
-    def __init__(self, stage: StageConfig, progress: object | None = None) -> None:
+    def __init__(self, stage: StageConfig, progress: ProgressBoard | None = None) -> None:
         start = time.perf_counter()
         lower_priority(stage.resources.nice)
         self.name = stage.stage_name
         self.operator: Operator = stage.build()
         self.schema = self.operator.output_schema()
-        self.progress = progress  # a ProgressCounter actor handle (fire and forget), or None
+        self.progress = progress  # a ProgressBoard, or None
         self.build_seconds: float | None = time.perf_counter() - start  # reported with the first batch
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -52,10 +53,13 @@ class StageRunner:
         return self._done(batch, began, start)
 
     def _done(self, batch: pa.Table, began: float, start: float) -> pa.Table:
-        """``batch`` with its timing columns; tells the progress counter."""
+        """``batch`` with its timing columns; tells the progress board."""
         n = batch.num_rows
         if self.progress is not None:
-            self.progress.add.remote(self.name, n)
+            try:
+                self.progress.add(self.name, n)
+            except Exception as err:  # noqa: BLE001 - progress must never fail a batch
+                log.debug("progress not recorded: %s", err)
         seconds, build, self.build_seconds = time.perf_counter() - start, self.build_seconds or 0.0, None
         values = {"seconds": seconds / max(n, 1), "build": build / max(n, 1), "began": began,
                   "ended": began + seconds}

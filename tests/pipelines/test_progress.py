@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 from conftest import tiny_pipeline
 
-from pipelines.progress import ProgressReporter, format_duration, progress_line
+from pipelines.progress import ProgressBoard, ProgressReporter, format_duration, progress_line
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ["token_premium", "preselect", "lm_smollm2", "scores_smollm2"]
@@ -84,3 +84,26 @@ def test_cli_prints_progress_not_ray_logs_unless_verbose(small_corpus, tmp_path)
     assert loud.returncode == 0, loud.stderr[-3000:]
     assert "progress: all 1 stages done" in loud.stderr
     assert "Execution plan of Dataset" in loud.stderr and "Started a local Ray instance" in loud.stderr
+
+
+def test_board_sums_every_actors_rows_per_stage_and_clears_its_run_only(local_ray):
+    """Each actor's unpickled copy of the board writes its own running total; the driver sums them."""
+    board, other = ProgressBoard("run-a"), ProgressBoard("run-b")
+
+    @local_ray.remote(num_cpus=0)
+    class Stage:
+        def __init__(self, board: ProgressBoard) -> None:
+            self.board = board
+
+        def batch(self, stage: str, rows: int) -> None:
+            self.board.add(stage, rows)
+
+    first, second = Stage.remote(board), Stage.remote(board)
+    local_ray.get([first.batch.remote("lm", 128), first.batch.remote("lm", 72), second.batch.remote("lm", 64),
+                   second.batch.remote("scores", 256)])
+    other.add("lm", 5)
+    assert board.snapshot() == {"lm": 264, "scores": 256}
+    assert other.snapshot() == {"lm": 5}
+    board.clear()
+    assert board.snapshot() == {} and other.snapshot() == {"lm": 5}
+    other.clear()

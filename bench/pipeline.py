@@ -18,9 +18,12 @@
   stage's compute seconds (≤ 1.15). Each stage records its compute seconds, its share of the wall,
   its actors' build seconds and its window (first batch began, last batch ended, seconds after the
   run started), so the head (before the lm stage's first batch) and tail (after its last) show.
-* memory: every Ray worker process is sampled every 2 s during the run (RSS, USS and PSS from
-  /proc smaps via psutil); the lm actor is the worker that used the most CPU. Its peaks sit next to
-  the stage's declared ``resources.memory``.
+* memory: every Ray worker's CPU is sampled every 2 s during the run; the lm actor is the worker
+  that used the most CPU. Its RSS, USS and PSS (and PSS's anonymous, file and shared-memory parts)
+  come from ``/proc/<pid>/smaps_rollup`` near each new high of its RSS, with the kernel's RSS
+  high-water mark (``VmHWM``), which catches what falls between samples. The peaks sit next to the
+  stage's declared ``resources.memory``. The sampler's own CPU seconds are recorded too, as it
+  shares the cores with the run.
 * scale: nightly's CPU-only stages (token_premium, preselect) over ``--scale-docs × s`` synthetic
   documents for each of ``--scales``, each in a fresh driver (``bench.soak.run_scales``).
 """
@@ -48,6 +51,7 @@ NIGHTLY = ROOT / "pipelines" / "nightly.yaml"
 CPU_OPS = ("token_premium", "preselect")
 MiB = 2**20
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
 
 def nightly_config() -> dict:
@@ -104,10 +108,25 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def resident_bytes(pid: int) -> int:
+    """RSS of ``pid`` from ``/proc/<pid>/statm`` (no page-table walk)."""
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_BYTES
+
+
+def rss_high_water_bytes(pid: int) -> int:
+    """``VmHWM`` of ``pid``: the kernel's own peak RSS, transients between two samples included."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 class WorkerMemory:
     """Samples Ray's worker processes (``ray::`` in the title) every 2 s, in a thread: every worker's
     CPU seconds, and ``smaps_rollup`` of the two that used the most CPU so far (the lm actor is the
-    busiest from its model load on; reading every worker's smaps cost 3% of a core). The thread's own
+    busiest from its model load on) whenever their RSS is within 2% of its high: PSS peaks where RSS
+    does (the actor's memory is private), and reading every worker's smaps every time cost 3% of a
+    core. The thread's own
     CPU seconds are kept (``sampler_cpu_seconds``), as it shares the cores with the run."""
 
     def __init__(self) -> None:
@@ -149,11 +168,16 @@ class WorkerMemory:
                                                    "at_peak_pss": {}, "cpu_seconds": 0.0})
                 peak["cpu_seconds"] = max(peak["cpu_seconds"], cpu)
         for pid in sorted(self.peaks, key=lambda p: -self.peaks[p]["cpu_seconds"])[:2]:
-            try:
+            peak = self.peaks[pid]
+            try:  # smaps walks the page tables (~30 ms for the lm actor): only near a new high of RSS
+                peak["hwm"] = max(peak.get("hwm", 0), rss_high_water_bytes(pid))
+                if resident_bytes(pid) < 0.98 * peak["rss"]:
+                    continue
                 mem = smaps_rollup(pid)
+                self._titles.pop(pid)  # an actor renames itself from ray::IDLE once it holds a stage
+                peak["title"] = self._title(pid) or peak["title"]
             except (OSError, KeyError):
                 continue
-            peak = self.peaks[pid]
             for key in ("rss", "uss", "pss"):
                 peak[key] = max(peak[key], mem[key])
             if mem["pss"] >= peak["pss"]:
@@ -172,6 +196,7 @@ class WorkerMemory:
         parts = {f"{k}_mib": round(v / MiB) for k, v in peak["at_peak_pss"].items() if k.startswith("pss_")}
         return {"pid": pid, "title": peak["title"], "cpu_seconds": round(peak["cpu_seconds"], 1),
                 **{f"peak_{k}_mib": round(peak[k] / MiB) for k in ("rss", "uss", "pss")},
+                "rss_high_water_mib": round(peak.get("hwm", 0) / MiB),
                 "at_peak_pss": parts, "sampler_cpu_seconds": round(self.sampler_cpu_seconds, 2)}
 
 
@@ -266,9 +291,11 @@ def record_stage_memory(nightly: dict) -> None:
     path = RESULTS / "stage_memory.json"
     data = json.loads(path.read_text()) if path.exists() else {"name": "stage_memory"}
     data["lm_actor_in_nightly"] = {
-        "method": "python -m bench.pipeline: pipelines/nightly.yaml over the demo corpus; every Ray worker "
-                  "sampled every 2 s (psutil memory_full_info: RSS, USS, PSS from /proc smaps); the lm actor "
-                  "is the worker with the most CPU seconds; declared = the stage's resources.memory",
+        "method": "python -m bench.pipeline: pipelines/nightly.yaml over the demo corpus; every Ray worker's CPU "
+                  "sampled every 2 s, the lm actor being the worker with the most CPU seconds; its RSS, USS and PSS "
+                  "(with PSS's anonymous, file and shared-memory parts) from /proc/<pid>/smaps_rollup whenever its "
+                  "RSS is within 2% of its high, and the kernel's own RSS high-water mark (VmHWM, transients "
+                  "between samples included); declared = the stage's resources.memory",
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"), "docs": nightly["docs"],
         **nightly["lm_actor_memory"]}
     path.write_text(json.dumps(data, indent=2) + "\n")

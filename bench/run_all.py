@@ -92,8 +92,9 @@ def pipeline_rows(r: dict) -> list[Row]:
              f"tail {_n(n['tail_seconds'])} s after its last; stage s: {split}"),
             ("pipeline (nightly.yaml)", "lm actor peak PSS vs its declared resources.memory",
              mem["peak_pss_mib"] / mem["declared_mib"],
-             f"PSS {_n(mem['peak_pss_mib'])}, USS {_n(mem['peak_uss_mib'])}, RSS {_n(mem['peak_rss_mib'])} vs "
-             f"{_n(mem['declared_mib'])} MiB declared")]
+             f"PSS {_n(mem['peak_pss_mib'])}, USS {_n(mem['peak_uss_mib'])}, RSS {_n(mem['peak_rss_mib'])}"
+             + (f" (kernel's RSS high-water mark {_n(mem['rss_high_water_mib'])})" if "rss_high_water_mib" in mem else "")
+             + f" vs {_n(mem['declared_mib'])} MiB declared")]
     if "scale" in r:
         s = r["scale"]
         base, top = s["runs"][0], s["runs"][-1]

@@ -20,12 +20,12 @@ if TYPE_CHECKING:
 #: 768 MiB + the weights leaves room for longer documents.
 LM_ACTOR_OVERHEAD = 768 * MiB
 #: vLLM's own runtime per loaded model beyond the torch engine's (its KV cache on CPU comes on top,
-#: ``vllm_setup.kv_cache_bytes``). Measured in a real run (``python -m bench.pipeline``): the
-#: nightly lm actor (SmolLM2-135M, max_tokens 256, 2,048 tokens per step, a 101 MiB KV cache, a PAWN
-#: head) peaks at 2.0-2.1 GiB PSS in most runs and at 2.7 GiB PSS / 2.9 GiB RSS (the kernel's
-#: high-water mark) in others: a higher level of private anonymous memory, not a transient;
-#: 768 + 513 + 1,536 + 101 + 64 = 2,982 MiB covers the highest.
-VLLM_RUNTIME_MEMORY = 1536 * MiB
+#: ``vllm_setup.kv_cache_bytes``). Measured the same way: SmolLM2-135M with backend vllm at
+#: max_tokens 256, batch 32, peaks at 2,185 MiB USS (Ray Data wants 2,731); 768 + 513 + 1,152 + a
+#: 383 MiB KV cache = 2,816 MiB. In a real run (``python -m bench.pipeline``) the nightly lm actor
+#: (2,048 tokens per step: a 101 MiB KV cache) peaks at about 2.1 GiB RSS against 2,598 MiB declared,
+#: now that the engine returns malloc's free memory after each batch (``release_freed_memory``).
+VLLM_RUNTIME_MEMORY = 1152 * MiB
 #: A PAWN head on the LM's device (its weights and per-batch features), measured the same way.
 PAWN_HEAD_MEMORY = 64 * MiB
 #: Weights of a model we cannot size on disk (a Hub id not in the local cache): a 1B model in bf16.

@@ -128,6 +128,7 @@ class TorchEngine(EngineBase):
         self.max_batch_tokens = max_batch_tokens or batch_tokens_default(on_gpu)
         if not on_gpu:
             keep_freed_memory()
+            self.trim_after_score = True
         self.tokenizer = load_tokenizer(spec)
         self.encoder = TextEncoder(self.tokenizer, max_tokens, score_first_token)
         self.model = load_causal_lm(spec, self.device)

@@ -225,6 +225,7 @@ class VLLMEngine(EngineBase):
         self.spec, self.max_batch_tokens = spec, max_batch_tokens or batch_tokens_default(on_gpu)
         if not on_gpu:
             keep_freed_memory()
+            self.trim_after_score = True
         self.tokenizer = load_tokenizer(spec)
         self.encoder = TextEncoder(self.tokenizer, max_tokens, score_first_token)
         self.lm = LoadedLM(spec, max_tokens, options, self.max_batch_tokens)

@@ -327,3 +327,15 @@ def test_batch_tokens_default_by_device(tiny_bos_model):
     assert op.engine.max_batch_tokens == 512
     spec = op.cfg.model
     assert kv_cache_bytes(spec, 256, 2048, VLLMOptions()) < kv_cache_bytes(spec, 256, 8192, VLLMOptions())
+
+
+def test_a_cpu_engine_returns_mallocs_free_memory_after_each_call(op, monkeypatch):
+    """On CPU every ``score`` call ends with ``release_freed_memory`` (the heap otherwise grew by
+    250-300 MiB per batch of the lm stage)."""
+    from operators.lm import shared
+
+    calls = []
+    monkeypatch.setattr(shared, "release_freed_memory", lambda: calls.append(1))
+    assert op.engine.trim_after_score
+    op.engine.score(op.engine.encode(TEXTS[:2]))
+    assert calls == [1]

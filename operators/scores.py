@@ -240,7 +240,9 @@ def check_freq_table_tokenizer(freq_table: str, model: ModelSpec) -> None:
                     "counted with %r's tokenizer; rebuild it with `curate freq build`", freq_table, model.name)
         return
     try:
-        model_print = tokenizer_fingerprint(load_tokenizer(model))
+        model_print = tokenizer_fingerprint(load_text_tokenizer(model))  # without transformers where it can
+        if table_print != model_print:  # the verdict is transformers' own, as `curate freq build` counted
+            model_print = tokenizer_fingerprint(load_tokenizer(model))
     except (OSError, ValueError) as err:
         log.warning("scores: cannot load %r's tokenizer to check %s: %s", model.name, freq_table, err)
         return

@@ -29,10 +29,20 @@ def plain_tokenizer_json(path: str) -> Path | None:
     return file if generic else None
 
 
+#: transformers' named special tokens (``SPECIAL_TOKENS_ATTRIBUTES``), each ``<kind>_token`` in the config
+SPECIAL_KINDS = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
+
+
+def _content(token: str | dict | None) -> str | None:
+    """A special token as the config stores it: a string, or an ``AddedToken`` dict's content."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
 class PlainTokenizer:
-    """The part of a transformers fast tokenizer that ``TextEncoder`` calls, over ``tokenizers``:
-    ``tok(texts, add_special_tokens=..., return_offsets_mapping=...)``, ``bos_token_id`` and
-    ``eos_token_id`` (the config's ``bos_token`` / ``eos_token``)."""
+    """The part of a transformers fast tokenizer that ``TextEncoder`` and ``tokenizer_fingerprint``
+    call, over ``tokenizers``: ``tok(texts, add_special_tokens=..., return_offsets_mapping=...)``,
+    ``bos_token_id`` / ``eos_token_id`` (the config's ``bos_token`` / ``eos_token``), ``get_vocab`` and
+    ``all_special_tokens``."""
 
     def __init__(self, directory: str) -> None:
         from tokenizers import Tokenizer
@@ -45,10 +55,19 @@ class PlainTokenizer:
         config = json.loads((file.parent / "tokenizer_config.json").read_text())
         self.bos_token_id = self._special_id(config.get("bos_token"))
         self.eos_token_id = self._special_id(config.get("eos_token"))
+        named = [_content(config.get(f"{kind}_token")) for kind in SPECIAL_KINDS]
+        extra = config.get("extra_special_tokens", config.get("additional_special_tokens")) or []
+        extra = list(extra.values()) if isinstance(extra, dict) else list(extra)
+        #: the config's named special tokens, then its extra ones, once each (transformers' order)
+        self.all_special_tokens = list(dict.fromkeys(t for t in [*named, *map(_content, extra)] if t is not None))
 
     def _special_id(self, token: str | dict | None) -> int | None:
-        content = token.get("content") if isinstance(token, dict) else token
+        content = _content(token)
         return None if content is None else self.tok.token_to_id(content)
+
+    def get_vocab(self) -> dict[str, int]:
+        """Token -> id, added tokens included."""
+        return self.tok.get_vocab(with_added_tokens=True)
 
     def __call__(self, text: str | list[str], add_special_tokens: bool = True,
                  return_offsets_mapping: bool = False) -> dict[str, Any]:

@@ -57,3 +57,20 @@ def test_only_a_generic_backend_dir_is_read_plainly(demo_dir, tmp_path):
     with pytest.raises(ValueError, match="generic backend"):
         PlainTokenizer(str(specific))
     assert not isinstance(load_text_tokenizer(ModelSpec(name="m", path=str(specific))), PlainTokenizer)
+
+
+def test_fingerprint_equals_transformers(demo_dir, tmp_path):
+    """The DC-PDD table check reads the plain tokenizer first: its fingerprint must be transformers'."""
+    from operators.lm.models import tokenizer_fingerprint
+
+    hf = load_tokenizer(ModelSpec(name="m", path=demo_dir))
+    assert tokenizer_fingerprint(PlainTokenizer(demo_dir)) == tokenizer_fingerprint(hf)
+    extra = tmp_path / "extra"
+    shutil.copytree(demo_dir, extra, ignore=shutil.ignore_patterns("*.safetensors"))
+    config = json.loads((extra / "tokenizer_config.json").read_text())
+    config |= {"extra_special_tokens": ["<file_sep>", "<repo_name>"], "pad_token": {"__type": "AddedToken", "content": "<filename>", "lstrip": False, "normalized": False,
+                                   "rstrip": False, "single_word": False, "special": True}}
+    (extra / "tokenizer_config.json").write_text(json.dumps(config))
+    with_extra = tokenizer_fingerprint(PlainTokenizer(str(extra)))
+    assert with_extra == tokenizer_fingerprint(load_tokenizer(ModelSpec(name="m", path=str(extra))))
+    assert with_extra != tokenizer_fingerprint(hf)  # the extra special tokens count

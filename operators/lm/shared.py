@@ -52,10 +52,10 @@ def release_freed_memory() -> None:
 
     With ``keep_freed_memory`` the step buffers come from malloc's heap, and the trim threshold only
     returns free memory at the top of it: what is freed below a live chunk stays resident. In the lm
-    stage that grew by 250-300 MiB per batch of 128 documents (2.0 GiB after the first batch, 3.4
-    after the fifth) and ended anywhere from 2.0 to 3.3 GiB between identical runs. Trimming after
-    each batch keeps it at 2.1 GiB, at the same seconds per batch: the steps within a batch still
-    reuse their buffers. Does nothing without glibc.
+    stage that grew by 250-300 MiB per batch of 128 documents (RSS 2.3 GiB after the first batch,
+    3.4 after the fifth) and peaked anywhere from 2.1 to 3.3 GiB between identical runs. Trimming
+    after each batch keeps RSS at 2.1 GiB, at the same seconds per batch: the steps within a batch
+    still reuse their buffers. Does nothing without glibc.
     """
     import ctypes
 

@@ -6,6 +6,7 @@ Neither backend imports the other; both import this module.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,17 @@ if TYPE_CHECKING:
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
 
+@functools.cache
+def _glibc() -> Any:
+    """glibc, loaded once (None without it: macOS, musl)."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20) -> None:
     """On CPU, have glibc's malloc reuse the memory of one forward pass in the next.
 
@@ -36,14 +48,10 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 
     heap, and up to ``trim_threshold`` of freed memory stays with the process. Measured in
     docs/internals.md ("Where the lm stage's time goes"). Does nothing without glibc.
     """
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)
-    libc.mallopt(M_TRIM_THRESHOLD, trim_threshold)
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)
+        libc.mallopt(M_TRIM_THRESHOLD, trim_threshold)
 
 
 def release_freed_memory() -> None:
@@ -57,13 +65,9 @@ def release_freed_memory() -> None:
     after each batch keeps RSS at 2.1 GiB, at the same seconds per batch: the steps within a batch
     still reuse their buffers. Does nothing without glibc.
     """
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.malloc_trim(0)
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def onednn_linear() -> Callable | None:

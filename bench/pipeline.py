@@ -124,15 +124,19 @@ def rss_high_water_bytes(pid: int) -> int:
 class WorkerMemory:
     """Samples Ray's worker processes (``ray::`` in the title) every 2 s, in a thread: every worker's
     CPU seconds, and ``smaps_rollup`` of the two that used the most CPU so far (the lm actor is the
-    busiest from its model load on) whenever their RSS is within 2% of its high: PSS peaks where RSS
-    does (the actor's memory is private), and reading every worker's smaps every time cost 3% of a
-    core. The thread's own
-    CPU seconds are kept (``sampler_cpu_seconds``), as it shares the cores with the run."""
+    busiest from its model load on) only when their RSS has passed the RSS of their last smaps read
+    by 2%: PSS peaks where RSS does (the actor's memory is private), and the kernel's RSS high-water
+    mark catches what falls between samples. smaps walks the actor's page tables under its memory
+    lock (~30 ms for the lm actor): read every time it cost 3% of a core, and read whenever RSS sat
+    near its high (all of the lm stage once freed memory goes back) it slowed the stage it measures.
+    Processes whose command line has no "ray" are never looked at again. The thread's own CPU
+    seconds are kept (``sampler_cpu_seconds``), as it shares the cores with the run."""
 
     def __init__(self) -> None:
         self.peaks: dict[int, dict] = {}
         self.sampler_cpu_seconds = 0.0
         self._titles: dict[int, str] = {}
+        self._not_ray: set[int] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -146,11 +150,15 @@ class WorkerMemory:
 
     def _title(self, pid: int) -> str | None:
         """A Ray worker's title; read again until it has one (a worker names itself after it starts)."""
+        if pid in self._not_ray:
+            return None
         if pid not in self._titles:
             try:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 return None
+            if "ray" not in cmdline:  # not a starting worker either (default_worker.py lives in ray/)
+                self._not_ray.add(pid)
             if "ray::" not in cmdline:
                 return None
             self._titles[pid] = cmdline[:80]
@@ -169,15 +177,16 @@ class WorkerMemory:
                 peak["cpu_seconds"] = max(peak["cpu_seconds"], cpu)
         for pid in sorted(self.peaks, key=lambda p: -self.peaks[p]["cpu_seconds"])[:2]:
             peak = self.peaks[pid]
-            try:  # smaps walks the page tables (~30 ms for the lm actor): only near a new high of RSS
+            try:  # smaps walks the page tables (~30 ms for the lm actor): only 2% past its last read
                 peak["hwm"] = max(peak.get("hwm", 0), rss_high_water_bytes(pid))
-                if resident_bytes(pid) < 0.98 * peak["rss"]:
+                if resident_bytes(pid) < 1.02 * peak.get("rss_at_read", 0):
                     continue
                 mem = smaps_rollup(pid)
                 self._titles.pop(pid)  # an actor renames itself from ray::IDLE once it holds a stage
                 peak["title"] = self._title(pid) or peak["title"]
             except (OSError, KeyError):
                 continue
+            peak["rss_at_read"] = mem["rss"]
             for key in ("rss", "uss", "pss"):
                 peak[key] = max(peak[key], mem[key])
             if mem["pss"] >= peak["pss"]:

@@ -52,6 +52,12 @@ class Resources(StrictModel):
         0, ge=0, le=19, description="Added to the niceness of the stage's actor processes (Unix), before the "
         "operator is built. A light stage with nice > 0 leaves the cores to a model stage's load and batches "
         "when they compete (a small machine); on an idle node it changes nothing.")
+    share: str | None = Field(
+        None, min_length=1, description="A label: consecutive stages with the same label run in one actor pool, "
+        "each actor passing every batch through their operators in order (pipelines.pools): one process "
+        "instead of several for light stages next to each other. They must agree on concurrency and "
+        "num_gpus; the pool takes the largest num_cpus and nice, the smallest batch_size and the sum of "
+        "their memory.")
 
     @field_validator("memory", mode="before")
     @classmethod

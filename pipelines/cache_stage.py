@@ -109,14 +109,17 @@ def cache_dataset(entry: CachedStage, output: Output) -> ray.data.Dataset:
                      batch_size=1, batch_format="pyarrow")
 
 
-def join_cache(ds: ray.data.Dataset, plan: CachePlan, stages: list[StageConfig]) -> ray.data.Dataset:
+def join_cache(ds: ray.data.Dataset, plan: CachePlan, stages: list[StageConfig],
+               read_tasks: int | None = None) -> ray.data.Dataset:
     """``ds`` with the content key and, per cached stage with entries, its cache's columns (left
     outer hash joins); materialized, so the joins run before any stage's actor pool holds CPUs. With
     no entries at all (a first night) nothing is joined or materialized: the rows stream on, every
-    one a miss (a hash join of an empty table cost ~10 s before any stage could start)."""
+    one a miss (a hash join of an empty table cost ~10 s before any stage could start).
+    ``read_tasks``: the read's task concurrency, which the key map must share to be fused with it."""
     from pipelines.resources import READ_CPUS  # the driver's; the workers never import the config
 
-    ds = ds.map_batches(add_keys, batch_format="pyarrow", num_cpus=READ_CPUS)  # fused with the read
+    ds = ds.map_batches(add_keys, batch_format="pyarrow", num_cpus=READ_CPUS,  # fused with the read
+                        concurrency=read_tasks)
     joined = {name: entry for name, entry in plan.stages.items() if entry.files}
     if not joined:
         return ds

@@ -21,8 +21,9 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from operators.base import StrictModel
 from operators.registry import STAGE_CONFIGS
-from pipelines.cache import CacheConfig
+from pipelines.cache import CacheConfig, cached_stage_names
 from pipelines.plan import plan_errors
+from pipelines.pools import share_problems
 from pipelines.storage import StorageConfig
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -47,6 +48,10 @@ class InputConfig(StrictModel):
     id_column: str = "id"
     max_text_bytes: int = Field(10_000_000, gt=0, description="Longer documents are quarantined.")
     read_batch_rows: int = Field(1024, gt=0, description="Rows per block when reading a shard.")
+    read_tasks: int | None = Field(
+        None, gt=0, description="Shards read at once (one Ray task each); default: one per 4 CPUs of the "
+        "cluster when the run starts, at least 1. Every read task at once needs a worker process, and on a "
+        "small machine the ones started too late for a shard wait idle through the run.")
     control_chars: Literal["keep", "strip", "quarantine"] = Field(
         "keep", description="Control characters (U+0000-U+001F but tab/newline/CR, U+007F) in valid "
         "text: keep them (real data), strip them, or quarantine the row; counted in n_control_chars.")
@@ -204,8 +209,10 @@ def parse_config(raw: dict, source: str = "<config>") -> PipelineConfig:
 
 
 def check_plan(cfg: PipelineConfig, source: str = "<config>") -> PipelineConfig:
-    """Raise ``ConfigError`` listing every broken cross-stage reference; else the bound config."""
+    """Raise ``ConfigError`` listing every broken cross-stage reference or actor-pool share
+    (``pipelines.pools``); else the bound config."""
     bound, errors = plan_errors(cfg.stages, cfg.input.columns)
+    errors += share_problems(cfg.stages, set(cached_stage_names(cfg)))
     if errors:
         raise ConfigError("\n".join(f"{source}: {e}" for e in errors))
     return cfg.model_copy(update={"stages": bound})

@@ -1,10 +1,13 @@
 """Will every stage's actors fit the Ray cluster at once? Checked before the plan runs.
 
-Ray Data keeps every stage's actor pool alive for the whole run, so the cluster must hold, at once,
+Ray Data keeps every actor pool alive for the whole run, so the cluster must hold, at once,
 
-    CPU     read + writer + Σ_stages num_cpus × min pool size
-    GPU     Σ_stages num_gpus × min pool size
-    memory  Σ_stages memory × min pool size      (``resources.memory`` or the stage's measured need)
+    CPU     read + writer + Σ_pools num_cpus × min pool size
+    GPU     Σ_pools num_gpus × min pool size
+    memory  Σ_pools memory × min pool size      (``resources.memory`` or the stage's measured need)
+
+A pool is one stage, or consecutive stages sharing one (``resources.share``; its actors reserve the
+largest num_cpus and num_gpus of its stages and the sum of their memory: ``pipelines.pools``).
 
 A pool that does not fit waits forever ("pending: 1 GPU") while the nightly lock is held. On an
 embedded Ray nothing will add resources, so a shortfall is a ``ConfigError`` before anything runs;
@@ -18,6 +21,7 @@ import time
 from collections.abc import Callable
 
 from pipelines.config import ConfigError, PipelineConfig
+from pipelines.pools import pool_name, pool_resources, pools
 
 log = logging.getLogger("curate.run")
 
@@ -32,18 +36,20 @@ class ResourceError(ConfigError):
 
 
 def reserved(cfg: PipelineConfig) -> dict[str, tuple[float, list[str]]]:
-    """Resource -> (amount the plan reserves at once, one ``stages[i] name: a × n`` part per stage)."""
+    """Resource -> (amount the plan reserves at once, one ``stages[i] name: a × n`` part per pool)."""
     out: dict[str, tuple[float, list[str]]] = {}
     for key in ("CPU", "GPU", "memory"):
         total = READ_CPUS + WRITER_CPUS if key == "CPU" else 0.0
-        parts = []
-        for i, stage in enumerate(cfg.stages):
-            r, size = stage.resources, stage.resources.min_actors
-            each = {"CPU": r.num_cpus, "GPU": r.num_gpus, "memory": float(stage.memory_bytes())}[key]
+        parts, i = [], 0
+        for group in pools(cfg.stages):
+            r = pool_resources(group)
+            each, size = float(r[{"CPU": "num_cpus", "GPU": "num_gpus", "memory": "memory"}[key]]), r["min_actors"]
             if each:
                 total += each * size
                 shown = f"{each / GiB:.2g} GiB" if key == "memory" else f"{each:g}"
-                parts.append(f"stages[{i}] {stage.stage_name}: {shown} × {size}")
+                where = f"stages[{i}]" if len(group) == 1 else f"stages[{i}..{i + len(group) - 1}]"
+                parts.append(f"{where} {pool_name(group)}: {shown} × {size}")
+            i += len(group)
         out[key] = (total, parts)
     return out
 

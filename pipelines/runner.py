@@ -37,10 +37,11 @@ from pipelines.guards import check_shrink
 from pipelines.io import check_schemas, is_process_local, list_shards, read_shard, url_to_fs
 from pipelines.lock import LockHeld, run_lock
 from pipelines.lost import count_lost, fold_lost
+from pipelines.pools import pool_resources, pools
 from pipelines.progress import ProgressBoard, ProgressReporter, quiet_ray_data, ray_init_options
 from pipelines.recover import check_catalog_home
 from pipelines.resources import READ_CPUS, WRITER_CPUS, check_resources, shortfalls
-from pipelines.stage_runner import StageRunner, merge_timing
+from pipelines.stage_runner import StageChain, StageRunner, merge_timing
 from pipelines.staging import StagedFile, decode_files, discard
 from pipelines.tables import (
     CatalogError,
@@ -157,29 +158,44 @@ def build_dataset(cfg: PipelineConfig, shards: list[str], layout: RunLayout,
     input_cfg = {"text_column": cfg.input.text_column, "id_column": cfg.input.id_column,
                  "batch_rows": cfg.input.read_batch_rows, "max_text_bytes": cfg.input.max_text_bytes,
                  "control_chars": cfg.input.control_chars}
+    tasks = None
     if is_process_local(cfg.input.url):  # memory://: workers can't see it, the driver reads
         ds = ray.data.from_arrow([t for url in shards for t in read_shard(url, **input_cfg)])
     else:
+        tasks = read_tasks(cfg, ray.cluster_resources().get("CPU", 1.0))
         ds = ray.data.from_items([{"url": u} for u in shards], override_num_blocks=len(shards))
         ds = ds.map_batches(read_shards, fn_kwargs={"input_cfg": input_cfg, "storage": cfg.output.storage},
-                            batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS)
+                            batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS, concurrency=tasks)
     if cache is not None:  # result cache (issue 26)
-        ds = join_cache(ds, cache, cfg.stages)
-    for stage in cfg.stages:
+        ds = join_cache(ds, cache, cfg.stages, tasks)
+    for group in pools(cfg.stages):  # consecutive stages with one resources.share label: one pool
+        stage = group[0]
         entry = cache.stages.get(stage.stage_name) if cache is not None else None
         if entry is not None:  # a joined cache: one partition per call, each distinct text computed once
-            per_call = {"batch_size": None} if entry.files else {}
+            per_call = {"batch_size": None} if entry.files else {}  # (a cached stage never shares a pool)
             ds = ds.map_batches(CachedStageRunner, fn_constructor_kwargs={"stage": stage, "entry": entry,
                                                                           "progress": progress},
-                                batch_format="pyarrow", **(_resources(stage) | per_call))
-            continue
-        ds = ds.map_batches(StageRunner, fn_constructor_kwargs={"stage": stage, "progress": progress},
-                            batch_format="pyarrow", **_resources(stage))
+                                batch_format="pyarrow", **(_resources(group) | per_call))
+        elif len(group) == 1:
+            ds = ds.map_batches(StageRunner, fn_constructor_kwargs={"stage": stage, "progress": progress},
+                                batch_format="pyarrow", **_resources(group))
+        else:
+            ds = ds.map_batches(StageChain, fn_constructor_kwargs={"stages": group, "progress": progress},
+                                batch_format="pyarrow", **_resources(group))
     return ds
 
 
-def _resources(stage: StageConfig) -> dict:
-    """Ray Data arguments of a stage's actor pool.
+def read_tasks(cfg: PipelineConfig, cluster_cpus: float) -> int:
+    """Shards read at once: ``input.read_tasks``, else one per 4 cluster CPUs (at least 1). Ray Data
+    would start as many read tasks as the CPUs allow; on a 2-CPU machine the raylet then started two
+    worker processes in the run's head (1.1 CPU-s each) for shards the first worker had already read,
+    and both stayed idle through the lm stage, waking ~150 times a second."""
+    return cfg.input.read_tasks or max(1, int(cluster_cpus // 4))
+
+
+def _resources(group: list[StageConfig]) -> dict:
+    """Ray Data arguments of the actor pool of ``group`` (one stage, or stages sharing a pool:
+    ``pipelines.pools.pool_resources``).
 
     ``enable_true_multi_threading``: each actor runs its batches on its main thread, where the
     operator was built, not on a thread of Ray Data's. OpenMP (torch, vLLM on CPU) counts a second
@@ -187,12 +203,13 @@ def _resources(stage: StageConfig) -> dict:
     at 172% CPU of 200 and 0.85x the engine alone (docs/internals.md, "Where the lm stage's time
     goes"). One call at a time per actor either way.
     """
-    r = stage.resources
+    r = pool_resources(group)
     one_thread = {"enable_true_multi_threading": True}
-    pool = (ActorPoolStrategy(size=r.concurrency, **one_thread) if isinstance(r.concurrency, int)
-            else ActorPoolStrategy(min_size=r.concurrency[0], max_size=r.concurrency[1], **one_thread))
-    return {"batch_size": r.batch_size, "compute": pool, "num_cpus": r.num_cpus,
-            "num_gpus": r.num_gpus or None, "memory": stage.memory_bytes()}
+    size = r["concurrency"]
+    pool = (ActorPoolStrategy(size=size, **one_thread) if isinstance(size, int)
+            else ActorPoolStrategy(min_size=size[0], max_size=size[1], **one_thread))
+    return {"batch_size": r["batch_size"], "compute": pool, "num_cpus": r["num_cpus"],
+            "num_gpus": r["num_gpus"] or None, "memory": r["memory"]}
 
 
 def execute(ds: ray.data.Dataset, layout: RunLayout, write_batch_rows: int,

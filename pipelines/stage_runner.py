@@ -9,7 +9,9 @@ For each batch it
    ``seconds`` (its compute seconds, spread over the rows: summed), ``began`` / ``ended`` (wall-clock
    start and end of the batch: min / max over the run) and ``build`` (building the operator, on the
    actor's first batch: summed over actors);
-5. tells the run's progress counter (``pipelines.progress``), when it has one, how many rows it did.
+5. tells the run's progress board (``pipelines.progress``), when it has one, how many rows it did.
+
+Stages that share an actor (``resources.share``) run as a ``StageChain`` of runners, one per stage.
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ _PY_FOLDS = {"sum": sum, "min": min, "max": max}
 class StageRunner:
     """Callable class for ``Dataset.map_batches``: builds the operator once, then runs batches."""
 
-    def __init__(self, stage: StageConfig, progress: ProgressBoard | None = None) -> None:
+    def __init__(self, stage: StageConfig, progress: ProgressBoard | None = None, *, own_process: bool = True) -> None:
         start = time.perf_counter()
-        lower_priority(stage.resources.nice)
+        if own_process:  # in a StageChain the chain sets the process's priority once
+            lower_priority(stage.resources.nice)
         self.name = stage.stage_name
         self.operator: Operator = stage.build()
         self.schema = self.operator.output_schema()
@@ -111,6 +114,22 @@ class StageRunner:
                                  "quarantine_reason", pa.array(reason, pa.string()))
         return batch.set_column(batch.schema.get_field_index("quarantine_stage"),
                                 "quarantine_stage", pa.array(stage, pa.string()))
+
+
+class StageChain:
+    """Callable class for ``Dataset.map_batches``: consecutive stages sharing one actor
+    (``resources.share``, ``pipelines.pools``). Builds a ``StageRunner`` per stage, in order, and
+    passes every batch through them; each keeps its own quarantine, timing and progress, and a row
+    one stage quarantines is not handed to the next."""
+
+    def __init__(self, stages: list[StageConfig], progress: ProgressBoard | None = None) -> None:
+        lower_priority(max(s.resources.nice for s in stages))
+        self.runners = [StageRunner(stage, progress, own_process=False) for stage in stages]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        for runner in self.runners:
+            batch = runner(batch)
+        return batch
 
 
 def lower_priority(nice: int) -> None:

@@ -16,7 +16,7 @@ from conftest import run_rows, table_rows, tiny_pipeline, write_shard
 from jobs.cli.main import main
 from pipelines.config import ConfigError, parse_config
 from pipelines.io import InputError, list_shards, read_shard
-from pipelines.runner import run_pipeline
+from pipelines.runner import read_tasks, run_pipeline
 
 DATE = "2026-02-01"
 #: FLORES-200 dev, shn_Mymr line 838 holds U+0008 (a backspace) inside real text.
@@ -178,3 +178,13 @@ def test_quarantine_replay_reruns_a_night_through_the_current_pipeline(tmp_path,
     (still,) = table_rows(replays, "quarantine", DATE)
     assert still["id"] == "bad" and "whitespace" in still["quarantine_reason"]
     assert len(table_rows(out, "documents", DATE)) == 1  # the night itself is untouched
+
+
+def test_shards_read_at_once_default_to_one_per_four_cpus(tmp_path):
+    raw = tiny_pipeline(str(tmp_path / "in"), str(tmp_path / "out"))
+    assert [read_tasks(parse_config(raw), cpus) for cpus in (1, 2, 4, 7, 64)] == [1, 1, 1, 1, 16]
+    raw["input"]["read_tasks"] = 3
+    assert read_tasks(parse_config(raw), 2) == 3
+    raw["input"]["read_tasks"] = 0
+    with pytest.raises(ConfigError, match="input.read_tasks"):
+        parse_config(raw)

@@ -20,7 +20,7 @@
   run started), so the head (before the lm stage's first batch) and tail (after its last) show.
 * memory: every Ray worker's CPU is sampled every 2 s during the run; the lm actor is the worker
   that used the most CPU. Its RSS, USS and PSS (and PSS's anonymous, file and shared-memory parts)
-  come from ``/proc/<pid>/smaps_rollup`` near each new high of its RSS, with the kernel's RSS
+  come from ``/proc/<pid>/smaps_rollup`` each time its RSS grows 2% past the last read, with the kernel's RSS
   high-water mark (``VmHWM``), which catches what falls between samples. The peaks sit next to the
   stage's declared ``resources.memory``. The sampler's own CPU seconds are recorded too, as it
   shares the cores with the run.
@@ -303,8 +303,8 @@ def record_stage_memory(nightly: dict) -> None:
         "method": "python -m bench.pipeline: pipelines/nightly.yaml over the demo corpus; every Ray worker's CPU "
                   "sampled every 2 s, the lm actor being the worker with the most CPU seconds; its RSS, USS and PSS "
                   "(with PSS's anonymous, file and shared-memory parts) from /proc/<pid>/smaps_rollup whenever its "
-                  "RSS is within 2% of its high, and the kernel's own RSS high-water mark (VmHWM, transients "
-                  "between samples included); declared = the stage's resources.memory",
+                  "RSS has grown 2% past that of the last read, and the kernel's own RSS high-water mark (VmHWM, "
+                  "transients between samples included); declared = the stage's resources.memory",
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"), "docs": nightly["docs"],
         **nightly["lm_actor_memory"]}
     path.write_text(json.dumps(data, indent=2) + "\n")
